@@ -1,0 +1,1 @@
+from . import moe_cross_entropy  # noqa: F401

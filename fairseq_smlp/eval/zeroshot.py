@@ -1,0 +1,253 @@
+"""Zero-shot in-context evaluation of a fairseq language-model checkpoint.
+
+    fairseq-smlp-zeroshot --path checkpoints/checkpoint_best.pt \\
+        --tasks copa,piqa,storycloze,winogrande,hellaswag,record --output results.json
+
+(or ``python -m fairseq_smlp.eval.zeroshot ...``). Works with fairseq's transformer_lm and
+every architecture of the fairseq_smlp plugin. Prints accuracy per task and writes a
+results JSON; see zeroshot_tasks.py for the prompt of each task and scoring.py for the
+scoring.
+"""
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .scoring import TextEncoder, evaluate_task
+from .zeroshot_tasks import TASKS, TaskFileError, find_task_file
+
+logger = logging.getLogger("fairseq_smlp.eval.zeroshot")
+
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # .../fairseq_smlp, the --user-dir
+REPO_ROOT = PACKAGE_DIR.parent
+
+
+class FlagError(ValueError):
+    """A bad command-line value; reported as a message, not a traceback."""
+
+
+def default_data_dir() -> str:
+    return os.environ.get("SMLP_ZEROSHOT_DIR",
+                          str(REPO_ROOT.parent / "shared" / "data" / "zeroshot"))
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fairseq-smlp-zeroshot",
+        description="Zero-shot in-context accuracy of a fairseq language model.")
+    p.add_argument("--path", required=True, help="model checkpoint (.pt)")
+    p.add_argument("--data-dir", default=default_data_dir(),
+                   help="folder of task files in their public formats "
+                        "(default: $SMLP_ZEROSHOT_DIR or ../shared/data/zeroshot)")
+    p.add_argument("--tasks", default=None,
+                   help=f"comma-separated subset of {','.join(TASKS)} "
+                        "(default: every task whose file is in --data-dir)")
+    p.add_argument("--max-examples", type=int, default=None,
+                   help="score only the first N examples of each task")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="examples per forward (all their candidates in one batch)")
+    p.add_argument("--cpu", action="store_true", help="run on CPU even if CUDA is available")
+    p.add_argument("--output", default=None, help="write results to this JSON file")
+    p.add_argument("--user-dir", default=str(PACKAGE_DIR),
+                   help="fairseq --user-dir to import before loading (default: the installed "
+                        "fairseq_smlp package)")
+    p.add_argument("--spm-model", default=None,
+                   help="sentencepiece model applied to text before the fairseq dictionary "
+                        "(default: split text into words and punctuation)")
+    p.add_argument("--dict", default=None,
+                   help="fairseq dictionary (default: dict.txt in the checkpoint's cfg.task.data)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def read_checkpoint(path: str) -> dict:
+    """The checkpoint state on CPU (fairseq upgrades old formats on the way)."""
+    # torch >= 2.6 loads weights only by default and refuses the omegaconf config in fairseq checkpoints.
+    os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    from fairseq import checkpoint_utils
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--path {path}: no such checkpoint file")
+    return checkpoint_utils.load_checkpoint_to_cpu(path)
+
+
+def checkpoint_cfg_value(state: dict, section: str, key: str, arg_name: str):
+    """A config value of the checkpoint, from state['cfg'] or (old format) state['args']."""
+    if state.get("args") is not None:
+        return getattr(state["args"], arg_name, None)
+    cfg = state.get("cfg") or {}
+    return (cfg.get(section) or {}).get(key)
+
+
+def resolve_dict(dict_arg, state: dict) -> Path:
+    """--dict, or dict.txt of the checkpoint's training data dir; a clear error if absent."""
+    if dict_arg is not None:
+        if not Path(dict_arg).is_file():
+            raise FileNotFoundError(f"--dict {dict_arg}: no such file")
+        return Path(dict_arg)
+    data = checkpoint_cfg_value(state, "task", "data", "data")
+    if not data:
+        raise FileNotFoundError("the checkpoint records no cfg.task.data; pass --dict PATH/dict.txt")
+    path = Path(str(data).split(os.pathsep)[0]) / "dict.txt"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} (from the checkpoint's cfg.task.data) does not exist; pass --dict PATH/dict.txt")
+    return path
+
+
+def dict_dir(dict_path: Path) -> str:
+    """A folder whose dict.txt is dict_path (fairseq tasks read <data>/dict.txt)."""
+    if dict_path.name == "dict.txt":
+        return str(dict_path.resolve().parent)
+    tmp = tempfile.mkdtemp(prefix="smlp_zeroshot_dict_")
+    shutil.copy(dict_path, Path(tmp) / "dict.txt")
+    return tmp
+
+
+def import_user_dir(user_dir: str, arch):
+    """Import the plugin so its archs are registered; tolerate a broken plugin only when
+    the checkpoint's arch is one of fairseq's own."""
+    from fairseq import utils
+    from fairseq.models import ARCH_MODEL_REGISTRY, import_models
+    from fairseq.tasks import import_tasks
+
+    try:
+        utils.import_user_module(argparse.Namespace(user_dir=user_dir))
+        # Already imported as a package (python -m fairseq_smlp...): fairseq then skips
+        # importing its models/ and tasks/ folders, so import them here.
+        name = Path(user_dir).resolve().name
+        for sub, importer in (("tasks", import_tasks), ("models", import_models)):
+            if (Path(user_dir) / sub).is_dir():
+                importer(str(Path(user_dir) / sub), f"{name}.{sub}")
+    except Exception as e:
+        if arch in ARCH_MODEL_REGISTRY:
+            logger.warning(f"--user-dir {user_dir} failed to import ({e!r}); "
+                           f"continuing since arch '{arch}' is built into fairseq")
+            return
+        raise RuntimeError(f"--user-dir {user_dir}: import failed, so the checkpoint's arch "
+                           f"'{arch}' cannot be built: {e!r}") from e
+
+
+def load_model(path: str, dict_arg=None, user_dir=None):
+    """Load a fairseq LM checkpoint. Returns (model, dictionary, dict path)."""
+    from fairseq import checkpoint_utils
+    from omegaconf import open_dict
+
+    state = read_checkpoint(path)
+    dict_path = resolve_dict(dict_arg, state)
+    arch = checkpoint_cfg_value(state, "model", "_name", "arch")
+    if user_dir:
+        import_user_dir(user_dir, arch)
+
+    data = dict_dir(dict_path)
+    if state.get("args") is not None:
+        state["args"].data = data
+    if state.get("cfg") is not None:
+        with open_dict(state["cfg"]):
+            state["cfg"].task.data = data
+    models, _, task = checkpoint_utils.load_model_ensemble_and_task([path], state=state)
+    model = models[0]
+    dictionary = getattr(task, "source_dictionary", None) or model.decoder.dictionary
+    return model, dictionary, dict_path
+
+
+def max_positions_of(model):
+    """The model's window in tokens (None: unlimited)."""
+    m = model.max_positions()
+    if isinstance(m, (tuple, list)):
+        m = min(x for x in m if x is not None) if any(x is not None for x in m) else None
+    return int(m) if m is not None else None
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def select_tasks(tasks_arg, data_dir):
+    """[(TaskSpec, file)] for --tasks, or for every task whose file is in data_dir."""
+    if tasks_arg is None:
+        found = []
+        for spec in TASKS.values():
+            try:
+                found.append((spec, find_task_file(spec, data_dir)))
+            except FileNotFoundError:
+                logger.info(f"skipping {spec.name}: no file in {data_dir}")
+        if not found:
+            raise FileNotFoundError(f"--data-dir {data_dir}: no task file found")
+        return found
+    names = [n.strip().lower() for n in tasks_arg.split(",") if n.strip()]
+    unknown = [n for n in names if n not in TASKS]
+    if unknown:
+        raise FlagError(f"--tasks: unknown task(s) {unknown}; choose from {list(TASKS)}")
+    return [(TASKS[n], find_task_file(TASKS[n], data_dir)) for n in names]
+
+
+def format_table(results) -> str:
+    rows = [f"{'task':<12}{'examples':>10}{'truncated':>11}{'accuracy':>10}{'EM':>8}{'F1':>8}{'s/1k ex':>10}"]
+    for r in results:
+        em = f"{r.exact_match:8.4f}" if r.exact_match is not None else f"{'-':>8}"
+        f1 = f"{r.f1:8.4f}" if r.f1 is not None else f"{'-':>8}"
+        per_k = 1000 * r.seconds / max(r.examples, 1)
+        rows.append(f"{r.task:<12}{r.examples:>10}{r.truncated:>11}{r.accuracy:>10.4f}{em}{f1}{per_k:>10.2f}")
+    return "\n".join(rows)
+
+
+def main(args) -> dict:
+    import torch
+
+    selected = select_tasks(args.tasks, args.data_dir)  # fail on a bad --tasks before loading
+    device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
+    model, dictionary, dict_path = load_model(args.path, args.dict, args.user_dir)
+    model.to(device).eval()
+    encode = TextEncoder(dictionary, args.spm_model)
+    max_positions = max_positions_of(model)
+
+    results = []
+    for spec, file in selected:
+        examples = spec.load(file)[:args.max_examples]
+        results.append(evaluate_task(
+            model, spec, examples, encode, dictionary.eos(), dictionary.pad(), max_positions,
+            args.batch_size, device, show_progress=not args.no_progress))
+
+    print(format_table(results))
+    report = {
+        "checkpoint": str(Path(args.path).resolve()),
+        "dict": str(dict_path.resolve()),
+        "spm_model": args.spm_model,
+        "data_dir": str(args.data_dir),
+        "max_positions": max_positions,
+        "device": device,
+        "batch_size": args.batch_size,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "tasks": {r.task: {**r.to_json(), "file": str(file)}
+                  for r, (_, file) in zip(results, selected)},
+    }
+    if args.output:
+        Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def cli_main(argv=None):
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error("--batch-size must be >= 1")
+    if args.max_examples is not None and args.max_examples < 1:
+        parser.error("--max-examples must be >= 1")
+    try:
+        main(args)
+    except (FileNotFoundError, TaskFileError, FlagError) as e:  # bad flag or file: a message, not a traceback
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
+
+
+if __name__ == "__main__":
+    cli_main()

@@ -1,0 +1,1 @@
+from . import smlp_lm  # noqa: F401

@@ -1,0 +1,207 @@
+"""sMLP: a sparse all-MLP language model (Yu et al. 2022, arXiv 2203.06850).
+
+A stack of gMLP blocks, no attention and no position embeddings. Blocks chosen by
+--sparse-every / --sparse-layers are sparse: their spatial gate is an sMoE (token
+mixing experts) and a tMoE (feature mixing experts, Base-layer routing) follows them.
+With no sparse block it is a dense gMLP (the `gmlp_lm_*` archs).
+"""
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn as nn
+from fairseq import utils
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from fairseq.models import (
+    FairseqIncrementalDecoder,
+    FairseqLanguageModel,
+    register_model,
+    register_model_architecture,
+)
+from fairseq.models.transformer import Embedding
+from fairseq.modules import LayerNorm
+from omegaconf import II
+from torch import Tensor
+
+from ..modules.blocks import GatedMLPBlock, SparseBlock
+from ..modules.channel_router import PrefixChannelRouter
+from ..modules.experts import ExpertFFN
+from ..modules.spatial_gating import SpatialGatingUnit
+from ..modules.token_routers import BaseRouter, TokenMoE
+
+
+@dataclass
+class SmlpConfig(FairseqDataclass):
+    decoder_embed_dim: int = field(default=512, metadata={"help": "hidden size H of the residual stream"})
+    decoder_ffn_embed_dim: int = field(default=2048, metadata={"help": "gMLP width F (U: H -> F; the gate half has F/2 channels)"})
+    decoder_layers: int = field(default=6, metadata={"help": "number of blocks (dense + sparse)"})
+    sparse_every: int = field(default=2, metadata={"help": "every k-th block is sparse (blocks k-1, 2k-1, ...); 0: all dense"})
+    sparse_layers: Optional[str] = field(default=None, metadata={"help": "comma-separated block indices that are sparse (overrides --sparse-every)"})
+    smoe_experts: int = field(default=4, metadata={"help": "spatial experts per sparse block (must divide the chunked channels)"})
+    smoe_routing: ChoiceEnum(["deterministic", "partial"]) = field(default="deterministic", metadata={"help": "sMoE routing of channel chunks to spatial experts"})
+    smoe_chunk: ChoiceEnum(["gate", "all"]) = field(default="gate", metadata={"help": "what sMoE chunks: the gate half Z2 (gMLP-style) or all of Z (no split; Z gated by its own token mixing)"})
+    partial_prefix_ratio: float = field(default=0.2, metadata={"help": "partial prediction: share of the positions the router reads; the loss covers the rest"})
+    partial_balance: ChoiceEnum(["assignment", "aux_loss"]) = field(default="assignment", metadata={"help": "partial prediction: balanced assignment, or first choice + Switch auxiliary loss"})
+    tmoe_experts: int = field(default=4, metadata={"help": "feature-mixing (tMoE) experts per sparse block, Base-layer routing"})
+    tmoe_ffn_embed_dim: int = field(default=2048, metadata={"help": "hidden width of each tMoE expert FFN"})
+    spatial_init_eps: float = field(default=1e-3, metadata={"help": "spatial matrices start uniform in +-eps/T_max (bias 1)"})
+    dropout: float = field(default=0.1, metadata={"help": "dropout on embeddings and block outputs"})
+    share_decoder_input_output_embed: bool = field(default=True, metadata={"help": "tie input and output embeddings"})
+    max_target_positions: Optional[int] = II("task.max_target_positions")
+    tokens_per_sample: int = II("task.tokens_per_sample")
+
+
+def sparse_block_indices(cfg) -> List[int]:
+    """Which blocks are sparse, from --sparse-layers or --sparse-every."""
+    if cfg.sparse_layers:
+        try:
+            indices = sorted({int(i) for i in str(cfg.sparse_layers).split(",")})
+        except ValueError:
+            raise ValueError(f"--sparse-layers must be comma-separated integers, got {cfg.sparse_layers!r}")
+        bad = [i for i in indices if not 0 <= i < cfg.decoder_layers]
+        if bad:
+            raise ValueError(f"--sparse-layers {bad} outside 0..{cfg.decoder_layers - 1} (--decoder-layers {cfg.decoder_layers})")
+        return indices
+    if cfg.sparse_every < 0:
+        raise ValueError(f"--sparse-every must be >= 0, got {cfg.sparse_every}")
+    if cfg.sparse_every == 0:
+        return []
+    return [i for i in range(cfg.decoder_layers) if (i + 1) % cfg.sparse_every == 0]
+
+
+@register_model("smlp_lm", dataclass=SmlpConfig)
+class SmlpLanguageModel(FairseqLanguageModel):
+    @classmethod
+    def build_model(cls, cfg, task):
+        if cfg.max_target_positions is None:
+            cfg.max_target_positions = cfg.tokens_per_sample
+        if cfg.smoe_routing == "partial" and not getattr(task, "scores_partial_prediction", False):
+            raise ValueError(
+                "--smoe-routing partial needs --task smlp_language_modeling (for fairseq-train and "
+                "fairseq-eval-lm alike): positions inside the routing prefix saw the future and must "
+                "not be scored, and only that task tells fairseq-eval-lm so"
+            )
+        embed_tokens = Embedding(len(task.source_dictionary), cfg.decoder_embed_dim, task.source_dictionary.pad())
+        return cls(SmlpDecoder(cfg, task.target_dictionary, embed_tokens))
+
+
+class SmlpDecoder(FairseqIncrementalDecoder):
+    """tokens (B, T) -> logits (B, T, V), extra {"moe_stats": [...], "score_from": P}."""
+
+    def __init__(self, cfg, dictionary, embed_tokens: nn.Embedding):
+        super().__init__(dictionary)
+        self.max_target_positions = cfg.max_target_positions
+        self.embed_tokens = embed_tokens
+        self.dropout = nn.Dropout(cfg.dropout)
+        sparse = set(sparse_block_indices(cfg))
+        self.layers = nn.ModuleList(
+            build_sparse_block(cfg) if i in sparse else build_dense_block(cfg) for i in range(cfg.decoder_layers)
+        )
+        self.final_norm = LayerNorm(cfg.decoder_embed_dim)
+        self.output_projection = nn.Linear(cfg.decoder_embed_dim, len(dictionary), bias=False)
+        if cfg.share_decoder_input_output_embed:
+            self.output_projection.weight = embed_tokens.weight
+        else:
+            nn.init.normal_(self.output_projection.weight, std=cfg.decoder_embed_dim ** -0.5)
+        for name, module in self.named_modules():
+            if hasattr(module, "expert_load"):
+                module.name = name  # routers label their statistics with their place
+        # positions before score_from were read by a partial-prediction router: not scored
+        self.score_from = max((m.prefix_length for m in self.modules() if isinstance(m, SpatialGatingUnit)), default=0)
+
+    def forward(self, prev_output_tokens: Tensor, encoder_out=None, incremental_state=None, features_only: bool = False, **kwargs):
+        x, extra = self.extract_features(prev_output_tokens, incremental_state)
+        if not features_only:
+            x = self.output_layer(x)
+        return x, extra
+
+    def extract_features(self, tokens: Tensor, incremental_state=None, **kwargs):
+        if incremental_state is not None:
+            tokens = tokens[:, self._advance(incremental_state, tokens.size(1)) :]
+        x = self.dropout(self.embed_tokens(tokens))  # (B, T, H)
+        moe_stats = []
+        for layer in self.layers:
+            x, stats = layer(x, incremental_state)
+            moe_stats.extend(stats)
+        return self.final_norm(x), {"moe_stats": moe_stats, "score_from": self.score_from}
+
+    def _advance(self, incremental_state, length: int) -> int:
+        """Number of positions already decoded; records that `length` are known now."""
+        saved = self.get_incremental_state(incremental_state, "steps")
+        done = int(saved["length"].item()) if saved is not None else 0
+        self.set_incremental_state(incremental_state, "steps", {"length": torch.tensor(length)})
+        return done
+
+    def output_layer(self, features: Tensor) -> Tensor:
+        return self.output_projection(features)
+
+    def max_positions(self) -> int:
+        return self.max_target_positions
+
+    def reorder_incremental_state(self, incremental_state, new_order):
+        pass  # the spatial gating units reorder their own histories
+
+
+def build_dense_block(cfg) -> GatedMLPBlock:
+    gate = SpatialGatingUnit(cfg.decoder_ffn_embed_dim // 2, cfg.max_target_positions, 1, None, cfg.spatial_init_eps)
+    return GatedMLPBlock(cfg.decoder_embed_dim, cfg.decoder_ffn_embed_dim, gate, split_gate=True, dropout=cfg.dropout)
+
+
+def build_sparse_block(cfg) -> SparseBlock:
+    split_gate = cfg.smoe_chunk == "gate"
+    channels = cfg.decoder_ffn_embed_dim // 2 if split_gate else cfg.decoder_ffn_embed_dim
+    if cfg.smoe_experts < 1 or cfg.tmoe_experts < 1:
+        raise ValueError(f"--smoe-experts ({cfg.smoe_experts}) and --tmoe-experts ({cfg.tmoe_experts}) must be >= 1")
+    router = None
+    if cfg.smoe_routing == "partial":
+        router = PrefixChannelRouter(cfg.max_target_positions, cfg.partial_prefix_ratio, cfg.smoe_experts, cfg.partial_balance)
+    gate = SpatialGatingUnit(channels, cfg.max_target_positions, cfg.smoe_experts, router, cfg.spatial_init_eps)
+    token_mixing = GatedMLPBlock(cfg.decoder_embed_dim, cfg.decoder_ffn_embed_dim, gate, split_gate, cfg.dropout)
+    experts = ExpertFFN(cfg.tmoe_experts, cfg.decoder_embed_dim, cfg.tmoe_ffn_embed_dim, pre_norm=True)
+    feature_moe = TokenMoE(BaseRouter(cfg.decoder_embed_dim, cfg.tmoe_experts), experts)
+    return SparseBlock(token_mixing, feature_moe, cfg.dropout)
+
+
+# ---------------------------------------------------------------- architectures
+def _set_defaults(args, **defaults):
+    for name, value in defaults.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
+
+
+@register_model_architecture("smlp_lm", "smlp_lm_tiny")
+def smlp_lm_tiny(args):
+    """CPU-sized sMLP: 4 blocks, blocks 1 and 3 sparse with 4 spatial and 4 feature experts."""
+    _set_defaults(
+        args, decoder_embed_dim=128, decoder_ffn_embed_dim=512, decoder_layers=4, sparse_every=2,
+        smoe_experts=4, tmoe_experts=4, tmoe_ffn_embed_dim=256,
+    )
+
+
+@register_model_architecture("smlp_lm", "smlp_lm_base")
+def smlp_lm_base(args):
+    """GPU comparison scale: 12 blocks of width 768, 6 sparse with 16 + 16 experts."""
+    _set_defaults(
+        args, decoder_embed_dim=768, decoder_ffn_embed_dim=3072, decoder_layers=12, sparse_every=2,
+        smoe_experts=16, tmoe_experts=16, tmoe_ffn_embed_dim=3072,
+    )
+
+
+@register_model_architecture("smlp_lm", "smlp_lm_large")
+def smlp_lm_large(args):
+    """24 blocks of width 1024, 12 sparse with 32 + 32 experts (32 GPUs, one tMoE expert each)."""
+    _set_defaults(
+        args, decoder_embed_dim=1024, decoder_ffn_embed_dim=4096, decoder_layers=24, sparse_every=2,
+        smoe_experts=32, tmoe_experts=32, tmoe_ffn_embed_dim=4096,
+    )
+
+
+@register_model_architecture("smlp_lm", "smlp_lm_9b")
+def smlp_lm_9b(args):
+    """The paper's scaled deterministic sMLP, about 9.4B parameters at 1,024 tokens and a
+    51k vocabulary: 32 blocks of width 1024, 16 sparse, 64 tMoE experts (one per GPU of a
+    64-GPU run) and 32 spatial experts per sparse block."""
+    _set_defaults(
+        args, decoder_embed_dim=1024, decoder_ffn_embed_dim=4096, decoder_layers=32, sparse_every=2,
+        smoe_experts=32, tmoe_experts=64, tmoe_ffn_embed_dim=4096, smoe_routing="deterministic",
+    )

@@ -1,0 +1,1 @@
+from . import smlp_language_modeling  # noqa: F401
