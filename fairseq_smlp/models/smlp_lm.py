@@ -123,7 +123,8 @@ class SmlpDecoder(FairseqIncrementalDecoder):
         for layer in self.layers:
             x, stats = layer(x, incremental_state)
             moe_stats.extend(stats)
-        return self.final_norm(x), {"moe_stats": moe_stats, "score_from": self.score_from}
+        # "attn": None because fairseq's SequenceGenerator reads it from every decoder
+        return self.final_norm(x), {"moe_stats": moe_stats, "score_from": self.score_from, "attn": None}
 
     def _advance(self, incremental_state, length: int) -> int:
         """Number of positions already decoded; records that `length` are known now."""

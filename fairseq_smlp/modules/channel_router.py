@@ -10,7 +10,7 @@ import math
 import torch
 import torch.nn as nn
 
-from .routing import RoutingStats, balanced_assignment, check_finite, switch_aux_loss
+from .routing import RoutingStats, balanced_assignment, check_finite, fp32, switch_aux_loss
 
 
 class PrefixChannelRouter(nn.Module):
@@ -45,18 +45,19 @@ class PrefixChannelRouter(nn.Module):
         order lists the channels expert by expert (C/E per expert); weight[b, i] is the
         router weight of channel order[b, i] for its expert.
         """
-        prefix = z[:, : self.prefix_length].float()  # (B, P', C)
-        scores = torch.einsum("bpc,pe->bce", prefix, self.weight[: prefix.size(1)].float())
-        check_finite(scores, self.name)
-        if self.balance == "assignment":
-            expert = torch.stack([balanced_assignment(s) for s in scores.detach()])  # (B, C)
-            weight = torch.sigmoid(scores.gather(2, expert.unsqueeze(-1)).squeeze(-1))
-            aux = None
-        else:
-            probs = torch.softmax(scores, dim=-1)
-            expert = _first_choice_with_spill(probs.detach())
-            weight = probs.gather(2, expert.unsqueeze(-1)).squeeze(-1)
-            aux = switch_aux_loss(probs.reshape(-1, self.num_experts), probs.argmax(-1).reshape(-1))
+        with fp32(z.device):
+            prefix = z[:, : self.prefix_length].float()  # (B, P', C)
+            scores = torch.einsum("bpc,pe->bce", prefix, self.weight[: prefix.size(1)].float())
+            check_finite(scores, self.name)
+            if self.balance == "assignment":
+                expert = torch.stack([balanced_assignment(s) for s in scores.detach()])  # (B, C)
+                weight = torch.sigmoid(scores.gather(2, expert.unsqueeze(-1)).squeeze(-1))
+                aux = None
+            else:
+                probs = torch.softmax(scores, dim=-1)
+                expert = _first_choice_with_spill(probs.detach())
+                weight = probs.gather(2, expert.unsqueeze(-1)).squeeze(-1)
+                aux = switch_aux_loss(probs.reshape(-1, self.num_experts), probs.argmax(-1).reshape(-1))
         order = torch.argsort(expert, dim=1, stable=True)
         counts = torch.bincount(expert.reshape(-1), minlength=self.num_experts).float()
         self.expert_load.copy_(counts)

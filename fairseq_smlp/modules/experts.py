@@ -63,4 +63,5 @@ def dispatch_to_experts(x: torch.Tensor, expert_index: torch.Tensor, weight: tor
     buffer = x.new_zeros(experts.num_experts, capacity, x.size(-1))  # (E, C, H)
     buffer[flat_expert, slot] = x[token]
     out = experts(buffer)[flat_expert, slot]  # (M, H)
-    return x.new_zeros(x.shape).index_add_(0, token, out * flat_weight.unsqueeze(-1).to(out.dtype))
+    combined = out.new_zeros(x.shape).index_add_(0, token, out * flat_weight.unsqueeze(-1).to(out.dtype))
+    return combined.to(x.dtype)

@@ -39,7 +39,8 @@ def balanced_assignment(scores: torch.Tensor) -> torch.Tensor:
 
     scores: (N, E) -> expert index per item (N,) long.
     libbase needs N divisible by E (it never returns otherwise), so the matrix is padded
-    with zero-score rows that are dropped again.
+    with dummy rows, each strongly preferring a different expert, that are dropped again:
+    expert loads then differ by at most one.
     """
     num_items, num_experts = scores.shape
     scores = scores.detach().float()
@@ -47,11 +48,18 @@ def balanced_assignment(scores: torch.Tensor) -> torch.Tensor:
         raise FloatingPointError("non-finite routing scores passed to balanced assignment")
     padded = -(-num_items // num_experts) * num_experts
     if padded != num_items:
-        scores = torch.cat([scores, scores.new_zeros(padded - num_items, num_experts)])
+        margin = 2 * scores.abs().max() + 1
+        dummy = torch.eye(num_experts, dtype=scores.dtype, device=scores.device)[: padded - num_items] * margin
+        scores = torch.cat([scores, dummy])
     order = load_libbase().balanced_assignment(scores.cpu()).to(scores.device)
     expert = torch.empty_like(order)
     expert[order] = torch.arange(padded, device=order.device) // (padded // num_experts)
     return expert[:num_items]
+
+
+def fp32(device: torch.device):
+    """Autocast would run router matmuls in half precision: switch it off around routing."""
+    return torch.autocast(device_type=device.type, enabled=False)
 
 
 def check_finite(logits: torch.Tensor, layer: str) -> None:

@@ -1,0 +1,356 @@
+"""Transformer-MoE baselines of the sMLP paper, in fairseq's own Transformer LM.
+
+One model, `moe_transformer_lm`, a subclass of fairseq's `transformer_lm`: every
+--moe-freq-th layer (layers k-1, 2k-1, ...) has its FFN replaced by a token-routed MoE
+(TokenMoE: a router + ExpertFFN, the dispatch path shared with sMLP's tMoE):
+
+    --moe-router top1   Switch (Fedus et al. 2021)       archs switch_lm_*
+    --moe-router top2   GShard (Lepikhin et al. 2020)    archs gshard_lm_*
+    --moe-router hash   HASH Layers (Roller et al. 2021) archs hash_lm_*
+    --moe-router none   no token MoE; with --base-layers N: fairseq's own Base Layers
+                        (Lewis et al. 2021), usable in one process   archs base_lm_*
+
+The dense baselines `transformer_lm_*` are fairseq's `transformer_lm` with matched sizes.
+The decoder returns the routing statistics of every MoE layer in extra["moe_stats"] for
+the `moe_cross_entropy` criterion.
+"""
+import contextlib
+from dataclasses import dataclass, field
+from unittest import mock
+
+import torch
+import torch.nn as nn
+from fairseq.dataclass import ChoiceEnum
+from fairseq.distributed import utils as distributed_utils
+from fairseq.models import register_model, register_model_architecture
+from fairseq.models.transformer import TransformerConfig, TransformerDecoder
+from fairseq.models.transformer_lm import (
+    TransformerLanguageModel,
+    TransformerLanguageModelConfig,
+    base_lm_architecture,
+)
+from fairseq.modules import base_layer
+from fairseq.modules.checkpoint_activations import checkpoint_wrapper
+from fairseq.modules.transformer_layer import TransformerDecoderLayerBase
+
+from ..modules.experts import ExpertFFN
+from ..modules.routing import RoutingStats
+from ..modules.token_routers import (
+    HashRouter,
+    Top1Router,
+    Top2Router,
+    TokenMoE,
+    balanced_hash_table,
+    random_hash_table,
+)
+
+
+@dataclass
+class MoETransformerLanguageModelConfig(TransformerLanguageModelConfig):
+    moe_router: ChoiceEnum(["top1", "top2", "hash", "none"]) = field(
+        default="top1", metadata={"help": "token MoE routing: top1 (Switch), top2 (GShard), hash (HASH Layers), none (dense FFNs; Base Layers come from --base-layers)"}
+    )
+    moe_freq: int = field(default=2, metadata={"help": "every k-th layer (layers k-1, 2k-1, ...) has an MoE FFN; 0: none"})
+    moe_experts: int = field(default=4, metadata={"help": "experts per MoE layer"})
+    moe_expert_ffn_dim: int = field(default=0, metadata={"help": "hidden width of each expert FFN; 0: --decoder-ffn-embed-dim"})
+    moe_train_capacity_factor: float = field(
+        default=1.25, metadata={"help": "top1/top2 training capacity per expert: ceil(factor * ceil(tokens / experts)); <= 0: no limit"}
+    )
+    moe_eval_capacity_factor: float = field(
+        default=0.0, metadata={"help": "capacity factor in evaluation; <= 0 (default): no limit, so routing is per token and incremental decoding matches"}
+    )
+    moe_second_expert_policy: ChoiceEnum(["sampling", "all", "random"]) = field(
+        default="sampling", metadata={"help": "top2, training only: second expert sampled from the softmax, always the runner-up, or the runner-up kept with probability 2*g2/(g1+g2)"}
+    )
+    moe_router_z_loss: float = field(
+        default=0.0, metadata={"help": "top1/top2: router z-loss weight relative to the balance loss (added to the layer's aux loss; 0: off)"}
+    )
+    hash_type: ChoiceEnum(["balanced", "random"]) = field(
+        default="balanced", metadata={"help": "hash: token-id -> expert table, balanced by the dictionary's token counts or uniform at random"}
+    )
+    hash_seed: int = field(default=0, metadata={"help": "hash: seed of the random table"})
+
+
+def is_moe_layer(index: int, moe_freq: int) -> bool:
+    return moe_freq > 0 and (index + 1) % moe_freq == 0
+
+
+def check_moe_args(args) -> None:
+    """Clear errors for flags that cannot work, before anything is built."""
+    if args.moe_freq < 0:
+        raise ValueError(f"--moe-freq must be >= 0, got {args.moe_freq}")
+    if args.moe_router != "none" and args.moe_freq > 0:
+        if args.moe_experts < 1:
+            raise ValueError(f"--moe-experts must be >= 1, got {args.moe_experts}")
+        if args.moe_router == "top2" and args.moe_experts < 2:
+            raise ValueError(f"--moe-router top2 needs --moe-experts >= 2, got {args.moe_experts}")
+        if getattr(args, "scale_fc", False):
+            raise ValueError("--scale-fc (a LayerNorm inside the FFN) is not supported in MoE layers")
+    if getattr(args, "character_embeddings", False) or getattr(args, "adaptive_input", False):
+        raise ValueError("moe_transformer_lm supports plain token embeddings only (no --character-embeddings / --adaptive-input)")
+
+
+# ----------------------------------------------------------------- token MoE layers
+class MoEFeedForward(TokenMoE):
+    """A TokenMoE that fits where fairseq's fc1 goes: returns the output only and keeps
+    its RoutingStats in `last_stats` for the decoder to collect."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (T, B, H) time-major, as fairseq's layers see it -> (T, B, H)."""
+        out, self.last_stats = super().forward(x)
+        return out
+
+
+def build_router(args, dictionary):
+    experts = args.moe_experts
+    if args.moe_router == "top1":
+        return Top1Router(args.decoder_embed_dim, experts, args.moe_train_capacity_factor, args.moe_eval_capacity_factor, args.moe_router_z_loss)
+    if args.moe_router == "top2":
+        return Top2Router(
+            args.decoder_embed_dim, experts, args.moe_train_capacity_factor, args.moe_eval_capacity_factor,
+            args.moe_router_z_loss, second_expert_policy=args.moe_second_expert_policy,
+        )
+    if args.moe_router == "hash":
+        if args.hash_type == "balanced":
+            table = balanced_hash_table(dictionary.count, experts)
+        else:
+            table = random_hash_table(len(dictionary), experts, args.hash_seed)
+        return HashRouter(table, experts)
+    raise ValueError(f"--moe-router {args.moe_router!r} has no token router")
+
+
+def build_moe_ffn(args, dictionary) -> MoEFeedForward:
+    ffn_dim = args.moe_expert_ffn_dim or args.decoder_ffn_embed_dim
+    activation = str(args.activation_fn)
+    if not hasattr(torch.nn.functional, activation):
+        raise ValueError(f"--activation-fn {activation} is not available for expert FFNs (use relu, gelu, silu or tanh)")
+    # pre_norm=False: the layer's own final_layer_norm already normalises the FFN input
+    experts = ExpertFFN(args.moe_experts, args.decoder_embed_dim, ffn_dim, pre_norm=False, activation=activation)
+    return MoEFeedForward(build_router(args, dictionary), experts)
+
+
+class MoETransformerDecoderLayer(TransformerDecoderLayerBase):
+    """fairseq's pre-norm decoder layer with its FFN replaced by a token MoE.
+
+    fairseq computes x + dropout(fc2(act(fc1(LN(x))))). Here fc1 is the whole MoE
+    (H -> H) and act / its dropout / fc2 are identities, so fairseq's own forward
+    (attention, norms, dropout, residual) runs unchanged: x + dropout(MoE(LN(x))).
+    A token the MoE dropped gets 0 from it and passes through the residual.
+    """
+
+    def __init__(self, cfg: TransformerConfig, moe_ffn: MoEFeedForward, no_encoder_attn: bool = True):
+        # build_fc1 hands this over during the parent's __init__ (no dense FFN is ever allocated);
+        # object.__setattr__: nn.Module refuses submodules before its own __init__
+        object.__setattr__(self, "_moe_ffn", moe_ffn)
+        super().__init__(cfg, no_encoder_attn=no_encoder_attn)
+        object.__delattr__(self, "_moe_ffn")
+        self.activation_fn = _identity
+        self.activation_dropout_module = nn.Identity()
+
+    def build_fc1(self, input_dim, output_dim, q_noise, qn_block_size):
+        return self._moe_ffn
+
+    def build_fc2(self, input_dim, output_dim, q_noise, qn_block_size):
+        return nn.Identity()
+
+
+def _identity(x):
+    return x
+
+
+# ----------------------------------------------------------------- Base Layers
+class _LocalAll2All(torch.autograd.Function):
+    """All-to-all among one worker: every token stays where it is."""
+
+    @staticmethod
+    def forward(ctx, xs, input_splits=None, output_splits=None):
+        return xs.clone()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return grad_output, None, None
+
+
+@contextlib.contextmanager
+def _single_worker():
+    """Run fairseq's BaseLayer code as the only worker when no process group exists:
+    rank 0 and an identity all-to-all. Nothing changes when torch.distributed is set up."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        yield
+        return
+    with mock.patch.object(distributed_utils, "get_data_parallel_rank", lambda: 0), mock.patch.object(base_layer, "All2All", _LocalAll2All):
+        yield
+
+
+class SingleProcessBaseLayer(base_layer.BaseLayer):
+    """fairseq's BaseLayer (Base Layers, Lewis et al. 2021), one expert per worker, that
+    also runs in a single process (then: one expert, the identity all-to-all).
+
+    Its maths are fairseq's; this subclass only (1) supplies rank 0 and the local
+    all-to-all when torch.distributed is not initialised, and (2) records the expert load
+    of each batch for the training log.
+    """
+
+    def __init__(self, args):
+        with _single_worker():
+            super().__init__(args)
+        self.register_buffer("expert_load", torch.zeros(self.num_workers), persistent=False)
+        self.name = "base_layer"
+        self.last_stats = None
+
+    def forward(self, input_features, *args, **kwargs):
+        with _single_worker():
+            return super().forward(input_features, *args, **kwargs)
+
+    def balanced_assignment(self, scores):
+        """Balanced: each expert gets an equal share of this worker's tokens.
+
+        With one expert every token goes to it; libbase's auction needs two experts to
+        bid between (it fails with one), so that trivial answer is given directly.
+        """
+        if self.num_workers == 1:
+            result = torch.arange(scores.size(0), device=scores.device), None, None
+        else:
+            result = super().balanced_assignment(scores)
+        counts = torch.full((self.num_workers,), scores.size(0) / self.num_workers, device=scores.device)
+        self._record(counts)
+        return result
+
+    def greedy_assignment(self, scores, k=1):
+        sort_by_expert, input_splits, output_splits = super().greedy_assignment(scores, k)
+        self._record(torch.tensor(output_splits, dtype=torch.float, device=scores.device))
+        return sort_by_expert, input_splits, output_splits
+
+    def _record(self, counts: torch.Tensor) -> None:
+        """counts: (workers,) tokens this worker sends to each expert."""
+        self.expert_load.copy_(counts)
+        self.last_stats = RoutingStats(layer=self.name, expert_counts=counts)
+
+
+# ----------------------------------------------------------------- decoder and model
+class MoETransformerDecoder(TransformerDecoder):
+    """fairseq's TransformerDecoder with MoE FFNs every --moe-freq layers and Base
+    Layers that run in one process. extract_features returns
+    (B, T, H) features and extra {"attn", "inner_states", "moe_stats": [RoutingStats]}."""
+
+    def __init__(self, args, dictionary, embed_tokens, no_encoder_attn=True):
+        self._layers_built = 0  # build_decoder_layer is called once per layer, in order
+        super().__init__(args, dictionary, embed_tokens, no_encoder_attn=no_encoder_attn)
+        for name, module in self.named_modules():
+            if isinstance(module, SingleProcessBaseLayer):
+                module.name = f"{name}.base_layer"  # routers label their statistics with their place
+            elif hasattr(module, "expert_load"):
+                module.name = name
+        self.moe_modules = [m for m in self.modules() if isinstance(m, (MoEFeedForward, SingleProcessBaseLayer))]
+        self.hash_routers = [m for m in self.modules() if isinstance(m, HashRouter)]
+
+    def build_decoder_layer(self, cfg, no_encoder_attn=False):
+        index, self._layers_built = self._layers_built, self._layers_built + 1
+        if self.args.moe_router == "none" or not is_moe_layer(index, self.args.moe_freq):
+            return super().build_decoder_layer(cfg, no_encoder_attn)
+        cfg = TransformerConfig.from_namespace(cfg)
+        layer = MoETransformerDecoderLayer(cfg, build_moe_ffn(self.args, self.dictionary), no_encoder_attn)
+        if cfg.checkpoint_activations:
+            layer = checkpoint_wrapper(layer, offload_to_cpu=cfg.offload_activations)
+        return layer
+
+    def build_output_projection(self, args, dictionary, embed_tokens):
+        """fairseq inserts its BaseLayers here; ours are the single-process kind, at the
+        same places: layer ((i + 1) * L) // (N + 1) for the i-th of N."""
+        cfg = TransformerConfig.from_namespace(args)
+        num_base_layers = cfg.base_layers
+        cfg.base_layers = 0  # fairseq's own BaseLayer would need a process group
+        try:
+            super().build_output_projection(cfg, dictionary, embed_tokens)
+        finally:
+            cfg.base_layers = num_base_layers
+        for i in range(num_base_layers):
+            self.layers.insert(((i + 1) * cfg.decoder.layers) // (num_base_layers + 1), SingleProcessBaseLayer(cfg))
+
+    def extract_features(self, prev_output_tokens, encoder_out=None, incremental_state=None, **kwargs):
+        newest = prev_output_tokens[:, -1:] if incremental_state is not None else prev_output_tokens
+        for router in self.hash_routers:
+            router.set_token_ids(newest.t().reshape(-1))  # (T*B,) time-major, as the layers flatten
+        for module in self.moe_modules:
+            module.last_stats = None  # layerdrop may skip a layer: no stale statistics
+        try:
+            x, extra = super().extract_features(prev_output_tokens, encoder_out, incremental_state, **kwargs)
+        finally:
+            for router in self.hash_routers:
+                router.set_token_ids(None)
+        extra["moe_stats"] = [m.last_stats for m in self.moe_modules if m.last_stats is not None]
+        return x, extra
+
+
+@register_model("moe_transformer_lm", dataclass=MoETransformerLanguageModelConfig)
+class MoETransformerLanguageModel(TransformerLanguageModel):
+    @classmethod
+    def build_model(cls, args, task):
+        check_moe_args(args)
+        if args.decoder_layers_to_keep:
+            raise ValueError("--decoder-layers-to-keep is not supported by moe_transformer_lm (MoE layers sit at fixed places)")
+        if getattr(args, "max_target_positions", None) is None:
+            args.max_target_positions = args.tokens_per_sample
+        embed_tokens = cls.build_embedding(args, task.source_dictionary, args.decoder_input_dim)
+        return cls(MoETransformerDecoder(args, task.target_dictionary, embed_tokens, no_encoder_attn=True))
+
+
+# ----------------------------------------------------------------- architectures
+# Sizes are FLOP-matched to smlp_lm_* (see docs/baselines.md and fairseq_smlp/flops.py):
+# with F_smlp = 4H and tMoE experts of width W, two sMLP blocks (one dense, one sparse)
+# cost what two Transformer layers of FFN width 3H (base, large) or 2H (tiny) cost.
+SIZES = {
+    #        H     heads layers FFN   experts  (smlp_lm_* of the same size)
+    "tiny": (128, 4, 4, 256, 4),
+    "base": (768, 12, 12, 2304, 16),
+    "large": (1024, 16, 24, 3072, 32),
+}
+
+
+def _set_defaults(args, **defaults):
+    """Arch defaults: only where the command line left a value unset."""
+    for name, value in defaults.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
+
+
+def _register(model: str, family: str, doc: str, **family_defaults):
+    """Register {family}_tiny/base/large on `model`; a default may be a {size: value} dict."""
+    for size in SIZES:
+        def arch(args, size=size):
+            embed_dim, heads, layers, ffn_dim, experts = SIZES[size]
+            defaults = dict(
+                decoder_embed_dim=embed_dim, decoder_input_dim=embed_dim, decoder_output_dim=embed_dim,
+                decoder_attention_heads=heads, decoder_layers=layers, decoder_ffn_embed_dim=ffn_dim,
+                share_decoder_input_output_embed=True,
+            )
+            if model == "moe_transformer_lm":
+                defaults["moe_experts"] = experts
+            defaults.update({k: (v[size] if isinstance(v, dict) else v) for k, v in family_defaults.items()})
+            _set_defaults(args, **defaults)
+            base_lm_architecture(args)  # fairseq's transformer_lm defaults (pre-norm, ...)
+
+        arch.__doc__ = f"{doc} ({size})"
+        arch.__name__ = f"{family}_{size}"
+        register_model_architecture(model, f"{family}_{size}")(arch)
+
+
+_register("transformer_lm", "transformer_lm", "dense Transformer LM, FLOP-matched to smlp_lm")
+_register(
+    "moe_transformer_lm", "switch_lm", "Switch: top-1 MoE FFN every other layer",
+    moe_router="top1", moe_freq=2, moe_train_capacity_factor=1.25,
+)
+# top-2 sends each token through two experts: experts half as wide keep the FLOPs
+_register(
+    "moe_transformer_lm", "gshard_lm", "GShard: top-2 MoE FFN every other layer",
+    moe_router="top2", moe_freq=2, moe_train_capacity_factor=2.0, moe_expert_ffn_dim={"tiny": 128, "base": 1152, "large": 1536},
+)
+_register("moe_transformer_lm", "hash_lm", "HASH Layers: token-id-routed MoE FFN every other layer", moe_router="hash", moe_freq=2)
+# Base Layers: fairseq inserts N whole BASE layers (each S FFN sublayers of width F) into a
+# shallower Transformer; one expert per worker
+_register(
+    "moe_transformer_lm", "base_lm", "Base Layers: fairseq's --base-layers",
+    moe_router="none", moe_freq=0, base_layers=1, base_shuffle=1,
+    decoder_layers={"tiny": 3, "base": 10, "large": 20}, base_sublayers={"tiny": 3, "base": 4, "large": 8},
+    decoder_ffn_embed_dim={"tiny": 240, "base": 2304, "large": 3072},
+)
