@@ -59,9 +59,15 @@ def dispatch_to_experts(x: torch.Tensor, expert_index: torch.Tensor, weight: tor
     starts = torch.cumsum(counts, 0) - counts
     slot = torch.arange(flat_expert.numel(), device=x.device) - starts[flat_expert]
 
+    # flat slot e * C + i; index_select / index_copy / index_add are the fast CPU paths
+    # (2-D advanced indexing is several times slower, forward and backward)
     capacity = int(counts.max()) if flat_expert.numel() else 0
-    buffer = x.new_zeros(experts.num_experts, capacity, x.size(-1))  # (E, C, H)
-    buffer[flat_expert, slot] = x[token]
-    out = experts(buffer)[flat_expert, slot]  # (M, H)
-    combined = out.new_zeros(x.shape).index_add_(0, token, out * flat_weight.unsqueeze(-1).to(out.dtype))
-    return combined.to(x.dtype)
+    flat_slot = flat_expert * capacity + slot
+    routed = x.index_select(0, token)  # (M, H)
+    if flat_expert.numel() == experts.num_experts * capacity:  # balanced: slots are already in order
+        buffer = routed
+    else:
+        buffer = x.new_zeros(experts.num_experts * capacity, x.size(-1)).index_copy(0, flat_slot, routed)
+    out = experts(buffer.view(experts.num_experts, capacity, -1)).reshape(-1, x.size(-1))
+    out = out.index_select(0, flat_slot) * flat_weight.unsqueeze(-1).to(out.dtype)  # (M, H)
+    return out.new_zeros(x.shape).index_add_(0, token, out).to(x.dtype)

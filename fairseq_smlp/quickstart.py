@@ -1,0 +1,126 @@
+"""Quickstart: prepare a small corpus, train smlp_lm_tiny on the CPU, report perplexity.
+
+    fairseq-smlp-quickstart                         # Penn Treebank, 12 minutes of training
+    fairseq-smlp-quickstart --minutes 3 --out-dir runs/qs
+    fairseq-smlp-quickstart --train a.txt --valid b.txt --test c.txt
+
+Each step is the real fairseq command (printed before it runs), so the run can be
+repeated by hand: data_prep.small_corpus -> fairseq-train -> fairseq-eval-lm (valid, test).
+"""
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import fairseq_smlp
+
+USER_DIR = str(Path(fairseq_smlp.__file__).resolve().parent)
+
+# Tuned on PTB with 2 CPU cores (see README, "Quickstart").
+TRAIN_OPTIONS = [
+    "--task", "smlp_language_modeling", "--criterion", "moe_cross_entropy",
+    "--tokens-per-sample", "128", "--max-tokens", "4096", "--required-batch-size-multiple", "1",
+    "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--lr", "0.002",
+    "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "300", "--weight-decay", "0.01",
+    "--clip-norm", "1.0", "--dropout", "0.2", "--cpu", "--num-workers", "0",
+    "--no-epoch-checkpoints", "--log-interval", "50",
+]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--corpus", default="ptb", choices=["ptb", "wikitext-2"], help="embedded default corpus")
+    p.add_argument("--train", help="your own training text (with --valid and --test)")
+    p.add_argument("--valid")
+    p.add_argument("--test")
+    p.add_argument("--bpe", default="none", choices=["none", "sentencepiece"], help="word-level, or a sentencepiece BPE")
+    p.add_argument("--vocab-size", type=int, default=8000, help="sentencepiece vocabulary size (with --bpe sentencepiece)")
+    p.add_argument("--arch", default="smlp_lm_tiny")
+    p.add_argument("--minutes", type=float, default=12.0, help="training wall-clock budget")
+    p.add_argument("--out-dir", default="runs/quickstart", help="corpus, checkpoints and results go here")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more fairseq-train options")
+    args = p.parse_args(argv)
+    if args.minutes <= 0:
+        p.error(f"--minutes must be > 0, got {args.minutes}")
+    return args
+
+
+def run(cmd, log_file=None):
+    """Run a fairseq command, showing its output live; return that output."""
+    print("\n$ " + " ".join(cmd), flush=True)
+    lines = []
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        for line in proc.stdout:
+            lines.append(line)
+            if not _is_noise(line):
+                print(line, end="", flush=True)
+    output = "".join(lines)
+    if log_file:
+        Path(log_file).write_text(output)
+    if proc.returncode != 0:
+        sys.exit(f"command failed with exit code {proc.returncode}: {cmd[0]} (log: {log_file or 'above'})")
+    return output
+
+
+def _is_noise(line):
+    return "Warning" in line or "warn(" in line or line.startswith("  ")
+
+
+def perplexity(eval_output):
+    match = re.search(r"Perplexity: ([0-9.]+)", eval_output)
+    if not match:
+        sys.exit("fairseq-eval-lm printed no perplexity")
+    return float(match.group(1))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from data_prep.small_corpus import prepare_small_corpus
+
+    out = Path(args.out_dir)
+    corpus = None if args.train else args.corpus
+    data_bin = prepare_small_corpus(
+        out / "corpus", corpus=corpus, train=args.train, valid=args.valid, test=args.test,
+        bpe=args.bpe, vocab_size=args.vocab_size, workers=2,
+    )
+    save_dir = out / "checkpoints"
+    started = time.time()
+    train_log = run([
+        sys.executable, "-m", "fairseq_cli.train", str(data_bin), "--user-dir", USER_DIR, "--arch", args.arch,
+        *TRAIN_OPTIONS, "--stop-time-hours", f"{args.minutes / 60:.4f}", "--save-dir", str(save_dir),
+        "--seed", str(args.seed), *[a for a in args.extra if a != "--"],
+    ], out / "train.log")
+    train_minutes = (time.time() - started) / 60
+
+    results = {"arch": args.arch, "corpus": args.train or args.corpus, "train_minutes": round(train_minutes, 2)}
+    params = re.search(r"num\. model params: ([0-9,]+)", train_log)
+    results["params"] = int(params.group(1).replace(",", "")) if params else None
+    for subset in ("valid", "test"):
+        eval_log = run([
+            sys.executable, "-m", "fairseq_cli.eval_lm", str(data_bin), "--user-dir", USER_DIR,
+            "--task", "smlp_language_modeling", "--path", str(save_dir / "checkpoint_best.pt"),
+            "--tokens-per-sample", "128", "--gen-subset", subset, "--cpu", "--num-workers", "0",
+        ], out / f"eval_{subset}.log")
+        results[f"{subset}_ppl"] = perplexity(eval_log)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+
+    print("\n" + "=" * 60)
+    print(f"{args.arch} on {results['corpus']}: {results['params']:,} parameters, {train_minutes:.1f} min of training")
+    print(f"validation perplexity: {results['valid_ppl']:.2f}")
+    print(f"test perplexity:       {results['test_ppl']:.2f}")
+    print(f"(results: {out / 'results.json'}; checkpoint: {save_dir / 'checkpoint_best.pt'})")
+    return results
+
+
+def cli_main():
+    os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+    main()
+
+
+if __name__ == "__main__":
+    cli_main()
