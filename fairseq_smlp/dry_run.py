@@ -1,0 +1,111 @@
+"""Check a training command without data or GPUs (what the recipes' DRY_RUN=1 runs).
+
+    python -m fairseq_smlp.dry_run --world-size 64 --experts-per-worker 1 -- DATA --arch smlp_lm_9b ...
+
+1. fairseq's own training parser takes the whole argument list (so a typo fails here, not
+   after the job has waited for 64 GPUs);
+2. the expert counts fit the declared world size (every MoE expert count a multiple of it,
+   or exactly `--experts-per-worker` experts per worker);
+3. the model is built at full size on the meta device (parameter count, no memory), and at
+   reduced width and length on the CPU, where one forward/backward runs on random tokens.
+"""
+import argparse
+import copy
+import sys
+from types import SimpleNamespace
+
+import torch
+
+EXPERT_FLAGS = {"tmoe_experts": "--tmoe-experts", "moe_experts": "--moe-experts"}
+WIDTH_FIELDS = ("decoder_embed_dim", "decoder_ffn_embed_dim", "tmoe_ffn_embed_dim", "decoder_input_dim", "decoder_output_dim")
+
+
+def parse_fairseq_args(train_args):
+    from fairseq import options
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+    parser = options.get_training_parser()
+    args = options.parse_args_and_arch(parser, train_args)
+    return convert_namespace_to_omegaconf(args)
+
+
+def check_experts(model_cfg, world_size, experts_per_worker):
+    """Return {flag: count} of the MoE expert counts; raise if they do not fit the world size."""
+    counts = {flag: getattr(model_cfg, name) for name, flag in EXPERT_FLAGS.items() if getattr(model_cfg, name, 0)}
+    for flag, count in counts.items():
+        if count % world_size != 0:
+            raise SystemExit(f"{flag} {count} is not a multiple of the world size {world_size}")
+        if experts_per_worker and count != experts_per_worker * world_size:
+            raise SystemExit(
+                f"{flag} {count} != {experts_per_worker} expert(s) per worker x {world_size} workers"
+            )
+    return counts
+
+
+def fake_task(cfg, vocab_size):
+    from fairseq.data import Dictionary
+
+    dictionary = Dictionary()
+    for i in range(vocab_size - len(dictionary)):
+        dictionary.add_symbol(f"w{i}")
+    return SimpleNamespace(
+        source_dictionary=dictionary, target_dictionary=dictionary, scores_partial_prediction=True,
+        cfg=cfg.task, args=cfg.task,
+    )
+
+
+def build(cfg, task):
+    from fairseq import models
+
+    return models.build_model(cfg.model, task)
+
+
+def reduced(cfg, width_divisor, length):
+    """The same architecture, narrower and shorter, so that it fits a CPU."""
+    small = copy.deepcopy(cfg)
+    for name in WIDTH_FIELDS:
+        value = getattr(small.model, name, None)
+        if isinstance(value, int):
+            setattr(small.model, name, max(8, value // width_divisor))
+    small.model.max_target_positions = length
+    small.model.tokens_per_sample = length
+    small.task.tokens_per_sample = length
+    return small
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--world-size", type=int, required=True, help="workers the recipe declares (GPUs)")
+    p.add_argument("--experts-per-worker", type=int, default=0, help="require exactly this many experts per worker")
+    p.add_argument("--vocab-size", type=int, default=51200, help="vocabulary for the full-size parameter count")
+    p.add_argument("--width-divisor", type=int, default=16)
+    p.add_argument("--length", type=int, default=64, help="sequence length of the reduced model")
+    p.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then the fairseq-train arguments")
+    args = p.parse_args(argv)
+    train_args = [a for a in args.train_args if a != "--"] if args.train_args[:1] == ["--"] else args.train_args
+
+    cfg = parse_fairseq_args(train_args)
+    counts = check_experts(cfg.model, args.world_size, args.experts_per_worker)
+    if cfg.model.get("max_target_positions") is None and "max_target_positions" in cfg.model:
+        cfg.model.max_target_positions = cfg.task.tokens_per_sample
+
+    with torch.device("meta"):
+        full = build(cfg, fake_task(cfg, args.vocab_size))
+    total = sum(p.numel() for p in full.parameters())
+    expert = sum(p.numel() for p in full.parameters() if getattr(p, "expert", False))
+
+    small_cfg = reduced(cfg, args.width_divisor, args.length)
+    model = build(small_cfg, fake_task(small_cfg, 1000))
+    model.train()
+    tokens = torch.randint(4, 1000, (2, args.length))
+    out = model(tokens)[0]
+    torch.nn.functional.cross_entropy(out.reshape(-1, out.size(-1)), tokens.reshape(-1)).backward()
+
+    print(f"dry run OK: arch {cfg.model._name}, world size {args.world_size}, experts {counts or 'none'}")
+    print(f"full size: {total / 1e6:,.1f}M parameters ({expert / 1e6:,.1f}M in experts, vocabulary {args.vocab_size:,})")
+    print(f"reduced model (width / {args.width_divisor}, {args.length} tokens): forward and backward ran on the CPU")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

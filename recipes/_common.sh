@@ -1,0 +1,59 @@
+# Shared by every recipe (sourced, not run): paths, the launch, DRY_RUN.
+#
+# Environment (each recipe sets its own defaults; anything here can be overridden):
+#   DATA            fairseq data-bin (data_prep/paper_corpus.py writes one)       [required]
+#   SAVE_DIR        checkpoints                                                    [checkpoints/$RUN]
+#   GPUS            world size the run is laid out for (experts per GPU follow)
+#   GPUS_PER_NODE   8;  NNODES = GPUS / GPUS_PER_NODE;  NODE_RANK, MASTER_ADDR, MASTER_PORT for torchrun
+#   DRY_RUN=1       parse every argument with fairseq's parser, check experts vs GPUS, build the
+#                   model at full size on the meta device and at reduced width on the CPU; no data needed
+# Under SLURM (SLURM_JOB_ID set) the recipe starts one task per GPU with srun; otherwise torchrun.
+set -euo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+USER_DIR="$REPO/fairseq_smlp"
+GPUS_PER_NODE=${GPUS_PER_NODE:-8}
+
+# Paper-era settings (Artetxe et al. 2021, the fairseq MoE setup sMLP builds on).
+COMMON_ARGS=(
+  --user-dir "$USER_DIR" --task smlp_language_modeling --criterion moe_cross_entropy
+  --sample-break-mode none --required-batch-size-multiple 1
+  --optimizer adam --adam-betas "(0.9, 0.98)" --adam-eps 1e-8 --clip-norm 0.0 --weight-decay 0.01
+  --lr-scheduler polynomial_decay --end-learning-rate 0.0
+  --fp16 --fp16-no-flatten-grads --fp16-init-scale 4 --min-loss-scale 0.0001
+  --ddp-backend legacy_ddp --moe-aux-loss-weight 0.01
+  --log-format json --log-interval 100 --save-interval-updates 2000 --keep-interval-updates 3
+  --validate-interval-updates 2000 --num-workers 2
+)
+
+require_path() {  # require_path NAME VALUE: refuse clearly, before anything is written
+  if [ -z "$2" ] || [ ! -e "$2" ]; then
+    echo "error: $1='${2}' does not exist; set $1 to an existing path (see recipes/README.md)" >&2
+    exit 2
+  fi
+}
+
+# launch EXPERTS_PER_GPU fairseq-train-args...
+launch() {
+  local experts_per_gpu=$1; shift
+  if [ "${DRY_RUN:-0}" = 1 ]; then
+    local cmd=(python -m fairseq_smlp.dry_run --world-size "$GPUS" --experts-per-worker "$experts_per_gpu" -- "${DATA:-/data-bin}" "$@")
+    echo "+ ${cmd[*]}"
+    (cd "$REPO" && "${cmd[@]}")
+    return
+  fi
+  require_path DATA "${DATA:-}"
+  mkdir -p "$SAVE_DIR"
+  local train=(fairseq-train "$DATA" --save-dir "$SAVE_DIR" --distributed-world-size "$GPUS" "$@")
+  local cmd
+  if [ -n "${SLURM_JOB_ID:-}" ]; then
+    cmd=(srun --ntasks "$GPUS" --gpus-per-task 1 "${train[@]}" --distributed-port "${MASTER_PORT:-29500}")
+  else
+    local nnodes=$(( (GPUS + GPUS_PER_NODE - 1) / GPUS_PER_NODE ))
+    cmd=(torchrun --nnodes "$nnodes" --nproc-per-node "$(( GPUS < GPUS_PER_NODE ? GPUS : GPUS_PER_NODE ))"
+         --node-rank "${NODE_RANK:-0}" --master-addr "${MASTER_ADDR:-127.0.0.1}" --master-port "${MASTER_PORT:-29500}"
+         "$(command -v fairseq-train)" "${train[@]:1}")
+  fi
+  echo "+ ${cmd[*]}"
+  "${cmd[@]}"
+}
