@@ -57,3 +57,19 @@ launch() {
   echo "+ ${cmd[*]}"
   "${cmd[@]}"
 }
+
+# single_worker_checkpoint CKPT: print a checkpoint that one process can load. An
+# expert-parallel checkpoint (CKPT plus CKPT-rank-R.pt files) is resharded to one worker first.
+single_worker_checkpoint() {
+  local ckpt=$1 rank_files
+  shopt -s nullglob
+  rank_files=("${ckpt%.pt}"-rank-*.pt)
+  shopt -u nullglob
+  if [ ${#rank_files[@]} -gt 0 ]; then
+    local merged="${ckpt%.pt}-world1.pt"
+    echo "+ python -m fairseq_smlp.checkpoints reshard $ckpt --to-world-size 1 --out $merged" >&2
+    python -m fairseq_smlp.checkpoints reshard "$ckpt" --to-world-size 1 --out "$merged" >&2
+    ckpt=$merged
+  fi
+  echo "$ckpt"
+}
