@@ -66,28 +66,42 @@ class Candidate:
 
 
 def make_candidate(context: List[int], continuation: List[int], eos: int,
-                   max_positions: Optional[int]) -> Candidate:
-    """Join eos + context + continuation, cutting the context on the LEFT to fit the window.
+                   max_positions: Optional[int] = None, min_context: int = 0) -> Candidate:
+    """Join eos + context + continuation, cutting on the LEFT to fit the window.
 
     The model reads tokens[:-1] and predicts tokens[1:], so a window of max_positions
-    input tokens holds max_positions + 1 tokens in all.
+    input tokens holds max_positions + 1 tokens in all. The context is cut first; a
+    continuation too long for the window on its own loses its beginning as well (only
+    the tokens left are scored). ``min_context`` > 0 is the routing prefix P of a
+    partial-prediction model: its router reads input positions < P, and predictions there
+    see the future, so at least P tokens must precede every scored token; shorter
+    contexts get extra eos in front (empty documents before this one).
     """
     if not continuation:
         raise ValueError("a continuation encodes to no tokens; nothing to score")
-    tokens = [eos] + context + continuation
+    fill = max(0, min_context - len(context))
+    tokens = [eos] * (1 + fill) + context + continuation
+    n_cont = len(continuation)
     truncated = max_positions is not None and len(tokens) - 1 > max_positions
     if truncated:
-        if len(continuation) > max_positions:
-            raise ValueError(f"a continuation of {len(continuation)} tokens does not fit the "
-                             f"model's window of {max_positions} positions")
         tokens = tokens[-(max_positions + 1):]
-    return Candidate(tokens, len(continuation), truncated)
+        n_cont = min(n_cont, max_positions - min_context)
+    return Candidate(tokens, n_cont, truncated)
 
 
-def encode_example(example: Example, encode: Callable[[str], List[int]], eos: int,
-                   max_positions: Optional[int]) -> List[Candidate]:
-    return [make_candidate(encode(c), encode(x), eos, max_positions)
-            for c, x in zip(example.contexts, example.continuations)]
+@dataclass
+class CandidateBuilder:
+    """Example -> one Candidate per answer: text encoded, joined, fitted to the model."""
+
+    encode: Callable[[str], List[int]]
+    eos: int
+    max_positions: Optional[int] = None  # the model's window (None: unlimited)
+    min_context: int = 0  # routing prefix of partial-prediction models, else 0
+
+    def __call__(self, example: Example) -> List[Candidate]:
+        return [make_candidate(self.encode(c), self.encode(x), self.eos, self.max_positions,
+                               self.min_context)
+                for c, x in zip(example.contexts, example.continuations)]
 
 
 # ----------------------------------------------------------------------------- the forward
@@ -185,44 +199,51 @@ def batches(items: Sequence, size: int):
         yield items[i:i + size]
 
 
-def predict(model, examples: Sequence[Example], encode, eos: int, pad: int,
-            max_positions: Optional[int], length_normalized: bool, batch_size: int = 8,
-            device="cpu", progress=None):
+def text_length(example: Example) -> int:
+    return max(len(c) + len(x) for c, x in zip(example.contexts, example.continuations))
+
+
+def predict(model, examples: Sequence[Example], build: CandidateBuilder, pad: int,
+            length_normalized: bool, batch_size: int = 8, device="cpu", progress=None):
     """Predicted candidate index per example, and the number of truncated examples.
 
     All candidates of ``batch_size`` examples go through the model in one forward.
+    Examples of similar length are batched together (less padding); scores do not
+    depend on the batch, so this changes nothing but speed.
     """
-    predictions, truncated = [], 0
-    for group in batches(examples, batch_size):
-        encoded = [encode_example(ex, encode, eos, max_positions) for ex in group]
+    order = sorted(range(len(examples)), key=lambda i: text_length(examples[i]))
+    predictions, truncated = [None] * len(examples), 0
+    for group in batches(order, batch_size):
+        encoded = [build(examples[i]) for i in group]
         flat = [c for cands in encoded for c in cands]
         scores = continuation_logprobs(model, flat, pad, device).tolist()
-        for cands in encoded:
+        for i, cands in zip(group, encoded):
             mine, scores = scores[:len(cands)], scores[len(cands):]
-            predictions.append(choose(mine, [c.n_cont for c in cands], length_normalized))
+            predictions[i] = choose(mine, [c.n_cont for c in cands], length_normalized)
             truncated += any(c.truncated for c in cands)
         if progress is not None:
             progress.update(len(group))
     return predictions, truncated
 
 
-def evaluate_task(model, spec: TaskSpec, examples: Sequence[Example], encode, eos: int,
-                  pad: int, max_positions: Optional[int], batch_size: int = 8,
-                  device="cpu", show_progress: bool = True) -> TaskResult:
+def evaluate_task(model, spec: TaskSpec, examples: Sequence[Example], build: CandidateBuilder,
+                  pad: int, batch_size: int = 8, device="cpu",
+                  show_progress: bool = True) -> TaskResult:
     """Score every example of one task and compute its metrics."""
     from tqdm import tqdm
 
     model.eval()  # dropout off; MoE routers use their evaluation routing
     start = time.perf_counter()
     with tqdm(total=len(examples), desc=spec.name, disable=not show_progress) as bar:
-        predictions, truncated = predict(model, examples, encode, eos, pad, max_positions,
-                                         spec.length_normalized, batch_size, device, bar)
+        predictions, truncated = predict(model, examples, build, pad, spec.length_normalized,
+                                         batch_size, device, bar)
     seconds = time.perf_counter() - start
 
     n = max(len(examples), 1)
     result = TaskResult(spec.name, spec.scoring, len(examples), truncated, 0.0, seconds,
                         predictions=predictions)
     if spec.name == "record":
+        # accuracy = exact match (SQuAD normalisation) of the chosen entity with any gold answer
         chosen = [ex.choices[p] for ex, p in zip(examples, predictions)]
         result.exact_match = sum(max((exact_match(c, a) for a in ex.answers), default=0.0)
                                  for c, ex in zip(chosen, examples)) / n

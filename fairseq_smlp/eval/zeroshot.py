@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .scoring import TextEncoder, evaluate_task
+from .scoring import CandidateBuilder, TextEncoder, evaluate_task
 from .zeroshot_tasks import TASKS, TaskFileError, find_task_file
 
 logger = logging.getLogger("fairseq_smlp.eval.zeroshot")
@@ -87,8 +87,12 @@ def checkpoint_cfg_value(state: dict, section: str, key: str, arg_name: str):
     return (cfg.get(section) or {}).get(key)
 
 
-def resolve_dict(dict_arg, state: dict) -> Path:
-    """--dict, or dict.txt of the checkpoint's training data dir; a clear error if absent."""
+def resolve_dict(dict_arg, state: dict, checkpoint: str) -> Path:
+    """--dict, or dict.txt of the checkpoint's training data dir; a clear error if absent.
+
+    A relative cfg.task.data is relative to where fairseq-train ran, unknown here: try the
+    current dir, the checkpoint's dir and the one above it (checkpoints/ next to data-bin/).
+    """
     if dict_arg is not None:
         if not Path(dict_arg).is_file():
             raise FileNotFoundError(f"--dict {dict_arg}: no such file")
@@ -96,11 +100,15 @@ def resolve_dict(dict_arg, state: dict) -> Path:
     data = checkpoint_cfg_value(state, "task", "data", "data")
     if not data:
         raise FileNotFoundError("the checkpoint records no cfg.task.data; pass --dict PATH/dict.txt")
-    path = Path(str(data).split(os.pathsep)[0]) / "dict.txt"
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} (from the checkpoint's cfg.task.data) does not exist; pass --dict PATH/dict.txt")
-    return path
+    data = Path(str(data).split(os.pathsep)[0])
+    ckpt_dir = Path(checkpoint).resolve().parent
+    tried = [data / "dict.txt"] if data.is_absolute() else [
+        base / data / "dict.txt" for base in (Path.cwd(), ckpt_dir, ckpt_dir.parent)]
+    for path in tried:
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"no dict.txt for the checkpoint's cfg.task.data={str(data)!r} "
+                            f"(tried {[str(t) for t in tried]}); pass --dict PATH/dict.txt")
 
 
 def dict_dir(dict_path: Path) -> str:
@@ -142,7 +150,7 @@ def load_model(path: str, dict_arg=None, user_dir=None):
     from omegaconf import open_dict
 
     state = read_checkpoint(path)
-    dict_path = resolve_dict(dict_arg, state)
+    dict_path = resolve_dict(dict_arg, state, path)
     arch = checkpoint_cfg_value(state, "model", "_name", "arch")
     if user_dir:
         import_user_dir(user_dir, arch)
@@ -155,15 +163,17 @@ def load_model(path: str, dict_arg=None, user_dir=None):
             state["cfg"].task.data = data
     models, _, task = checkpoint_utils.load_model_ensemble_and_task([path], state=state)
     model = models[0]
-    dictionary = getattr(task, "source_dictionary", None) or model.decoder.dictionary
+    dictionary = getattr(task, "source_dictionary", None)
+    if dictionary is None:
+        dictionary = model.decoder.dictionary
     return model, dictionary, dict_path
 
 
 def max_positions_of(model):
     """The model's window in tokens (None: unlimited)."""
     m = model.max_positions()
-    if isinstance(m, (tuple, list)):
-        m = min(x for x in m if x is not None) if any(x is not None for x in m) else None
+    if isinstance(m, (tuple, list)):  # (source, target) limits: the tighter one
+        m = min((x for x in m if x is not None), default=None)
     return int(m) if m is not None else None
 
 
@@ -202,19 +212,25 @@ def format_table(results) -> str:
 def main(args) -> dict:
     import torch
 
-    selected = select_tasks(args.tasks, args.data_dir)  # fail on a bad --tasks before loading
+    # Read every task file first: a bad flag or file fails before minutes of scoring.
+    selected = [(spec, file, spec.load(file)[:args.max_examples])
+                for spec, file in select_tasks(args.tasks, args.data_dir)]
+    if args.spm_model is not None and not Path(args.spm_model).is_file():
+        raise FileNotFoundError(f"--spm-model {args.spm_model}: no such file")
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
     model, dictionary, dict_path = load_model(args.path, args.dict, args.user_dir)
     model.to(device).eval()
-    encode = TextEncoder(dictionary, args.spm_model)
     max_positions = max_positions_of(model)
+    # Partial-prediction sMLP routes from the first score_from positions (see make_candidate).
+    routing_prefix = int(getattr(getattr(model, "decoder", None), "score_from", 0) or 0)
+    build = CandidateBuilder(TextEncoder(dictionary, args.spm_model), dictionary.eos(),
+                             max_positions, routing_prefix)
 
     results = []
-    for spec, file in selected:
-        examples = spec.load(file)[:args.max_examples]
+    for spec, _, examples in selected:
         results.append(evaluate_task(
-            model, spec, examples, encode, dictionary.eos(), dictionary.pad(), max_positions,
-            args.batch_size, device, show_progress=not args.no_progress))
+            model, spec, examples, build, dictionary.pad(), args.batch_size, device,
+            show_progress=not args.no_progress))
 
     print(format_table(results))
     report = {
@@ -223,11 +239,12 @@ def main(args) -> dict:
         "spm_model": args.spm_model,
         "data_dir": str(args.data_dir),
         "max_positions": max_positions,
+        "routing_prefix": routing_prefix,
         "device": device,
         "batch_size": args.batch_size,
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "tasks": {r.task: {**r.to_json(), "file": str(file)}
-                  for r, (_, file) in zip(results, selected)},
+                  for r, (_, file, _) in zip(results, selected)},
     }
     if args.output:
         Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
