@@ -98,8 +98,9 @@ def main(argv=None):
     train_minutes = (time.time() - started) / 60
 
     results = {"arch": args.arch, "corpus": args.train or args.corpus, "train_minutes": round(train_minutes, 2)}
-    params = re.search(r"num\. model params: ([0-9,]+)", train_log)
-    results["params"] = int(params.group(1).replace(",", "")) if params else None
+    # fairseq prints shared and expert parameters separately for models with experts
+    counts = re.findall(r"num\. (?:shared |expert )?model params: ([0-9,]+)", train_log)
+    results["params"] = sum(int(c.replace(",", "")) for c in counts)
     for subset in ("valid", "test"):
         eval_log = run([
             sys.executable, "-m", "fairseq_cli.eval_lm", str(data_bin), "--user-dir", USER_DIR,

@@ -86,6 +86,10 @@ def check_moe_args(args) -> None:
             raise ValueError(f"--moe-router top2 needs --moe-experts >= 2, got {args.moe_experts}")
         if getattr(args, "scale_fc", False):
             raise ValueError("--scale-fc (a LayerNorm inside the FFN) is not supported in MoE layers")
+        if (getattr(args, "activation_dropout", 0) or 0) > 0 or (getattr(args, "relu_dropout", 0) or 0) > 0:
+            raise ValueError("--activation-dropout / --relu-dropout (dropout inside the FFN) is not supported in MoE layers")
+        if (getattr(args, "quant_noise_pq", 0) or 0) > 0:
+            raise ValueError("--quant-noise-pq is not supported in MoE layers")
     if getattr(args, "character_embeddings", False) or getattr(args, "adaptive_input", False):
         raise ValueError("moe_transformer_lm supports plain token embeddings only (no --character-embeddings / --adaptive-input)")
 
@@ -95,6 +99,8 @@ class MoEFeedForward(TokenMoE):
     """A TokenMoE that fits where fairseq's fc1 goes: returns the output only and keeps
     its RoutingStats in `last_stats` for the decoder to collect."""
 
+    last_stats = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (T, B, H) time-major, as fairseq's layers see it -> (T, B, H)."""
         out, self.last_stats = super().forward(x)
@@ -102,21 +108,21 @@ class MoEFeedForward(TokenMoE):
 
 
 def build_router(args, dictionary):
-    experts = args.moe_experts
-    if args.moe_router == "top1":
+    experts, router = args.moe_experts, str(args.moe_router)
+    if router == "top1":
         return Top1Router(args.decoder_embed_dim, experts, args.moe_train_capacity_factor, args.moe_eval_capacity_factor, args.moe_router_z_loss)
-    if args.moe_router == "top2":
+    if router == "top2":
         return Top2Router(
             args.decoder_embed_dim, experts, args.moe_train_capacity_factor, args.moe_eval_capacity_factor,
-            args.moe_router_z_loss, second_expert_policy=args.moe_second_expert_policy,
+            args.moe_router_z_loss, second_expert_policy=str(args.moe_second_expert_policy),
         )
-    if args.moe_router == "hash":
-        if args.hash_type == "balanced":
+    if router == "hash":
+        if str(args.hash_type) == "balanced":
             table = balanced_hash_table(dictionary.count, experts)
         else:
             table = random_hash_table(len(dictionary), experts, args.hash_seed)
         return HashRouter(table, experts)
-    raise ValueError(f"--moe-router {args.moe_router!r} has no token router")
+    raise ValueError(f"--moe-router {router!r} has no token router")
 
 
 def build_moe_ffn(args, dictionary) -> MoEFeedForward:

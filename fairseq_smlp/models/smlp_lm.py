@@ -44,6 +44,7 @@ class SmlpConfig(FairseqDataclass):
     partial_balance: ChoiceEnum(["assignment", "aux_loss"]) = field(default="assignment", metadata={"help": "partial prediction: balanced assignment, or first choice + Switch auxiliary loss"})
     tmoe_experts: int = field(default=4, metadata={"help": "feature-mixing (tMoE) experts per sparse block, Base-layer routing"})
     tmoe_ffn_embed_dim: int = field(default=2048, metadata={"help": "hidden width of each tMoE expert FFN"})
+    smoe_expert_parallel: bool = field(default=False, metadata={"help": "shard the sMoE spatial experts over the data-parallel workers (deterministic routing; default: replicated on every worker)"})
     spatial_init_eps: float = field(default=1e-3, metadata={"help": "spatial matrices start uniform in +-eps/T_max (bias 1)"})
     dropout: float = field(default=0.1, metadata={"help": "dropout on embeddings and block outputs"})
     share_decoder_input_output_embed: bool = field(default=True, metadata={"help": "tie input and output embeddings"})
@@ -156,7 +157,7 @@ def build_sparse_block(cfg) -> SparseBlock:
     router = None
     if cfg.smoe_routing == "partial":
         router = PrefixChannelRouter(cfg.max_target_positions, cfg.partial_prefix_ratio, cfg.smoe_experts, cfg.partial_balance)
-    gate = SpatialGatingUnit(channels, cfg.max_target_positions, cfg.smoe_experts, router, cfg.spatial_init_eps)
+    gate = SpatialGatingUnit(channels, cfg.max_target_positions, cfg.smoe_experts, router, cfg.spatial_init_eps, getattr(cfg, "smoe_expert_parallel", False))
     token_mixing = GatedMLPBlock(cfg.decoder_embed_dim, cfg.decoder_ffn_embed_dim, gate, split_gate, cfg.dropout)
     experts = ExpertFFN(cfg.tmoe_experts, cfg.decoder_embed_dim, cfg.tmoe_ffn_embed_dim, pre_norm=True)
     feature_moe = TokenMoE(BaseRouter(cfg.decoder_embed_dim, cfg.tmoe_experts), experts)

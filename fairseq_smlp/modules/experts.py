@@ -8,11 +8,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..distributed import expert_parallel
+
 
 class ExpertFFN(nn.Module):
     """E feed-forward experts with stacked weights, run as batched matmuls.
 
-    x: (E, C, H) slots per expert -> (E, C, H).
+    x: (E_local, C, H) slots per expert -> (E_local, C, H); E_local = E / data-parallel
+    world size (all E in one process; rank r holds experts r*E_local .. (r+1)*E_local - 1).
     expert(x) = W2 act(W1 LN_e(x)) with a per-expert LayerNorm when pre_norm (as in Base
     Layers, where the expert owns its norm). W2 starts at zero, so a new MoE layer adds
     nothing to the residual stream.
@@ -20,17 +23,47 @@ class ExpertFFN(nn.Module):
 
     def __init__(self, num_experts: int, embed_dim: int, ffn_dim: int, pre_norm: bool = True, activation: str = "gelu"):
         super().__init__()
-        self.num_experts, self.embed_dim = num_experts, embed_dim
-        self.norm_weight = nn.Parameter(torch.ones(num_experts, 1, embed_dim)) if pre_norm else None
-        self.norm_bias = nn.Parameter(torch.zeros(num_experts, 1, embed_dim)) if pre_norm else None
+        # expert parallelism: with W data-parallel workers this rank holds E / W experts
+        self.world_size, self.rank = expert_parallel.world_size(), expert_parallel.rank()
+        if num_experts % self.world_size != 0:
+            raise ValueError(
+                f"the expert count ({num_experts}, --tmoe-experts / --moe-experts) must be a multiple of "
+                f"the number of data-parallel workers ({self.world_size}, --distributed-world-size): "
+                "experts are sharded across workers"
+            )
+        self.num_experts, self.embed_dim = num_experts, embed_dim  # num_experts: all ranks together
+        local = self.num_local_experts = num_experts // self.world_size
+        self.norm_weight = nn.Parameter(torch.ones(local, 1, embed_dim)) if pre_norm else None
+        self.norm_bias = nn.Parameter(torch.zeros(local, 1, embed_dim)) if pre_norm else None
+        # initialise all E experts and keep this rank's slice: same RNG use as one process,
+        # so a sharded model starts with exactly the experts of the unsharded one
         bound = embed_dim ** -0.5
-        self.fc1_weight = nn.Parameter(torch.empty(num_experts, embed_dim, ffn_dim).uniform_(-bound, bound))
-        self.fc1_bias = nn.Parameter(torch.zeros(num_experts, 1, ffn_dim))
-        self.fc2_weight = nn.Parameter(torch.zeros(num_experts, ffn_dim, embed_dim))
-        self.fc2_bias = nn.Parameter(torch.zeros(num_experts, 1, embed_dim))
+        fc1 = torch.empty(num_experts, embed_dim, ffn_dim).uniform_(-bound, bound)
+        self.fc1_weight = nn.Parameter(fc1 if self.world_size == 1 else fc1[self.rank * local : (self.rank + 1) * local].clone())
+        self.fc1_bias = nn.Parameter(torch.zeros(local, 1, ffn_dim))
+        self.fc2_weight = nn.Parameter(torch.zeros(local, ffn_dim, embed_dim))
+        self.fc2_bias = nn.Parameter(torch.zeros(local, 1, embed_dim))
         self.activation = getattr(F, activation)
         for p in self.parameters():
             p.expert = True  # fairseq's legacy_ddp skips these in the gradient all-reduce
+            p.expert_sharded = self.world_size > 1  # read by distributed/checkpointing.py
+        if self.world_size > 1:
+            expert_parallel.scale_expert_grads(self.parameters(), self.world_size)
+            from ..distributed import checkpointing  # imports fairseq's trainer: only when sharded
+
+            checkpointing.install()  # every rank saves its own experts (see its docstring)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Refuse, with the fix, a checkpoint whose experts were sharded differently."""
+        saved = state_dict.get(prefix + "fc1_weight")
+        if saved is not None and saved.size(0) != self.num_local_experts:
+            raise ValueError(
+                f"{prefix}fc1_weight holds {saved.size(0)} experts but this process needs {self.num_local_experts} "
+                f"({self.num_experts} experts over {self.world_size} workers): the checkpoint was saved by an "
+                "expert-parallel run with another world size; convert it with "
+                f"`python -m fairseq_smlp.checkpoints reshard CKPT --to-world-size {self.world_size} --out NEW.pt`"
+            )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.norm_weight is not None:
@@ -62,12 +95,20 @@ def dispatch_to_experts(x: torch.Tensor, expert_index: torch.Tensor, weight: tor
     # flat slot e * C + i; index_select / index_copy / index_add are the fast CPU paths
     # (2-D advanced indexing is several times slower, forward and backward)
     capacity = int(counts.max()) if flat_expert.numel() else 0
+    if experts.world_size > 1:  # same C on every rank: even all-to-all, no hang on unequal loads
+        capacity = expert_parallel.max_over_ranks(capacity, x.device)
+        if capacity == 0:  # no rank routed anything (all agree: skip the exchange together)
+            return x.new_zeros(x.shape)
     flat_slot = flat_expert * capacity + slot
     routed = x.index_select(0, token)  # (M, H)
     if flat_expert.numel() == experts.num_experts * capacity:  # balanced: slots are already in order
         buffer = routed
     else:
         buffer = x.new_zeros(experts.num_experts * capacity, x.size(-1)).index_copy(0, flat_slot, routed)
-    out = experts(buffer.view(experts.num_experts, capacity, -1)).reshape(-1, x.size(-1))
+    buffer = buffer.view(experts.num_experts, capacity, -1)
+    if experts.world_size > 1:
+        out = expert_parallel.run_sharded_experts(experts, buffer).reshape(-1, x.size(-1))
+    else:
+        out = experts(buffer).reshape(-1, x.size(-1))
     out = out.index_select(0, flat_slot) * flat_weight.unsqueeze(-1).to(out.dtype)  # (M, H)
     return out.new_zeros(x.shape).index_add_(0, token, out).to(x.dtype)

@@ -16,6 +16,7 @@ from fairseq.incremental_decoding_utils import with_incremental_state
 from fairseq.modules import LayerNorm
 from torch import Tensor
 
+from ..distributed import expert_parallel
 from .causal_mixing import CausalTokenMixing
 from .routing import RoutingStats
 
@@ -28,7 +29,7 @@ class SpatialGatingUnit(nn.Module):
     of C/E channels; router (a PrefixChannelRouter) chooses which channels each expert gets.
     """
 
-    def __init__(self, channels: int, max_positions: int, num_experts: int = 1, router: Optional[nn.Module] = None, init_eps: float = 1e-3):
+    def __init__(self, channels: int, max_positions: int, num_experts: int = 1, router: Optional[nn.Module] = None, init_eps: float = 1e-3, expert_parallel_mode: bool = False):
         super().__init__()
         if channels % num_experts != 0:
             raise ValueError(
@@ -38,9 +39,36 @@ class SpatialGatingUnit(nn.Module):
         self.num_experts = num_experts
         self.norm = LayerNorm(channels)
         self.mixing = CausalTokenMixing(num_experts, max_positions, init_eps)
-        # Spatial experts are replicated on every worker (not marked `expert`): their
-        # gradients are averaged like any shared parameter.
+        # Default: spatial experts are replicated on every worker (not marked `expert`): their
+        # gradients are averaged like any shared parameter. --smoe-expert-parallel shards them.
         self.router = router
+        self.world_size = 1
+        if expert_parallel_mode:
+            self._shard_experts(router)
+
+    def _shard_experts(self, router) -> None:
+        """Keep this rank's E / W spatial matrices (sliced from the full init: same start as one process)."""
+        world, rank = expert_parallel.world_size(), expert_parallel.rank()
+        if router is not None:
+            raise ValueError("--smoe-expert-parallel needs --smoe-routing deterministic (partial routing is per sequence)")
+        if self.num_experts % world != 0:
+            raise ValueError(
+                f"--smoe-experts {self.num_experts} must be a multiple of the number of data-parallel workers "
+                f"({world}, --distributed-world-size) with --smoe-expert-parallel"
+            )
+        if world == 1:
+            return
+        local = self.num_experts // world
+        mine = slice(rank * local, (rank + 1) * local)
+        self.mixing.weight = nn.Parameter(self.mixing.weight.data[mine].clone())
+        self.mixing.bias = nn.Parameter(self.mixing.bias.data[mine].clone())
+        self.mixing.num_experts, self.world_size, self.num_local_experts = local, world, local
+        for p in self.mixing.parameters():
+            p.expert, p.expert_sharded = True, True
+        expert_parallel.scale_expert_grads(self.mixing.parameters(), world)
+        from ..distributed import checkpointing
+
+        checkpointing.install()
 
     @property
     def prefix_length(self) -> int:
@@ -57,6 +85,10 @@ class SpatialGatingUnit(nn.Module):
         bsz, n, channels = z.shape
         if self.router is None:  # deterministic: chunk e -> expert e
             groups = z.view(bsz, n, self.num_experts, channels // self.num_experts)
+            if self.world_size > 1:
+                if incremental_state is not None:
+                    raise RuntimeError("incremental decoding with --smoe-expert-parallel: reshard the checkpoint to 1 worker first")
+                return expert_parallel.run_sharded_spatial(self.mixing, groups, self.world_size).reshape(bsz, new, channels), None
             return self.mixing(groups, first_output).reshape(bsz, new, channels), None
 
         order, weight, stats = self.router(z)  # order: (B, C) channels listed expert by expert

@@ -1,0 +1,155 @@
+"""Training throughput (tokens/s) of every tiny baseline and smlp_lm_tiny, in one run.
+
+    python benchmarks/throughput_baselines.py [--archs A B ...] [--vocab 8000]
+        [--tokens-per-sample 128] [--max-tokens 2048] [--steps 10] [--warmup 3] [--threads N]
+
+Each arch is built as fairseq-train builds it (fairseq_smlp.flops.build_model), then
+trained for warmup + steps updates on random tokens with the moe_cross_entropy criterion
+and Adam, fp32, on CPU; tokens/s = tokens per batch * steps / wall time of the timed steps.
+The fp32 matmul peak is measured in the same run (machine load drifts), and the model
+FLOP utilisation is 3 * forward FLOPs per token * tokens/s / peak (backward ~ 2x forward).
+Results: benchmarks/results/throughput_baselines.{json,md}.
+"""
+import argparse
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from fairseq_smlp.flops import build_model, count_flops, count_params, dummy_task  # noqa: E402
+
+ARCHS = ["smlp_lm_tiny", "gmlp_lm_tiny", "transformer_lm_tiny", "switch_lm_tiny", "gshard_lm_tiny", "hash_lm_tiny", "base_lm_tiny"]
+
+
+def matmul_peak_gflops(n: int = 1024, repeats: int = 10) -> float:
+    """fp32 matmul GFLOP/s on this machine now (best of `repeats`)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best / 1e9
+
+
+def measure(arch: str, args) -> dict:
+    from fairseq_smlp.criterions.moe_cross_entropy import MoECrossEntropyCriterion
+
+    task = dummy_task(args.vocab)
+    torch.manual_seed(0)
+    model, seq_len = build_model(arch, [], seq_len=args.tokens_per_sample, vocab=args.vocab, device="cpu", task=task)
+    model.train()
+    criterion = MoECrossEntropyCriterion(task, moe_aux_loss_weight=0.01)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    batch = max(1, args.max_tokens // seq_len)
+    generator = torch.Generator().manual_seed(0)
+
+    def step():
+        tokens = torch.randint(4, args.vocab, (batch, seq_len + 1), generator=generator)
+        sample = {
+            "net_input": {"src_tokens": tokens[:, :-1], "src_lengths": torch.full((batch,), seq_len)},
+            "target": tokens[:, 1:],
+            "ntokens": batch * seq_len,
+        }
+        optimizer.zero_grad()
+        loss, sample_size, _ = criterion(model, sample)
+        (loss / sample_size).backward()
+        optimizer.step()
+
+    for _ in range(args.warmup):
+        step()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    elapsed = time.perf_counter() - start
+    tokens_per_s = batch * seq_len * args.steps / elapsed
+    flops = count_flops(model, seq_len)
+    params = count_params(model)
+    return {
+        "arch": arch,
+        "tokens_per_s": round(tokens_per_s, 1),
+        "seconds_per_update": round(elapsed / args.steps, 4),
+        "tokens_per_update": batch * seq_len,
+        "forward_flops_per_token": flops["total"],
+        "params_total": params["total"],
+        "params_active": params["active"],
+    }
+
+
+def write_markdown(path: Path, result: dict) -> None:
+    lines = [
+        "# Training throughput of the tiny baselines (CPU, fp32)",
+        "",
+        f"Command: `{result['command']}`",
+        "",
+        f"Machine: {result['machine']}, torch {result['torch']}, {result['threads']} threads; "
+        f"fp32 matmul peak measured in the same run: {result['matmul_peak_gflops']:.0f} GFLOP/s. "
+        f"Random tokens, vocabulary {result['vocab']}, {result['tokens_per_sample']} tokens per sample, "
+        f"{result['runs'][0]['tokens_per_update']} tokens per update, Adam, moe_cross_entropy; "
+        f"{result['warmup']} warm-up + {result['steps']} timed updates.",
+        "",
+        "| arch | tokens/s | s/update | fwd FLOPs/token | params (total / active) | MFU |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["runs"]:
+        lines.append(
+            f"| {r['arch']} | {r['tokens_per_s']:,.0f} | {r['seconds_per_update']:.3f} | "
+            f"{r['forward_flops_per_token'] / 1e6:.2f}M | {r['params_total'] / 1e6:.2f}M / {r['params_active'] / 1e6:.2f}M | "
+            f"{100 * r['mfu']:.1f}% |"
+        )
+    lines += ["", "MFU = 3 x forward FLOPs/token x tokens/s / fp32 matmul peak. Wall-clock figures drift with machine load.", ""]
+    path.write_text("\n".join(lines))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--archs", nargs="+", default=ARCHS)
+    parser.add_argument("--vocab", type=int, default=8000, help="vocabulary size (a small BPE vocabulary, as in CPU runs)")
+    parser.add_argument("--tokens-per-sample", type=int, default=128)
+    parser.add_argument("--max-tokens", type=int, default=2048, help="tokens per update")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "throughput_baselines"))
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    peak = matmul_peak_gflops()
+    runs = []
+    for arch in args.archs:
+        r = measure(arch, args)
+        r["mfu"] = round(3 * r["forward_flops_per_token"] * r["tokens_per_s"] / (peak * 1e9), 4)
+        runs.append(r)
+        print(f"{arch:22} {r['tokens_per_s']:10,.0f} tokens/s  ({r['seconds_per_update']:.3f} s/update)", flush=True)
+    result = {
+        "command": " ".join(["python benchmarks/throughput_baselines.py", *(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))]),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "matmul_peak_gflops": round(peak, 1),
+        "vocab": args.vocab,
+        "tokens_per_sample": args.tokens_per_sample,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "runs": runs,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    write_markdown(out.with_suffix(".md"), result)
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,242 @@
+"""Forward FLOPs per token and parameter counts of any registered arch.
+
+    python -m fairseq_smlp.flops --arch smlp_lm_base [fairseq model args] [--seq-len N] [--vocab N] [--json]
+
+The model is built exactly as fairseq-train builds it (same argument parsing, arch
+defaults and build_model), on the meta device: no memory, so even smlp_lm_9b counts
+instantly. FLOPs are then read off the modules:
+
+    FLOPs = 2 x multiply-adds of the matmuls run for one token (one forward pass);
+            norms, activations, softmax, biases and residual adds are not counted.
+    embeddings         0 (a table lookup; sinusoidal positions are added, not multiplied)
+    mixing             attention: 4 * T * d (QK^T and AV over all T keys); spatial gating:
+                       2 * T * C (C channels each mixed by a T x T matrix). T = --seq-len.
+                       Causal models count the FULL T x T product, half of it masked:
+                       that is what fairseq's attention and our spatial kernels compute,
+                       and it is the same convention for every family.
+    projections        every shared nn.Linear: 2 * in * out (attention q/k/v/out, FFNs,
+                       gMLP's U and V)
+    experts            active experts only: k * 2 * (H*F + F*H) per MoE layer (k = 1
+                       for Switch, HASH, Base, sMLP's tMoE; 2 for GShard); a Base layer's
+                       expert sublayers
+    routing            2 * (router weights): x.W_gate or x.centroids (0 for HASH);
+                       partial-prediction sMoE: 2 * P * C * E / T
+    output             2 * H * V
+
+Parameters: total (tied embeddings counted once), active (expert weights counted k/E),
+embedding (token and learned position embeddings). fairseq's Base layers hold one
+expert per worker: --base-workers W counts a W-worker run (default 1, as built here).
+"""
+import argparse
+import contextlib
+import json
+import sys
+import warnings
+from collections import OrderedDict
+from types import SimpleNamespace
+from unittest import mock
+
+import torch
+import torch.nn as nn
+
+CATEGORIES = ["embeddings", "mixing", "projections", "experts", "routing", "output"]
+DEFAULT_VOCAB = 51200
+
+
+def default_seq_len(arch: str) -> int:
+    """The sequence length an arch is compared at: tiny 128, otherwise 1,024 tokens."""
+    return 128 if arch.endswith("_tiny") else 1024
+
+
+def dummy_task(vocab_size: int):
+    """What build_model reads from a task: the dictionaries (token counts all 1)."""
+    from fairseq.data import Dictionary
+
+    dictionary = Dictionary()
+    for i in range(vocab_size - len(dictionary)):
+        dictionary.add_symbol(f"w{i}")
+    if len(dictionary) != vocab_size:
+        raise ValueError(f"--vocab must be >= {len(dictionary)} (the special symbols), got {vocab_size}")
+    return SimpleNamespace(source_dictionary=dictionary, target_dictionary=dictionary, scores_partial_prediction=True)
+
+
+def build_model(arch: str, model_args=(), seq_len: int = None, vocab: int = DEFAULT_VOCAB, base_workers: int = 1, device: str = "meta", task=None):
+    """Parse `--arch ARCH model_args` as fairseq-train does and build the model on `device`
+    (meta: shapes only). Returns (model, seq_len)."""
+    import fairseq_smlp  # noqa: F401  (registers the plugin's models)
+    from fairseq import models, options
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+    from fairseq.distributed import utils as distributed_utils
+
+    if arch not in models.ARCH_MODEL_REGISTRY:
+        raise ValueError(f"--arch {arch} is not a registered architecture")
+    seq_len = seq_len or default_seq_len(arch)
+    argv = ["/nonexistent-data", "--task", "language_modeling", "--arch", arch, "--tokens-per-sample", str(seq_len), *model_args]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # hydra's deprecation notices
+        args = options.parse_args_and_arch(options.get_training_parser(), argv)
+        cfg = convert_namespace_to_omegaconf(args)
+    patch = contextlib.nullcontext()
+    if base_workers != 1:  # a Base layer builds one centroid per worker: pretend to be one of base_workers
+        patch = mock.patch.object(distributed_utils, "get_data_parallel_world_size", lambda: base_workers)
+    with torch.device(device), patch:
+        model = models.build_model(cfg.model, task or dummy_task(vocab))
+    return model, seq_len
+
+
+def _linear_flops(linear: nn.Linear) -> int:
+    return 2 * linear.in_features * linear.out_features
+
+
+def count_flops(model: nn.Module, seq_len: int) -> "OrderedDict[str, float]":
+    """Forward FLOPs per token by category (see the module docstring)."""
+    from fairseq.modules import MultiheadAttention
+    from fairseq.modules.base_layer import BaseLayer
+
+    from .modules.spatial_gating import SpatialGatingUnit
+    from .modules.token_routers import TokenMoE
+
+    flops = OrderedDict((c, 0.0) for c in CATEGORIES)
+    output = getattr(model.decoder, "output_projection", None)
+    if output is None:
+        raise ValueError("flops: models with an adaptive softmax (no output_projection) are not supported")
+    counted = []  # modules whose children are already accounted for
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix + ".") for prefix in counted):
+            continue
+        if isinstance(module, MultiheadAttention):
+            flops["mixing"] += 4 * seq_len * module.embed_dim  # QK^T and AV, full T x T
+            for proj in (module.q_proj, module.k_proj, module.v_proj, module.out_proj):
+                flops["projections"] += _linear_flops(proj)
+        elif isinstance(module, SpatialGatingUnit):
+            channels = module.norm.normalized_shape[0]
+            flops["mixing"] += 2 * seq_len * channels
+            if module.router is not None:  # reads P positions of every channel, once per sequence
+                flops["routing"] += 2 * module.router.weight.numel() * channels / seq_len
+        elif isinstance(module, TokenMoE):
+            experts = module.experts
+            per_expert = 2 * (experts.fc1_weight.numel() + experts.fc2_weight.numel()) / experts.num_experts
+            flops["experts"] += getattr(module.router, "top_k", 1) * per_expert
+            flops["routing"] += 2 * sum(p.numel() for p in module.router.parameters())
+        elif isinstance(module, BaseLayer):
+            flops["experts"] += sum(_linear_flops(m) for m in module.expert_network.modules() if isinstance(m, nn.Linear))
+            flops["routing"] += 2 * module.expert_centroids.numel()
+        elif module is output:
+            flops["output"] += _linear_flops(module)
+        elif isinstance(module, nn.Linear):
+            flops["projections"] += _linear_flops(module)
+        else:
+            continue
+        counted.append(name)
+    flops["total"] = sum(flops[c] for c in CATEGORIES)
+    flops["non_output"] = flops["total"] - flops["output"]
+    return flops
+
+
+def count_params(model: nn.Module, base_workers: int = 1) -> "OrderedDict[str, int]":
+    """total, active per token, embedding and expert parameter counts."""
+    from fairseq.modules.base_layer import BaseLayer
+
+    from .modules.token_routers import TokenMoE
+
+    total = sum(p.numel() for p in model.parameters())
+    inactive, extra_workers = 0.0, 0
+    for module in model.modules():
+        if isinstance(module, TokenMoE):
+            expert_params = sum(p.numel() for p in module.experts.parameters())
+            k = getattr(module.router, "top_k", 1)
+            inactive += expert_params * (1 - k / module.experts.num_experts)
+        elif isinstance(module, BaseLayer):  # built with this worker's expert only
+            extra_workers += (base_workers - 1) * sum(p.numel() for p in module.expert_network.parameters())
+    decoder = model.decoder
+    embedding = decoder.embed_tokens.weight.numel()
+    positions = getattr(decoder, "embed_positions", None)
+    if positions is not None:
+        embedding += sum(p.numel() for p in positions.parameters())
+    expert = sum(p.numel() for p in model.parameters() if getattr(p, "expert", False))
+    return OrderedDict(
+        total=total + extra_workers,
+        active=int(round(total - inactive)),
+        embedding=embedding,
+        non_embedding=total + extra_workers - embedding,
+        expert=expert + extra_workers,
+    )
+
+
+def report(arch: str, model_args=(), seq_len: int = None, vocab: int = DEFAULT_VOCAB, base_workers: int = 1) -> dict:
+    """Everything `python -m fairseq_smlp.flops` prints, as a dict."""
+    model, seq_len = build_model(arch, model_args, seq_len, vocab, base_workers)
+    return {
+        "arch": arch,
+        "model_args": list(model_args),
+        "seq_len": seq_len,
+        "vocab": vocab,
+        "flops_per_token": count_flops(model, seq_len),
+        "params": count_params(model, base_workers),
+    }
+
+
+def _human(n: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3f}{unit}"
+    return f"{n:.0f}"
+
+
+def format_report(r: dict) -> str:
+    lines = [f"{r['arch']}  (sequence length {r['seq_len']}, vocabulary {r['vocab']})", "forward FLOPs per token:"]
+    lines += [f"  {k:<12} {_human(v):>10}  ({v:,.0f})" for k, v in r["flops_per_token"].items()]
+    lines.append("parameters:")
+    lines += [f"  {k:<12} {_human(v):>10}  ({v:,})" for k, v in r["params"].items()]
+    return "\n".join(lines)
+
+
+FAMILIES = ["smlp_lm", "gmlp_lm", "transformer_lm", "switch_lm", "gshard_lm", "hash_lm", "base_lm"]
+BASE_WORKERS = {"tiny": 4, "base": 16, "large": 32}  # one Base expert per worker, as many as smlp_lm's tMoE experts
+
+
+def markdown_table(vocab: int = DEFAULT_VOCAB) -> str:
+    """The FLOPs / parameter table of docs/baselines.md, every family at every size."""
+    lines = [
+        "| arch | seq len | FLOPs/token | vs smlp_lm | w/o output | vs smlp_lm | params total | params active |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for size in ("tiny", "base", "large"):
+        reference = None
+        for family in FAMILIES:
+            workers = BASE_WORKERS[size] if family == "base_lm" else 1
+            r = report(f"{family}_{size}", vocab=vocab, base_workers=workers)
+            f, p = r["flops_per_token"], r["params"]
+            reference = reference or f
+            lines.append(
+                f"| {r['arch']}{f' (W={workers})' if workers > 1 else ''} | {r['seq_len']} | {_human(f['total'])} | "
+                f"{100 * (f['total'] / reference['total'] - 1):+.1f}% | {_human(f['non_output'])} | "
+                f"{100 * (f['non_output'] / reference['non_output'] - 1):+.1f}% | {_human(p['total'])} | {_human(p['active'])} |"
+            )
+    return "\n".join(lines)
+
+
+def cli_main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", help="any registered fairseq arch (smlp_lm_base, switch_lm_tiny, ...)")
+    parser.add_argument("--table", action="store_true", help="print the markdown table of every family and size (docs/baselines.md)")
+    parser.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: 128 for *_tiny, else 1024)")
+    parser.add_argument("--vocab", type=int, default=DEFAULT_VOCAB, help=f"vocabulary size (default {DEFAULT_VOCAB})")
+    parser.add_argument("--base-workers", type=int, default=1, help="workers of a Base Layers run: one expert each (default 1)")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    args, model_args = parser.parse_known_args(argv)
+    if args.table:
+        print(markdown_table(args.vocab))
+        return
+    if not args.arch:
+        parser.error("--arch is required (or --table)")
+    if args.seq_len is not None and args.seq_len < 1:
+        parser.error(f"--seq-len must be >= 1, got {args.seq_len}")
+    if args.base_workers < 1:
+        parser.error(f"--base-workers must be >= 1, got {args.base_workers}")
+    r = report(args.arch, model_args, args.seq_len, args.vocab, args.base_workers)
+    print(json.dumps(r, indent=2) if args.json else format_report(r))
+
+
+if __name__ == "__main__":
+    cli_main(sys.argv[1:])

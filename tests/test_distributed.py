@@ -1,0 +1,368 @@
+"""Expert parallelism with 2 CPU workers (gloo on 127.0.0.1): equivalence with one process,
+unequal token counts, bad world sizes, and train -> reshard -> fairseq-eval-lm."""
+import json
+import math
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from conftest import REPO, SHARED_DATA
+
+H, F, E, V = 8, 16, 4, 50
+KINDS = ["tmoe", "switch", "gshard", "hash"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(fn, *args, nprocs=2, timeout=120):
+    """Run fn(rank, port, *args) in nprocs processes; fail (and kill them) after timeout."""
+    ctx = mp.start_processes(_run, args=(free_port(), fn, *args), nprocs=nprocs, join=False, start_method="spawn")
+    deadline = time.time() + timeout
+    while not ctx.join(timeout=1):
+        if time.time() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"workers still running after {timeout} s: hang")
+
+
+def _run(rank, port, fn, *args):
+    """A worker: fn, then a clean gloo shutdown (an abrupt exit can abort the peer)."""
+    import torch.distributed as dist
+
+    fn(rank, port, *args)
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def init(rank, port, world=2):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+
+
+# ------------------------------------------------------------------ modules
+def build(kind):
+    import fairseq_smlp  # noqa: F401
+    from fairseq_smlp.modules.experts import ExpertFFN
+    from fairseq_smlp.modules.token_routers import BaseRouter, HashRouter, Top1Router, Top2Router, TokenMoE, random_hash_table
+
+    torch.manual_seed(0)
+    if kind == "tmoe":
+        router = BaseRouter(H, E)
+    elif kind == "switch":
+        router = Top1Router(H, E, 1.25, 2.0)
+    elif kind == "gshard":
+        router = Top2Router(H, E, 2.0, 2.0, second_expert_policy="all")  # no sampling: deterministic
+    else:
+        router = HashRouter(random_hash_table(V, E), E)
+    moe = TokenMoE(router, ExpertFFN(E, H, F, pre_norm=(kind == "tmoe")))
+    with torch.no_grad():  # fc2 starts at zero; give it size so the experts matter
+        moe.experts.fc2_weight.copy_(torch.randn(E, F, H)[_local(moe.experts)] * 0.3)
+    return moe
+
+
+def _local(experts):
+    return slice(experts.rank * experts.num_local_experts, (experts.rank + 1) * experts.num_local_experts)
+
+
+def loss_fn(moe, x, y, ids):
+    """Summed loss over the tokens (fairseq criteria sum; the trainer divides by sample_size)."""
+    if hasattr(moe.router, "set_token_ids"):
+        moe.router.set_token_ids(ids.t().reshape(-1))  # the layer flattens (B, T) -> B*T rows
+    out, stats = moe(x)
+    loss = ((out - y) ** 2).sum()
+    if stats.aux_loss is not None:
+        loss = loss + 10.0 * stats.aux_loss
+    return loss, out
+
+
+def make_data(seed=1, sizes=(6, 6)):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(n, 2, H, generator=g), torch.randn(n, 2, H, generator=g), torch.randint(V, (2, n), generator=g)) for n in sizes]
+
+
+def reference(kind, steps=2):
+    """One process, all experts, the two ranks' batches accumulated (DP == update-freq 2)."""
+    moe = build(kind)
+    init_state = {k: v.clone() for k, v in moe.state_dict().items()}
+    opt = torch.optim.SGD(moe.parameters(), lr=0.05)
+    losses = []
+    for step in range(steps):
+        batches = make_data(seed=step)
+        opt.zero_grad()
+        total = 0.0
+        for x, y, ids in batches:
+            loss, _ = loss_fn(moe, x, y, ids)
+            loss.backward()
+            total += loss.item()
+        sample_size = sum(x.shape[0] * x.shape[1] for x, _, _ in batches)
+        for p in moe.parameters():
+            p.grad.mul_(1.0 / sample_size)
+        opt.step()
+        losses.append(total)
+    moe.eval()
+    evals = [loss_fn(moe, x, y, ids)[1] for x, y, ids in make_data(seed=99, sizes=(9, 4))]
+    return dict(init=init_state, losses=losses, state=moe.state_dict(), evals=evals)
+
+
+def is_expert(name):
+    return name.startswith("experts.")
+
+
+def _equivalence_worker(rank, port, kind, ref_path):
+    import torch.distributed as dist
+    from fairseq.distributed.legacy_distributed_data_parallel import LegacyDistributedDataParallel
+
+    from fairseq_smlp.distributed import expert_parallel
+
+    init(rank, port)
+    ref = torch.load(ref_path)
+    moe = build(kind)
+    local = _local(moe.experts)
+    assert moe.experts.num_local_experts == E // 2
+    for name, value in moe.state_dict().items():  # sharded init == the slice of the unsharded init
+        want = ref["init"][name][local] if is_expert(name) else ref["init"][name]
+        torch.testing.assert_close(value, want, rtol=0, atol=0, msg=f"init of {name}")
+
+    ddp = LegacyDistributedDataParallel(moe, process_group=expert_parallel.group(), buffer_size=2**20)
+    opt = torch.optim.SGD(moe.parameters(), lr=0.05)
+    for step in range(2):
+        batches = make_data(seed=step)
+        x, y, ids = batches[rank]
+        opt.zero_grad()
+        loss, _ = loss_fn(moe, x, y, ids)
+        loss.backward()
+        ddp.all_reduce_grads()
+        sample_size = sum(b[0].shape[0] * b[0].shape[1] for b in batches)
+        for p in moe.parameters():  # what fairseq's trainer does: * world_size / sample_size
+            p.grad.mul_(2 / sample_size)
+        opt.step()
+        total = loss.detach().clone()
+        dist.all_reduce(total)
+        assert math.isclose(total.item(), ref["losses"][step], rel_tol=1e-5, abs_tol=1e-5), (step, total.item(), ref["losses"][step])
+
+    for name, value in moe.state_dict().items():
+        if is_expert(name):
+            parts = [torch.empty_like(value) for _ in range(2)]
+            dist.all_gather(parts, value.contiguous())
+            value = torch.cat(parts)
+        torch.testing.assert_close(value, ref["state"][name], rtol=1e-5, atol=1e-5, msg=f"updated {name}")
+
+    moe.eval()  # greedy / eval capacity: the ranks route unequal loads (9 vs 4 tokens a column)
+    x, y, ids = make_data(seed=99, sizes=(9, 4))[rank]
+    _, out = loss_fn(moe, x, y, ids)
+    torch.testing.assert_close(out, ref["evals"][rank], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_two_workers_equal_one_process(kind, tmp_path):
+    ref_path = tmp_path / "ref.pt"
+    torch.save(reference(kind), ref_path)
+    spawn(_equivalence_worker, kind, str(ref_path))
+
+
+def _unequal_worker(rank, port):
+    init(rank, port)
+    moe = build("tmoe")
+    x = torch.randn(16 if rank == 0 else 3, 1, H)
+    out, _ = moe(x)  # training: balanced assignment over 16 and 3 tokens
+    out.sum().backward()
+    moe.eval()
+    with torch.no_grad():
+        out, _ = moe(torch.randn(16 if rank == 0 else 0, 1, H))  # rank 1 has no token at all
+    assert out.shape[0] == (16 if rank == 0 else 0)
+
+
+def test_unequal_token_counts_do_not_hang():
+    spawn(_unequal_worker, timeout=90)
+
+
+def _bad_world_worker(rank, port):
+    from fairseq_smlp.modules.experts import ExpertFFN
+
+    init(rank, port)
+    with pytest.raises(ValueError, match=r"--tmoe-experts / --moe-experts.*multiple of.*--distributed-world-size"):
+        ExpertFFN(3, H, F)
+
+
+def test_world_size_must_divide_experts():
+    spawn(_bad_world_worker)
+
+
+# ------------------------------------------------------------ through fairseq-train
+SMALL = [
+    "--user-dir", "fairseq_smlp", "--task", "smlp_language_modeling", "--arch", "smlp_lm_tiny",
+    "--decoder-embed-dim", "32", "--decoder-ffn-embed-dim", "64", "--tmoe-ffn-embed-dim", "32",
+    "--smoe-experts", "4", "--tmoe-experts", "2", "--tokens-per-sample", "32",
+    "--criterion", "moe_cross_entropy", "--dropout", "0.0", "--optimizer", "adam", "--lr", "0.003",
+    "--max-tokens", "512", "--log-format", "json", "--log-interval", "5", "--no-epoch-checkpoints",
+    "--seed", "3", "--num-workers", "0", "--required-batch-size-multiple", "1",
+]
+
+
+def run(cmd, ok=True):
+    env = dict(os.environ, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1")
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    log = out.stdout + out.stderr
+    assert (out.returncode == 0) == ok, f"{' '.join(cmd)} rc={out.returncode}:\n{log[-4000:]}"
+    return log
+
+
+def launch(data_bin, save_dir, *extra):
+    cmd = [sys.executable, "-m", "fairseq_smlp.distributed.launch_cpu", "--nprocs", "2", "--",
+           "fairseq-train", str(data_bin), *SMALL, "--save-dir", str(save_dir), *extra]
+    return cmd
+
+
+@pytest.fixture(scope="module")
+def data_bin(tmp_path_factory):
+    if not (SHARED_DATA / "ptb").exists():
+        pytest.skip("shared PTB data not available")
+    root = tmp_path_factory.mktemp("ptb")
+    for split, lines in [("train", 1500), ("valid", 200), ("test", 200)]:
+        text = (SHARED_DATA / "ptb" / f"{split}.txt").read_text().splitlines(keepends=True)[:lines]
+        (root / f"{split}.txt").write_text("".join(text))
+    run(["fairseq-preprocess", "--only-source", "--trainpref", str(root / "train.txt"), "--validpref", str(root / "valid.txt"),
+         "--testpref", str(root / "test.txt"), "--destdir", str(root / "bin"), "--workers", "1"])
+    return root / "bin"
+
+
+def eval_ppl(data_bin, path):
+    log = run(["fairseq-eval-lm", str(data_bin), "--user-dir", "fairseq_smlp", "--task", "smlp_language_modeling",
+               "--path", str(path), "--tokens-per-sample", "32", "--gen-subset", "valid", "--cpu"])
+    return float(re.search(r"Perplexity: ([0-9.]+)", log).group(1))
+
+
+@pytest.mark.parametrize("smoe", ["replicated", "sharded"])
+def test_train_two_workers_reshard_eval(data_bin, tmp_path, smoe):
+    sharded_smoe = ["--smoe-expert-parallel"] if smoe == "sharded" else []
+    log = run(launch(data_bin, tmp_path, "--max-update", "20", *sharded_smoe))
+    valid = [json.loads(l.split("| ", 3)[-1]) for l in log.splitlines() if "| valid |" in l]
+    for r in range(2):  # every rank keeps its own experts
+        assert (tmp_path / f"checkpoint_last-rank-{r}.pt").exists()
+    a, b = (torch.load(tmp_path / f"checkpoint_last-rank-{r}.pt", weights_only=False) for r in range(2))
+    key = "decoder.layers.1.feature_moe.experts.fc1_weight"
+    assert a["model"][key].shape[0] == 1 and not torch.equal(a["model"][key], b["model"][key])
+    assert torch.equal(a["model"]["decoder.embed_tokens.weight"], b["model"]["decoder.embed_tokens.weight"])
+    spatial = "decoder.layers.1.token_mixing.gate.mixing.weight"
+    assert a["model"][spatial].shape[0] == (2 if sharded_smoe else 4)
+
+    # a rank-file refuses to load in one process, with the fix in the message
+    bad = subprocess.run(["fairseq-eval-lm", str(data_bin), "--user-dir", "fairseq_smlp", "--path", str(tmp_path / "checkpoint_last-rank-0.pt"),
+                          "--tokens-per-sample", "32", "--gen-subset", "valid", "--cpu"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "fairseq_smlp.checkpoints reshard" in bad.stdout + bad.stderr
+
+    merged = tmp_path / "merged.pt"
+    out = run([sys.executable, "-m", "fairseq_smlp.checkpoints", "reshard", str(tmp_path / "checkpoint_last.pt"), "--to-world-size", "1", "--out", str(merged)])
+    assert "2 rank file(s) -> 1" in out
+    assert math.isclose(eval_ppl(data_bin, merged), float(valid[-1]["valid_ppl"]), rel_tol=1e-4)
+    one = torch.load(merged, weights_only=False)
+    assert one["model"][key].shape[0] == 2 and "last_optimizer_state" in one
+
+    # 1 -> 2 gives back the original rank files (model and optimizer state)
+    run([sys.executable, "-m", "fairseq_smlp.checkpoints", "reshard", str(merged), "--to-world-size", "2", "--out", str(tmp_path / "again.pt")])
+    again = torch.load(tmp_path / "again-rank-1.pt", weights_only=False)
+    for k, v in b["model"].items():
+        assert torch.equal(v, again["model"][k]), k
+    for idx, entry in b["last_optimizer_state"]["state"].items():
+        for k, v in entry.items():
+            assert torch.equal(torch.as_tensor(v), torch.as_tensor(again["last_optimizer_state"]["state"][idx][k])), (idx, k)
+
+    # resume on 2 workers: each rank loads its own file
+    log = run(launch(data_bin, tmp_path, "--max-update", "25", *sharded_smoe))
+    assert "checkpoint_last-rank-0.pt (epoch 1 @ 20 updates)" in log and "num_updates: 25 >= max_update: 25" in log
+    resumed = torch.load(tmp_path / "checkpoint_last-rank-1.pt", weights_only=False)
+    assert resumed["optimizer_history"][-1]["num_updates"] == 25
+
+
+def test_c10d_with_sharded_experts_is_refused(data_bin, tmp_path):
+    log = run(launch(data_bin, tmp_path, "--max-update", "1", "--ddp-backend", "c10d"), ok=False)
+    assert "--ddp-backend c10d does not support sharded experts" in log
+
+
+# ------------------------------------------------------------ sharded sMoE
+SMOE_SHAPES = [(3, 10), (2, 7)]  # (sequences, length) of rank 0 and rank 1: unequal on purpose
+
+
+def build_sgu(sharded):
+    import fairseq_smlp  # noqa: F401
+    from fairseq_smlp.modules.spatial_gating import SpatialGatingUnit
+
+    torch.manual_seed(0)
+    return SpatialGatingUnit(8, 12, num_experts=4, init_eps=1.0, expert_parallel_mode=sharded)
+
+
+def smoe_data(step):
+    g = torch.Generator().manual_seed(step)
+    return [(torch.randn(b, n, 8, generator=g), torch.randn(b, n, 8, generator=g)) for b, n in SMOE_SHAPES]
+
+
+def smoe_reference():
+    sgu = build_sgu(False)
+    opt = torch.optim.SGD(sgu.parameters(), lr=0.05)
+    losses = []
+    for step in range(2):
+        opt.zero_grad()
+        batches = smoe_data(step)
+        total = 0.0
+        for u, y in batches:
+            loss = ((sgu(u)[0] - y) ** 2).sum()
+            loss.backward()
+            total += loss.item()
+        for p in sgu.parameters():
+            p.grad.mul_(1.0 / sum(u.shape[0] * u.shape[1] for u, _ in batches))
+        opt.step()
+        losses.append(total)
+    return dict(losses=losses, state=sgu.state_dict())
+
+
+def _smoe_worker(rank, port, ref_path):
+    import torch.distributed as dist
+    from fairseq.distributed.legacy_distributed_data_parallel import LegacyDistributedDataParallel
+
+    from fairseq_smlp.distributed import expert_parallel
+
+    init(rank, port)
+    ref = torch.load(ref_path)
+    sgu = build_sgu(True)
+    assert sgu.mixing.weight.shape[0] == 2
+    ddp = LegacyDistributedDataParallel(sgu, process_group=expert_parallel.group(), buffer_size=2**20)
+    opt = torch.optim.SGD(sgu.parameters(), lr=0.05)
+    for step in range(2):
+        batches = smoe_data(step)
+        u, y = batches[rank]
+        opt.zero_grad()
+        loss = ((sgu(u)[0] - y) ** 2).sum()
+        loss.backward()
+        ddp.all_reduce_grads()
+        for p in sgu.parameters():
+            p.grad.mul_(2 / sum(b[0].shape[0] * b[0].shape[1] for b in batches))
+        opt.step()
+        total = loss.detach().clone()
+        dist.all_reduce(total)
+        assert math.isclose(total.item(), ref["losses"][step], rel_tol=1e-5), (total.item(), ref["losses"][step])
+    for name, value in sgu.state_dict().items():
+        if name.startswith("mixing."):
+            parts = [torch.empty_like(value) for _ in range(2)]
+            dist.all_gather(parts, value.contiguous())
+            value = torch.cat(parts)
+        torch.testing.assert_close(value, ref["state"][name], rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_sharded_smoe_equals_replicated(tmp_path):
+    ref_path = tmp_path / "ref.pt"
+    torch.save(smoe_reference(), ref_path)
+    spawn(_smoe_worker, str(ref_path))
