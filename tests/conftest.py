@@ -49,3 +49,23 @@ def shared_data():
     if not SHARED_DATA.exists():
         pytest.skip(f"shared data not found at {SHARED_DATA} (set SMLP_SHARED_DATA)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def data_bin(tmp_path_factory):
+    """A small fairseq data-bin: the first lines of PTB, binarized by fairseq-preprocess."""
+    import subprocess
+
+    if not (SHARED_DATA / "ptb").exists():
+        pytest.skip("shared PTB data not available")
+    root = tmp_path_factory.mktemp("ptb")
+    for split, lines in [("train", 1500), ("valid", 200), ("test", 200)]:
+        text = (SHARED_DATA / "ptb" / f"{split}.txt").read_text().splitlines(keepends=True)[:lines]
+        (root / f"{split}.txt").write_text("".join(text))
+    subprocess.run(
+        ["fairseq-preprocess", "--only-source", "--trainpref", str(root / "train.txt"),
+         "--validpref", str(root / "valid.txt"), "--testpref", str(root / "test.txt"),
+         "--destdir", str(root / "bin"), "--workers", "1"],
+        check=True, capture_output=True, timeout=300,
+    )
+    return root / "bin"

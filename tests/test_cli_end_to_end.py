@@ -23,24 +23,6 @@ def run(cmd, **kw):
     return out.stdout + out.stderr
 
 
-@pytest.fixture(scope="module")
-def data_bin(tmp_path_factory, request):
-    from conftest import SHARED_DATA
-
-    if not (SHARED_DATA / "ptb").exists():
-        pytest.skip("shared PTB data not available")
-    root = tmp_path_factory.mktemp("ptb")
-    for split, lines in [("train", 1500), ("valid", 200), ("test", 200)]:
-        text = (SHARED_DATA / "ptb" / f"{split}.txt").read_text().splitlines(keepends=True)[:lines]
-        (root / f"{split}.txt").write_text("".join(text))
-    run([
-        "fairseq-preprocess", "--only-source", "--trainpref", str(root / "train.txt"),
-        "--validpref", str(root / "valid.txt"), "--testpref", str(root / "test.txt"),
-        "--destdir", str(root / "bin"), "--workers", "1",
-    ])
-    return root / "bin"
-
-
 def train(data_bin, save_dir, extra=(), updates=40):
     log = run([
         "fairseq-train", str(data_bin), "--user-dir", "fairseq_smlp", "--task", "smlp_language_modeling",

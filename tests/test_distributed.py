@@ -227,19 +227,6 @@ def launch(data_bin, save_dir, *extra):
     return cmd
 
 
-@pytest.fixture(scope="module")
-def data_bin(tmp_path_factory):
-    if not (SHARED_DATA / "ptb").exists():
-        pytest.skip("shared PTB data not available")
-    root = tmp_path_factory.mktemp("ptb")
-    for split, lines in [("train", 1500), ("valid", 200), ("test", 200)]:
-        text = (SHARED_DATA / "ptb" / f"{split}.txt").read_text().splitlines(keepends=True)[:lines]
-        (root / f"{split}.txt").write_text("".join(text))
-    run(["fairseq-preprocess", "--only-source", "--trainpref", str(root / "train.txt"), "--validpref", str(root / "valid.txt"),
-         "--testpref", str(root / "test.txt"), "--destdir", str(root / "bin"), "--workers", "1"])
-    return root / "bin"
-
-
 def eval_ppl(data_bin, path):
     log = run(["fairseq-eval-lm", str(data_bin), "--user-dir", "fairseq_smlp", "--task", "smlp_language_modeling",
                "--path", str(path), "--tokens-per-sample", "32", "--gen-subset", "valid", "--cpu"])
