@@ -7,7 +7,11 @@
 2. the expert counts fit the declared world size (every MoE expert count a multiple of it,
    or exactly `--experts-per-worker` experts per worker);
 3. the model is built at full size on the meta device (parameter count, no memory), and at
-   reduced width and length on the CPU, where one forward/backward runs on random tokens.
+   reduced width and length on the CPU, where one forward/backward runs on random tokens;
+4. the run's cost is estimated from its FLOPs: 3 x forward FLOPs per token (backward ~ 2x
+   forward) x tokens (world size x --max-tokens x --update-freq x --max-update), over the
+   world size x an assumed GPU peak x an assumed utilisation (flags; an estimate, not a
+   measurement).
 """
 import argparse
 import copy
@@ -73,6 +77,28 @@ def reduced(cfg, width_divisor, length):
     return small
 
 
+def build_full(cfg, world_size, vocab_size):
+    """The full-size model on the meta device. fairseq's Base layers hold one expert per
+    worker, so they are built as one of `world_size` workers would build them."""
+    from unittest import mock
+
+    from fairseq.distributed import utils as distributed_utils
+
+    patch = mock.patch.object(distributed_utils, "get_data_parallel_world_size", lambda: world_size)
+    with torch.device("meta"):
+        if getattr(cfg.model, "base_layers", 0):
+            with patch:
+                return build(cfg, fake_task(cfg, vocab_size))
+        return build(cfg, fake_task(cfg, vocab_size))
+
+
+def estimate_days(cfg, forward_flops_per_token, world_size, peak_tflops, utilisation):
+    """(training tokens, training FLOPs, days) of the run `cfg` describes."""
+    tokens = world_size * cfg.dataset.max_tokens * cfg.optimization.update_freq[0] * cfg.optimization.max_update
+    flops = 3 * forward_flops_per_token * tokens
+    return tokens, flops, flops / (world_size * peak_tflops * 1e12 * utilisation) / 86400
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--world-size", type=int, required=True, help="workers the recipe declares (GPUs)")
@@ -80,6 +106,9 @@ def main(argv=None):
     p.add_argument("--vocab-size", type=int, default=51200, help="vocabulary for the full-size parameter count")
     p.add_argument("--width-divisor", type=int, default=16)
     p.add_argument("--length", type=int, default=64, help="sequence length of the reduced model")
+    p.add_argument("--gpu-peak-tflops", type=float, default=125.0,
+                   help="per-GPU peak for the wall-clock estimate (default 125: V100 fp16 tensor cores)")
+    p.add_argument("--utilisation", type=float, default=0.3, help="assumed share of the peak reached (default 0.3)")
     p.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then the fairseq-train arguments")
     args = p.parse_args(argv)
     train_args = [a for a in args.train_args if a != "--"] if args.train_args[:1] == ["--"] else args.train_args
@@ -89,10 +118,11 @@ def main(argv=None):
     if cfg.model.get("max_target_positions") is None and "max_target_positions" in cfg.model:
         cfg.model.max_target_positions = cfg.task.tokens_per_sample
 
-    with torch.device("meta"):
-        full = build(cfg, fake_task(cfg, args.vocab_size))
-    total = sum(p.numel() for p in full.parameters())
-    expert = sum(p.numel() for p in full.parameters() if getattr(p, "expert", False))
+    full = build_full(cfg, args.world_size, args.vocab_size)
+    from .flops import count_flops, count_params
+
+    params = count_params(full, base_workers=args.world_size)  # Base layers: one expert per worker
+    total, expert = params["total"], params["expert"]
 
     small_cfg = reduced(cfg, args.width_divisor, args.length)
     model = build(small_cfg, fake_task(small_cfg, 1000))
@@ -104,6 +134,13 @@ def main(argv=None):
     print(f"dry run OK: arch {cfg.model._name}, world size {args.world_size}, experts {counts or 'none'}")
     print(f"full size: {total / 1e6:,.1f}M parameters ({expert / 1e6:,.1f}M in experts, vocabulary {args.vocab_size:,})")
     print(f"reduced model (width / {args.width_divisor}, {args.length} tokens): forward and backward ran on the CPU")
+    if cfg.dataset.max_tokens and cfg.optimization.max_update:
+        forward = count_flops(full, cfg.task.tokens_per_sample)["total"]
+        tokens, flops, days = estimate_days(cfg, forward, args.world_size, args.gpu_peak_tflops, args.utilisation)
+        print(
+            f"estimate: {forward / 1e6:,.1f}M forward FLOPs/token x 3 x {tokens / 1e9:,.1f}B tokens = {flops:.2e} FLOPs; "
+            f"{days:,.1f} days on {args.world_size} GPUs at {args.gpu_peak_tflops:g} TFLOP/s x {args.utilisation:g} utilisation"
+        )
     return 0
 
 

@@ -192,18 +192,23 @@ def format_report(r: dict) -> str:
 
 
 FAMILIES = ["smlp_lm", "gmlp_lm", "transformer_lm", "switch_lm", "gshard_lm", "hash_lm", "base_lm"]
-BASE_WORKERS = {"tiny": 4, "base": 16, "large": 32}  # one Base expert per worker, as many as smlp_lm's tMoE experts
+BASE_WORKERS = {"tiny": 4, "base": 16, "large": 32, "9b": 64}  # one Base expert per worker, as many as smlp_lm's tMoE experts
 
 
 def markdown_table(vocab: int = DEFAULT_VOCAB) -> str:
     """The FLOPs / parameter table of docs/baselines.md, every family at every size."""
+    import fairseq_smlp  # noqa: F401  (registers the plugin's archs)
+    from fairseq.models import ARCH_MODEL_REGISTRY
+
     lines = [
         "| arch | seq len | FLOPs/token | vs smlp_lm | w/o output | vs smlp_lm | params total | params active |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for size in ("tiny", "base", "large"):
+    for size in ("tiny", "base", "large", "9b"):
         reference = None
         for family in FAMILIES:
+            if f"{family}_{size}" not in ARCH_MODEL_REGISTRY:  # no gmlp_lm_9b: the paper scaled the MoEs only
+                continue
             workers = BASE_WORKERS[size] if family == "base_lm" else 1
             r = report(f"{family}_{size}", vocab=vocab, base_workers=workers)
             f, p = r["flops_per_token"], r["params"]

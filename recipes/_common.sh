@@ -6,7 +6,8 @@
 #   GPUS            world size the run is laid out for (experts per GPU follow)
 #   GPUS_PER_NODE   8;  NNODES = GPUS / GPUS_PER_NODE;  NODE_RANK, MASTER_ADDR, MASTER_PORT for torchrun
 #   DRY_RUN=1       parse every argument with fairseq's parser, check experts vs GPUS, build the
-#                   model at full size on the meta device and at reduced width on the CPU; no data needed
+#                   model at full size on the meta device and at reduced width on the CPU; no data needed;
+#                   prints the run's FLOPs and a wall-clock estimate (GPU_PEAK_TFLOPS [125], UTILISATION [0.3])
 # Under SLURM (SLURM_JOB_ID set) the recipe starts one task per GPU with srun; otherwise torchrun.
 set -euo pipefail
 
@@ -37,7 +38,8 @@ require_path() {  # require_path NAME VALUE: refuse clearly, before anything is 
 launch() {
   local experts_per_gpu=$1; shift
   if [ "${DRY_RUN:-0}" = 1 ]; then
-    local cmd=(python -m fairseq_smlp.dry_run --world-size "$GPUS" --experts-per-worker "$experts_per_gpu" -- "${DATA:-/data-bin}" "$@")
+    local cmd=(python -m fairseq_smlp.dry_run --world-size "$GPUS" --experts-per-worker "$experts_per_gpu"
+               --gpu-peak-tflops "${GPU_PEAK_TFLOPS:-125}" --utilisation "${UTILISATION:-0.3}" -- "${DATA:-/data-bin}" "$@")
     echo "+ ${cmd[*]}"
     (cd "$REPO" && "${cmd[@]}")
     return

@@ -97,6 +97,21 @@ def test_smlp_9b_counts_on_the_meta_device():
     assert 9.2e9 < p["total"] < 9.6e9  # the paper's 9.4B
 
 
+# the paper's scaled comparison: baselines of about 9-10B params (GShard's top-2 experts are
+# half as wide to keep the FLOPs, so it is smaller) at the FLOPs of smlp_lm_9b
+SCALED_PARAMS = {"switch_lm": (8.5e9, 9.5e9), "hash_lm": (8.5e9, 9.5e9), "gshard_lm": (4e9, 5e9), "base_lm": (9.5e9, 10.5e9)}
+
+
+@pytest.mark.parametrize("family", sorted(SCALED_PARAMS))
+def test_scaled_baselines_match_smlp_9b(family):
+    ref = report("smlp_lm_9b")["flops_per_token"]
+    r = report(f"{family}_9b", base_workers=64 if family == "base_lm" else 1)
+    low, high = SCALED_PARAMS[family]
+    assert low < r["params"]["total"] < high
+    for key in ("total", "non_output"):
+        assert abs(r["flops_per_token"][key] / ref[key] - 1) <= TOLERANCE
+
+
 @pytest.fixture(scope="module")
 def reference():
     return {size: report(f"smlp_lm_{size}")["flops_per_token"] for size in SIZES}

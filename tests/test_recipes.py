@@ -23,6 +23,7 @@ def test_recipes_exist_for_every_run_of_the_paper():
     expected = {"train_gpu64.sh"} | {
         f"train_gpu32_{m}.sh" for m in ["smlp", "smlp_partial", "gshard", "switch", "base", "hash", "transformer", "gmlp"]
     }
+    expected |= {f"train_gpu64_{m}.sh" for m in ["gshard", "switch", "base", "hash"]}  # the scaled comparison
     assert expected <= set(TRAIN_RECIPES)
 
 
@@ -41,6 +42,23 @@ def test_gpu64_recipe_is_the_9b_model_with_one_expert_per_gpu(tmp_path):
     assert "experts {'--tmoe-experts': 64}" in log
     params = float(log.split("full size: ")[1].split("M parameters")[0].replace(",", ""))
     assert 9300 < params < 9500  # about 9.4B
+
+
+def test_dry_run_estimates_the_run_from_its_flops(tmp_path):
+    """3 x forward FLOPs/token x tokens over GPUs x peak x utilisation, with the recipe's sizes."""
+    log = run_recipe("train_gpu64.sh", tmp_path, DRY_RUN="1", GPU_PEAK_TFLOPS="100", UTILISATION="0.5").stdout
+    estimate = log.split("estimate: ")[1]
+    tokens = 64 * 8192 * 2 * 100000  # GPUS x MAX_TOKENS x UPDATE_FREQ x MAX_UPDATE
+    assert f"x {tokens / 1e9:,.1f}B tokens" in estimate
+    forward = float(estimate.split("M forward")[0].replace(",", "")) * 1e6
+    days = 3 * forward * tokens / (64 * 100e12 * 0.5) / 86400
+    assert f"{days:,.1f} days on 64 GPUs at 100 TFLOP/s x 0.5 utilisation" in estimate
+
+
+def test_base_layers_count_one_expert_per_gpu(tmp_path):
+    log = run_recipe("train_gpu64_base.sh", tmp_path, DRY_RUN="1").stdout
+    params = float(log.split("full size: ")[1].split("M parameters")[0].replace(",", ""))
+    assert 9500 < params < 10500  # the paper's Base Layers 10B: 64 workers, one expert each
 
 
 def test_expert_count_that_does_not_fit_the_gpus_is_refused(tmp_path):

@@ -310,6 +310,7 @@ SIZES = {
     "tiny": (128, 4, 4, 256, 4),
     "base": (768, 12, 12, 2304, 16),
     "large": (1024, 16, 24, 3072, 32),
+    "9b": (1024, 16, 32, 3072, 64),  # the scaled comparison: 64 GPUs, one expert each (smlp_lm_9b)
 }
 
 
@@ -332,7 +333,11 @@ def _register(model: str, family: str, doc: str, **family_defaults):
             )
             if model == "moe_transformer_lm":
                 defaults["moe_experts"] = experts
-            defaults.update({k: (v[size] if isinstance(v, dict) else v) for k, v in family_defaults.items()})
+            for name, value in family_defaults.items():  # a {size: value} dict may leave sizes out
+                if not isinstance(value, dict):
+                    defaults[name] = value
+                elif size in value:
+                    defaults[name] = value[size]
             _set_defaults(args, **defaults)
             base_lm_architecture(args)  # fairseq's transformer_lm defaults (pre-norm, ...)
 
@@ -342,21 +347,28 @@ def _register(model: str, family: str, doc: str, **family_defaults):
 
 
 _register("transformer_lm", "transformer_lm", "dense Transformer LM, FLOP-matched to smlp_lm")
+# 9b: the scaled comparison of the paper (Switch 9B, GShard 9B, HASH/Base 10B next to sMLP
+# 9.4B on 64 GPUs): experts as wide as smlp_lm_9b's (4H), dense FFNs narrowed to 2H so the
+# FLOPs per token stay those of smlp_lm_9b
+SCALED = dict(decoder_ffn_embed_dim={"9b": 2048}, moe_expert_ffn_dim={"9b": 4096})
 _register(
     "moe_transformer_lm", "switch_lm", "Switch: top-1 MoE FFN every other layer",
-    moe_router="top1", moe_freq=2, moe_train_capacity_factor=1.25,
+    moe_router="top1", moe_freq=2, moe_train_capacity_factor=1.25, **SCALED,
 )
 # top-2 sends each token through two experts: experts half as wide keep the FLOPs
 _register(
     "moe_transformer_lm", "gshard_lm", "GShard: top-2 MoE FFN every other layer",
-    moe_router="top2", moe_freq=2, moe_train_capacity_factor=2.0, moe_expert_ffn_dim={"tiny": 128, "base": 1152, "large": 1536},
+    moe_router="top2", moe_freq=2, moe_train_capacity_factor=2.0, decoder_ffn_embed_dim={"9b": 2048}, moe_expert_ffn_dim={"tiny": 128, "base": 1152, "large": 1536, "9b": 2048},
 )
-_register("moe_transformer_lm", "hash_lm", "HASH Layers: token-id-routed MoE FFN every other layer", moe_router="hash", moe_freq=2)
+_register(
+    "moe_transformer_lm", "hash_lm", "HASH Layers: token-id-routed MoE FFN every other layer",
+    moe_router="hash", moe_freq=2, **SCALED,
+)
 # Base Layers: fairseq inserts N whole BASE layers (each S FFN sublayers of width F) into a
 # shallower Transformer; one expert per worker
 _register(
     "moe_transformer_lm", "base_lm", "Base Layers: fairseq's --base-layers",
     moe_router="none", moe_freq=0, base_layers=1, base_shuffle=1,
-    decoder_layers={"tiny": 3, "base": 10, "large": 20}, base_sublayers={"tiny": 3, "base": 4, "large": 8},
-    decoder_ffn_embed_dim={"tiny": 240, "base": 2304, "large": 3072},
+    decoder_layers={"tiny": 3, "base": 10, "large": 20, "9b": 17}, base_sublayers={"tiny": 3, "base": 4, "large": 8, "9b": 18},
+    decoder_ffn_embed_dim={"tiny": 240, "base": 2304, "large": 3072, "9b": 4096},
 )

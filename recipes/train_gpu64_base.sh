@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Scaled comparison (the paper's zero-shot table): Base Layers (fairseq's --base-layers, one expert per GPU), about 9.9B parameters,
+# FLOP-matched to smlp_lm_9b, on 64 GPUs with the same tokens as train_gpu64.sh.
+# Usage: DATA=/path/to/data-bin bash recipes/train_gpu64_base.sh      (DRY_RUN=1 to check without data/GPUs)
+export RUN=${RUN:-train_gpu64_base} ARCH=${ARCH:-base_lm_9b} GPUS=${GPUS:-64} EXPERTS_PER_GPU=${EXPERTS_PER_GPU:-0}
+export LR=${LR:-2e-4} MAX_UPDATE=${MAX_UPDATE:-100000}
+export EXTRA_ARGS="${EXTRA_ARGS:-}"
+exec bash "$(dirname "$0")/train_lm.sh"
