@@ -46,10 +46,10 @@ class ReplayAssignments:
     def __init__(self, real):
         self.real, self.saved, self.replay = real, [], False
 
-    def __call__(self, scores):
+    def __call__(self, scores, *args):
         if self.replay:
             return self.saved.pop(0)
-        out = self.real(scores)
+        out = self.real(scores, *args)
         self.saved.append(out)
         return out
 
@@ -229,7 +229,7 @@ def test_missing_libbase_is_reported(monkeypatch):
     monkeypatch.setitem(sys.modules, "fairseq.libbase", None)
     monkeypatch.delattr("fairseq.libbase", raising=False)
     with pytest.raises(ImportError, match=r"fairseq.libbase.*--tmoe-experts"):
-        balanced_assignment(torch.randn(8, 2))
+        balanced_assignment(torch.randn(8, 2), "libbase")
 
 
 def test_partial_routing_needs_the_smlp_task():

@@ -44,6 +44,10 @@ class SmlpConfig(FairseqDataclass):
     partial_balance: ChoiceEnum(["assignment", "aux_loss"]) = field(default="assignment", metadata={"help": "partial prediction: balanced assignment, or first choice + Switch auxiliary loss"})
     tmoe_experts: int = field(default=4, metadata={"help": "feature-mixing (tMoE) experts per sparse block, Base-layer routing"})
     tmoe_ffn_embed_dim: int = field(default=2048, metadata={"help": "hidden width of each tMoE expert FFN"})
+    balanced_assignment: ChoiceEnum(["torch", "libbase"]) = field(
+        default="torch", metadata={"help": "solver of the balanced assignments (tMoE training, --partial-balance assignment): "
+                                   "torch (vectorised dual prices, exact optimum when prices converge) or fairseq's compiled libbase auction"}
+    )
     smoe_expert_parallel: bool = field(default=False, metadata={"help": "shard the sMoE spatial experts over the data-parallel workers (deterministic routing; default: replicated on every worker)"})
     spatial_init_eps: float = field(default=1e-3, metadata={"help": "spatial matrices start uniform in +-eps/T_max (bias 1)"})
     dropout: float = field(default=0.1, metadata={"help": "dropout on embeddings and block outputs"})
@@ -155,12 +159,13 @@ def build_sparse_block(cfg) -> SparseBlock:
     if cfg.smoe_experts < 1 or cfg.tmoe_experts < 1:
         raise ValueError(f"--smoe-experts ({cfg.smoe_experts}) and --tmoe-experts ({cfg.tmoe_experts}) must be >= 1")
     router = None
+    solver = str(getattr(cfg, "balanced_assignment", "torch"))
     if cfg.smoe_routing == "partial":
-        router = PrefixChannelRouter(cfg.max_target_positions, cfg.partial_prefix_ratio, cfg.smoe_experts, cfg.partial_balance)
+        router = PrefixChannelRouter(cfg.max_target_positions, cfg.partial_prefix_ratio, cfg.smoe_experts, cfg.partial_balance, solver)
     gate = SpatialGatingUnit(channels, cfg.max_target_positions, cfg.smoe_experts, router, cfg.spatial_init_eps, getattr(cfg, "smoe_expert_parallel", False))
     token_mixing = GatedMLPBlock(cfg.decoder_embed_dim, cfg.decoder_ffn_embed_dim, gate, split_gate, cfg.dropout)
     experts = ExpertFFN(cfg.tmoe_experts, cfg.decoder_embed_dim, cfg.tmoe_ffn_embed_dim, pre_norm=True)
-    feature_moe = TokenMoE(BaseRouter(cfg.decoder_embed_dim, cfg.tmoe_experts), experts)
+    feature_moe = TokenMoE(BaseRouter(cfg.decoder_embed_dim, cfg.tmoe_experts, solver), experts)
     return SparseBlock(token_mixing, feature_moe, cfg.dropout)
 
 

@@ -23,7 +23,7 @@ class PrefixChannelRouter(nn.Module):
         slots; weight = softmax probability; Switch load-balancing loss.
     """
 
-    def __init__(self, max_positions: int, prefix_ratio: float, num_experts: int, balance: str = "assignment"):
+    def __init__(self, max_positions: int, prefix_ratio: float, num_experts: int, balance: str = "assignment", solver: str = "torch"):
         super().__init__()
         if not 0.0 < prefix_ratio < 1.0:
             raise ValueError(f"--partial-prefix-ratio must be in (0, 1), got {prefix_ratio}")
@@ -35,6 +35,7 @@ class PrefixChannelRouter(nn.Module):
                 f"--partial-prefix-ratio {prefix_ratio} leaves no scored positions for sequences of {max_positions} tokens"
             )
         self.num_experts, self.balance = num_experts, balance
+        self.solver = solver  # balanced-assignment solver (routing.SOLVERS)
         self.weight = nn.Parameter(torch.randn(self.prefix_length, num_experts) * self.prefix_length ** -0.5)
         self.register_buffer("expert_load", torch.zeros(num_experts), persistent=False)
         self.name = "prefix_channel_router"
@@ -50,7 +51,7 @@ class PrefixChannelRouter(nn.Module):
             scores = torch.einsum("bpc,pe->bce", prefix, self.weight[: prefix.size(1)].float())
             check_finite(scores, self.name)
             if self.balance == "assignment":
-                expert = torch.stack([balanced_assignment(s) for s in scores.detach()])  # (B, C)
+                expert = balanced_assignment(scores.detach(), self.solver)  # (B, C): all sequences at once
                 weight = torch.sigmoid(scores.gather(2, expert.unsqueeze(-1)).squeeze(-1))
                 aux = None
             else:

@@ -27,25 +27,52 @@ def load_libbase():
     except ImportError as e:
         raise ImportError(
             "fairseq's compiled extension `fairseq.libbase` is missing; Base-style balanced "
-            "routing (--tmoe-experts > 0, --partial-balance assignment) needs it. Reinstall "
+            "routing (--tmoe-experts > 0, --partial-balance assignment) with --balanced-assignment "
+            "libbase needs it (the default solver, torch, does not). Reinstall "
             "fairseq with its extensions built: pip install --no-build-isolation "
             "fairseq-fixed==0.12.3.1"
         ) from e
     return libbase
 
 
-def balanced_assignment(scores: torch.Tensor) -> torch.Tensor:
+SOLVERS = ("torch", "libbase")
+
+
+def balanced_assignment(scores: torch.Tensor, solver: str = "torch") -> torch.Tensor:
     """Assign N items to E experts, N/E each (rounded up), maximising total score.
 
-    scores: (N, E) -> expert index per item (N,) long.
-    libbase needs N divisible by E (it never returns otherwise), so the matrix is padded
-    with dummy rows, each strongly preferring a different expert, that are dropped again:
-    expert loads then differ by at most one.
+    scores: (N, E) -> expert index per item (N,) long; (B, N, E) -> (B, N), B independent
+    problems (the torch solver runs them together). Expert loads differ by at most one
+    (experts 0.. take the smaller share when E does not divide N).
+    solver "torch" (default): dual price search + capacity fill below, vectorised over
+    the items, on the scores' device; "libbase": fairseq's compiled auction (Base Layers),
+    on the CPU. On 2 CPU cores the torch solver took 0.35-0.7x libbase's time for 4096 x
+    4..16 scores and reached a total score >= libbase's (benchmarks/layer_microbench.py).
     """
-    num_items, num_experts = scores.shape
+    num_items, num_experts = scores.shape[-2:]
     scores = scores.detach().float()
     if not torch.isfinite(scores).all():
         raise FloatingPointError("non-finite routing scores passed to balanced assignment")
+    if solver == "torch":
+        return _price_assignment(scores, _capacities(num_items, num_experts, scores.device))
+    if solver != "libbase":
+        raise ValueError(f"--balanced-assignment must be one of {SOLVERS}, got {solver!r}")
+    if scores.dim() == 3:
+        return torch.stack([_libbase_assignment(s) for s in scores])
+    return _libbase_assignment(scores)
+
+
+def _capacities(num_items: int, num_experts: int, device) -> torch.Tensor:
+    """(E,) slots per expert: N // E, plus one for the last N % E experts (as libbase's padding)."""
+    capacity = torch.full((num_experts,), num_items // num_experts, dtype=torch.long, device=device)
+    capacity[num_experts - num_items % num_experts :] += num_items % num_experts > 0
+    return capacity
+
+
+def _libbase_assignment(scores: torch.Tensor) -> torch.Tensor:
+    """libbase needs N divisible by E (it never returns otherwise), so the matrix is padded
+    with dummy rows, each strongly preferring a different expert, that are dropped again."""
+    num_items, num_experts = scores.shape
     padded = -(-num_items // num_experts) * num_experts
     if padded != num_items:
         margin = 2 * scores.abs().max() + 1
@@ -55,6 +82,81 @@ def balanced_assignment(scores: torch.Tensor) -> torch.Tensor:
     expert = torch.empty_like(order)
     expert[order] = torch.arange(padded, device=order.device) // (padded // num_experts)
     return expert[:num_items]
+
+
+# Written by hand: no installed library solves this transportation problem vectorised
+# in torch (scipy's linear_sum_assignment needs an N x N matrix and a CPU round trip).
+def _price_assignment(scores: torch.Tensor, capacity: torch.Tensor, max_sweeps: int = 50) -> torch.Tensor:
+    """Balanced assignment through expert prices (the LP dual of the assignment).
+
+    Every item takes its best expert under price-adjusted scores s[i, e] - p[e]; if
+    each expert then holds exactly capacity[e] items, the assignment is optimal (LP
+    duality: each item has its best adjusted score and every slot is used). Prices come
+    from coordinate descent on the dual: in turn, each expert's price is set so that
+    exactly its capacity of items prefers it. Whatever is left unbalanced after
+    max_sweeps (ties, slow convergence) is settled by _fill_by_preference.
+    Deterministic: no randomness, stable sorts. scores (..., N, E): leading dimensions are
+    independent problems solved together; a solved one is a fixed point of the sweeps, so
+    each result equals its unbatched solution.
+    """
+    *batch, num_items, num_experts = scores.shape
+    if num_experts == 1:
+        return scores.new_zeros(scores.shape[:-1], dtype=torch.long)
+    slots = capacity.tolist()
+    # expert-major (..., E, N): a max over experts is then an elementwise max of contiguous
+    # rows (amax: no indices), ~10x faster on CPU than reducing the short last dimension of (N, E)
+    scores_t = scores.transpose(-1, -2).contiguous()
+    adjusted = scores_t.clone()  # s - p, updated one expert at a time (prices start at 0)
+    for _ in range(max_sweeps):
+        for e in range(num_experts):
+            adjusted[..., e, :] = float("-inf")  # hide e: the max is then the best alternative
+            gain = scores_t[..., e, :] - adjusted.amax(-2)  # highest price at which item i still prefers e
+            adjusted[..., e, :] = scores_t[..., e, :] - _clearing_price(gain, slots[e]).unsqueeze(-1)
+        # balanced? (an item tied between experts counts for each, so ties never pass)
+        if torch.equal((adjusted == adjusted.amax(-2, keepdim=True)).sum(-1), capacity.expand(*batch, -1)):
+            # what the fill below would return: every item gets its first choice
+            # (argmax over a contiguous last dimension: several times faster than over dim -2)
+            return adjusted.transpose(-1, -2).contiguous().argmax(-1)
+    flat = adjusted.reshape(-1, num_experts, num_items)
+    return torch.stack([_fill_by_preference(a.t(), capacity) for a in flat]).view(*batch, num_items)
+
+
+def _clearing_price(gain: torch.Tensor, slots: int) -> torch.Tensor:
+    """gain (..., N) -> (...): a price at which exactly `slots` items have a higher gain
+    (midway between two gains)."""
+    if slots == 0:
+        return gain.amax(-1) + 1
+    if slots >= gain.size(-1):
+        return gain.amin(-1) - 1
+    return gain.topk(slots + 1, dim=-1).values[..., -2:].mean(-1)
+
+
+def _fill_by_preference(adjusted: torch.Tensor, capacity: torch.Tensor) -> torch.Tensor:
+    """Exactly capacity[e] items per expert, each item as high on its preference list as possible.
+
+    Round r: every unplaced item asks for its r-th choice; an expert with k free slots
+    takes the k askers that would lose the most by falling to their next choice. An item
+    turned away only by full experts cannot remain unplaced (slots = items), so E rounds
+    place everyone; with converged prices round 0 places all.
+    """
+    num_items, num_experts = adjusted.shape
+    ranked, choices = adjusted.sort(dim=1, descending=True, stable=True)
+    regret = ranked - torch.cat([ranked[:, 1:], ranked[:, -1:]], 1)  # loss of dropping to the next choice
+    expert = torch.full((num_items,), -1, dtype=torch.long, device=adjusted.device)
+    free = capacity.clone()
+    for r in range(num_experts):
+        asking = (expert < 0).nonzero().squeeze(1)
+        if asking.numel() == 0:
+            break
+        choice = choices[asking, r]
+        by_regret = torch.argsort(regret[asking, r], descending=True, stable=True)
+        order = by_regret[torch.argsort(choice[by_regret], stable=True)]  # grouped by expert, largest regret first
+        counts = torch.bincount(choice, minlength=num_experts)
+        rank = torch.arange(order.numel(), device=adjusted.device) - (torch.cumsum(counts, 0) - counts)[choice[order]]
+        taken = order[rank < free[choice[order]]]
+        expert[asking[taken]] = choice[taken]
+        free -= torch.bincount(choice[taken], minlength=num_experts)
+    return expert
 
 
 def fp32(device: torch.device):

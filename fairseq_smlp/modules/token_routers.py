@@ -24,9 +24,10 @@ class BaseRouter(nn.Module):
     sigmoid(x . c_e), which is what trains the centroids.
     """
 
-    def __init__(self, embed_dim: int, num_experts: int):
+    def __init__(self, embed_dim: int, num_experts: int, solver: str = "torch"):
         super().__init__()
         self.num_experts = num_experts
+        self.solver = solver  # balanced-assignment solver (routing.SOLVERS)
         centroids = torch.empty(num_experts, embed_dim)
         nn.init.orthogonal_(centroids, gain=0.1)
         self.centroids = nn.Parameter(centroids)
@@ -39,7 +40,7 @@ class BaseRouter(nn.Module):
             scores = x.float() @ self.centroids.float().t()  # (N, E)
             check_finite(scores, self.name)
             with torch.no_grad():
-                expert = balanced_assignment(scores) if self.training else scores.argmax(-1)
+                expert = balanced_assignment(scores, self.solver) if self.training else scores.argmax(-1)
             alpha = torch.sigmoid(scores.gather(1, expert.unsqueeze(1)))
         counts = torch.bincount(expert, minlength=self.num_experts).float()
         self.expert_load.copy_(counts)

@@ -1,0 +1,228 @@
+"""Forward + backward time of each MoE layer against the dense layer of the same active FLOPs.
+
+    python benchmarks/layer_microbench.py [--experts 2 4 8 16] [--batch 32] [--seq-len 128]
+        [--embed-dim 128] [--ffn-dim 256] [--repeats 15] [--threads N]
+
+Layers (training mode, fp32, CPU), N = batch x seq-len tokens of width H:
+  tMoE        sMLP's feature MoE: BaseRouter (balanced assignment, torch solver) + E experts of width F
+  tMoE-libbase  the same with fairseq's libbase solver (--balanced-assignment libbase)
+  Switch      Top1Router, capacity factor 1.25, E experts of width F
+  GShard      Top2Router (second expert sampled), E experts of width F/2 (same FLOPs as top-1 at F)
+  HASH        HashRouter (random table over a 8,000-token vocabulary), E experts of width F
+  sMoE-det    spatial gating unit with E spatial experts, deterministic routing
+  sMoE-partial  the same with the partial-prediction router (20% prefix, balanced assignment)
+Dense references: FFN H -> F -> H (with the tMoE experts' LayerNorm for tMoE; relu and no
+norm, as fairseq's transformer FFN, for Switch / GShard / HASH) and the dense spatial gating
+unit (one T x T matrix) for sMoE. Also "experts only": the tMoE experts run on an already
+dispatched (E, N/E, H) buffer, so ratio(tMoE) - ratio(experts only) is routing + dispatch.
+fairseq's Base Layers hold one expert per worker, so in one process a Base layer is a dense
+FFN; tMoE-libbase is Base Layers' routing (balanced assignment + sigmoid mix, libbase solver).
+
+All variants of one expert count run interleaved, repeats times; the ratio is
+median(layer) / median(its dense reference). Results: benchmarks/results/layer_microbench.{json,md}.
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from fairseq_smlp.modules.channel_router import PrefixChannelRouter  # noqa: E402
+from fairseq_smlp.modules.experts import ExpertFFN  # noqa: E402
+from fairseq_smlp.modules.spatial_gating import SpatialGatingUnit  # noqa: E402
+from fairseq_smlp.modules.token_routers import (  # noqa: E402
+    BaseRouter,
+    HashRouter,
+    Top1Router,
+    Top2Router,
+    TokenMoE,
+    random_hash_table,
+)
+
+VOCAB = 8000
+
+
+class DenseFFN(nn.Module):
+    """x -> W2 act(W1 [LN(x)]): the dense layer a token-routed MoE is compared with."""
+
+    def __init__(self, embed_dim: int, ffn_dim: int, pre_norm: bool, activation: str):
+        super().__init__()
+        self.norm = nn.LayerNorm(embed_dim) if pre_norm else nn.Identity()
+        self.fc1, self.fc2 = nn.Linear(embed_dim, ffn_dim), nn.Linear(ffn_dim, embed_dim)
+        self.activation = getattr(torch.nn.functional, activation)
+
+    def forward(self, x):
+        return self.fc2(self.activation(self.fc1(self.norm(x))))
+
+
+class ExpertsOnly(nn.Module):
+    """The tMoE experts on a buffer that is already split evenly by expert (no routing)."""
+
+    def __init__(self, experts: ExpertFFN):
+        super().__init__()
+        self.experts = experts
+
+    def forward(self, x):
+        flat = x.reshape(self.experts.num_experts, -1, x.size(-1))
+        return self.experts(flat).view_as(x)
+
+
+def build_layers(num_experts: int, args) -> dict:
+    """name -> (module, input kind, dense reference name)."""
+    H, F, T = args.embed_dim, args.ffn_dim, args.seq_len
+    channels = F  # the gMLP gate half of a width-2F block
+    torch.manual_seed(0)
+    hash_router = HashRouter(random_hash_table(VOCAB, num_experts), num_experts)
+    layers = {
+        "dense FFN (LN, gelu)": (DenseFFN(H, F, True, "gelu"), "tokens", None),
+        "dense FFN (relu)": (DenseFFN(H, F, False, "relu"), "tokens", None),
+        "dense SGU": (SpatialGatingUnit(channels, T, 1), "channels", None),
+        "experts only": (ExpertsOnly(ExpertFFN(num_experts, H, F)), "tokens", "dense FFN (LN, gelu)"),
+        "tMoE": (TokenMoE(BaseRouter(H, num_experts, "torch"), ExpertFFN(num_experts, H, F)), "tokens", "dense FFN (LN, gelu)"),
+        "tMoE-libbase": (TokenMoE(BaseRouter(H, num_experts, "libbase"), ExpertFFN(num_experts, H, F)), "tokens", "dense FFN (LN, gelu)"),
+        "Switch": (TokenMoE(Top1Router(H, num_experts, 1.25, 0.0), ExpertFFN(num_experts, H, F, False, "relu")), "tokens", "dense FFN (relu)"),
+        "HASH": (TokenMoE(hash_router, ExpertFFN(num_experts, H, F, False, "relu")), "tokens", "dense FFN (relu)"),
+        "sMoE-det": (SpatialGatingUnit(channels, T, num_experts), "channels", "dense SGU"),
+        "sMoE-partial": (
+            SpatialGatingUnit(channels, T, num_experts, PrefixChannelRouter(T, 0.2, num_experts, "assignment")),
+            "channels", "dense SGU",
+        ),
+    }
+    if num_experts >= 2:
+        layers["GShard"] = (
+            TokenMoE(Top2Router(H, num_experts, 2.0, 0.0), ExpertFFN(num_experts, H, F // 2, False, "relu")),
+            "tokens", "dense FFN (relu)",
+        )
+    for module, _, _ in layers.values():
+        module.train()
+        for p in module.parameters():  # the experts' W2 starts at zero: give every weight a gradient path
+            if p.dim() >= 2:
+                nn.init.normal_(p, std=p.size(-1) ** -0.5)
+    return layers, hash_router
+
+
+def make_inputs(args):
+    generator = torch.Generator().manual_seed(1)
+    tokens = torch.randn(args.batch, args.seq_len, args.embed_dim, generator=generator) * args.input_scale
+    channels = torch.randn(args.batch, args.seq_len, args.ffn_dim, generator=generator)
+    token_ids = torch.randint(VOCAB, (args.batch * args.seq_len,), generator=generator)
+    return {"tokens": tokens, "channels": channels}, token_ids
+
+
+def time_once(module, x) -> float:
+    x = x.detach().requires_grad_()
+    module.zero_grad(set_to_none=True)
+    start = time.perf_counter()
+    out = module(x)
+    out = out[0] if isinstance(out, tuple) else out
+    out.backward(torch.ones_like(out))
+    return time.perf_counter() - start
+
+
+def run(num_experts: int, args) -> list:
+    layers, hash_router = build_layers(num_experts, args)
+    inputs, token_ids = make_inputs(args)
+    hash_router.set_token_ids(token_ids)
+    times = {name: [] for name in layers}
+    for rep in range(args.warmup + args.repeats):
+        for name, (module, kind, _) in layers.items():  # interleaved: load drifts hit all alike
+            seconds = time_once(module, inputs[kind])
+            if rep >= args.warmup:
+                times[name].append(seconds)
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    rows = []
+    for name, (_, _, reference) in layers.items():
+        rows.append({
+            "experts": num_experts,
+            "layer": name,
+            "median_ms": round(1e3 * medians[name], 3),
+            "min_ms": round(1e3 * min(times[name]), 3),
+            "reference": reference,
+            "ratio": round(medians[name] / medians[reference], 3) if reference else 1.0,
+        })
+    return rows
+
+
+def write_markdown(path: Path, result: dict) -> None:
+    rows = result["rows"]
+    experts = sorted({r["experts"] for r in rows})
+    names = list(dict.fromkeys(r["layer"] for r in rows if r["reference"]))
+    lines = [
+        "# MoE layers against their dense equivalents (forward + backward, CPU, fp32)",
+        "",
+        f"Command: `{result['command']}`",
+        "",
+        f"Machine: {result['machine']}, torch {result['torch']}, {result['threads']} threads, load average "
+        f"{result['load_average']} at the start. {result['tokens']} tokens (batch {result['batch']} x {result['seq_len']}), "
+        f"H = {result['embed_dim']}, F = {result['ffn_dim']}; median of {result['repeats']} interleaved repeats "
+        f"after {result['warmup']} warm-up rounds.",
+        "",
+        "Ratio = median time of the layer / median time of its dense reference (1.10 = 10% overhead).",
+        "",
+        "| layer | reference | " + " | ".join(f"E={e}" for e in experts) + " |",
+        "|---|---|" + "---:|" * len(experts),
+    ]
+    for name in names:
+        by_e = {r["experts"]: r for r in rows if r["layer"] == name}
+        reference = next(iter(by_e.values()))["reference"]
+        cells = [f"{by_e[e]['ratio']:.2f}" if e in by_e else "-" for e in experts]
+        lines.append(f"| {name} | {reference} | " + " | ".join(cells) + " |")
+    lines += ["", "Dense reference times (ms, median):", ""]
+    for name in ("dense FFN (LN, gelu)", "dense FFN (relu)", "dense SGU"):
+        by_e = {r["experts"]: r for r in rows if r["layer"] == name}
+        lines.append(f"- {name}: " + ", ".join(f"E={e}: {by_e[e]['median_ms']:.2f}" for e in experts))
+    lines.append("")
+    path.write_text("\n".join(lines))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--experts", type=int, nargs="+", default=[2, 4, 8, 16])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--embed-dim", type=int, default=128)
+    parser.add_argument("--ffn-dim", type=int, default=256, help="expert width F (tMoE of smlp_lm_tiny: 256); also the sMoE channels")
+    parser.add_argument("--input-scale", type=float, default=1.0, help="std of the token inputs (spreads router scores)")
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "layer_microbench"))
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    load = os.getloadavg()[0]
+    rows = []
+    for e in args.experts:
+        rows += run(e, args)
+        summary = ", ".join(f"{r['layer']} {r['ratio']:.2f}" for r in rows if r["experts"] == e and r["reference"])
+        print(f"E={e}: {summary}", flush=True)
+    result = {
+        "command": " ".join(["python benchmarks/layer_microbench.py", *(argv if argv is not None else sys.argv[1:])]),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "load_average": round(load, 2),
+        "tokens": args.batch * args.seq_len,
+        **{k: getattr(args, k) for k in ("batch", "seq_len", "embed_dim", "ffn_dim", "input_scale", "repeats", "warmup")},
+        "rows": rows,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    write_markdown(out.with_suffix(".md"), result)
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()
