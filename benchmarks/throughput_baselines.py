@@ -2,12 +2,15 @@
 
     python benchmarks/throughput_baselines.py [--archs A B ...] [--vocab 8000]
         [--tokens-per-sample 128] [--max-tokens 2048] [--steps 10] [--warmup 3] [--threads N]
+        [--device cpu|cuda] [--dtype fp32|bf16]
 
 Each arch is built as fairseq-train builds it (fairseq_smlp.flops.build_model), then
 trained for warmup + steps updates on random tokens with the moe_cross_entropy criterion
-and Adam, fp32, on CPU; tokens/s = tokens per batch * steps / wall time of the timed steps.
-The fp32 matmul peak is measured in the same run (machine load drifts), and the model
-FLOP utilisation is 3 * forward FLOPs per token * tokens/s / peak (backward ~ 2x forward).
+and Adam, fp32 on CPU by default (--device cuda --dtype bf16: bf16 autocast on a GPU, fp32
+weights and routers); tokens/s = tokens per batch * steps / wall time of the timed steps.
+The matmul peak of the same device and dtype is measured in the same run (machine load
+drifts), and the model FLOP utilisation is 3 * forward FLOPs per token * tokens/s / peak
+(backward ~ 2x forward).
 Results: benchmarks/results/throughput_baselines.{json,md}.
 """
 import argparse
@@ -29,14 +32,26 @@ from fairseq_smlp.flops import build_model, count_flops, count_params, dummy_tas
 ARCHS = ["smlp_lm_tiny", "gmlp_lm_tiny", "transformer_lm_tiny", "switch_lm_tiny", "gshard_lm_tiny", "hash_lm_tiny", "base_lm_tiny"]
 
 
-def matmul_peak_gflops(n: int = 1024, repeats: int = 10) -> float:
-    """fp32 matmul GFLOP/s on this machine now (best of `repeats`)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_peak_gflops(n: int = 1024, repeats: int = 10, device: str = "cpu", dtype: str = "fp32") -> float:
+    """Matmul GFLOP/s of this device and dtype now (best of `repeats`)."""
+    n = 8192 if device == "cuda" else n  # a GPU needs a large product to reach its peak
+    a = torch.randn(n, n, device=device, dtype=DTYPES[dtype])
+    b = torch.randn(n, n, device=device, dtype=DTYPES[dtype])
     a @ b
     best = float("inf")
     for _ in range(repeats):
+        synchronize(device)
         start = time.perf_counter()
         a @ b
+        synchronize(device)
         best = min(best, time.perf_counter() - start)
     return 2 * n ** 3 / best / 1e9
 
@@ -46,30 +61,34 @@ def measure(arch: str, args) -> dict:
 
     task = dummy_task(args.vocab)
     torch.manual_seed(0)
-    model, seq_len = build_model(arch, [], seq_len=args.tokens_per_sample, vocab=args.vocab, device="cpu", task=task)
+    model, seq_len = build_model(arch, [], seq_len=args.tokens_per_sample, vocab=args.vocab, device=args.device, task=task)
     model.train()
     criterion = MoECrossEntropyCriterion(task, moe_aux_loss_weight=0.01)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     batch = max(1, args.max_tokens // seq_len)
     generator = torch.Generator().manual_seed(0)
+    autocast = torch.autocast(args.device, dtype=DTYPES[args.dtype], enabled=args.dtype != "fp32")
 
     def step():
-        tokens = torch.randint(4, args.vocab, (batch, seq_len + 1), generator=generator)
+        tokens = torch.randint(4, args.vocab, (batch, seq_len + 1), generator=generator).to(args.device)
         sample = {
-            "net_input": {"src_tokens": tokens[:, :-1], "src_lengths": torch.full((batch,), seq_len)},
+            "net_input": {"src_tokens": tokens[:, :-1], "src_lengths": torch.full((batch,), seq_len, device=args.device)},
             "target": tokens[:, 1:],
             "ntokens": batch * seq_len,
         }
         optimizer.zero_grad()
-        loss, sample_size, _ = criterion(model, sample)
+        with autocast:
+            loss, sample_size, _ = criterion(model, sample)
         (loss / sample_size).backward()
         optimizer.step()
 
     for _ in range(args.warmup):
         step()
+    synchronize(args.device)
     start = time.perf_counter()
     for _ in range(args.steps):
         step()
+    synchronize(args.device)
     elapsed = time.perf_counter() - start
     tokens_per_s = batch * seq_len * args.steps / elapsed
     flops = count_flops(model, seq_len)
@@ -87,12 +106,12 @@ def measure(arch: str, args) -> dict:
 
 def write_markdown(path: Path, result: dict) -> None:
     lines = [
-        "# Training throughput of the tiny baselines (CPU, fp32)",
+        f"# Training throughput of the baselines ({result['device']}, {result['dtype']})",
         "",
         f"Command: `{result['command']}`",
         "",
         f"Machine: {result['machine']}, torch {result['torch']}, {result['threads']} threads; "
-        f"fp32 matmul peak measured in the same run: {result['matmul_peak_gflops']:.0f} GFLOP/s. "
+        f"{result['dtype']} matmul peak measured in the same run: {result['matmul_peak_gflops']:,.0f} GFLOP/s. "
         f"Random tokens, vocabulary {result['vocab']}, {result['tokens_per_sample']} tokens per sample, "
         f"{result['runs'][0]['tokens_per_update']} tokens per update, Adam, moe_cross_entropy; "
         f"{result['warmup']} warm-up + {result['steps']} timed updates.",
@@ -106,7 +125,7 @@ def write_markdown(path: Path, result: dict) -> None:
             f"{r['forward_flops_per_token'] / 1e6:.2f}M | {r['params_total'] / 1e6:.2f}M / {r['params_active'] / 1e6:.2f}M | "
             f"{100 * r['mfu']:.1f}% |"
         )
-    lines += ["", "MFU = 3 x forward FLOPs/token x tokens/s / fp32 matmul peak. Wall-clock figures drift with machine load.", ""]
+    lines += ["", f"MFU = 3 x forward FLOPs/token x tokens/s / {result['dtype']} matmul peak. Wall-clock figures drift with machine load.", ""]
     path.write_text("\n".join(lines))
 
 
@@ -119,12 +138,16 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="bf16: autocast (weights and routers stay fp32)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "throughput_baselines"))
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    peak = matmul_peak_gflops()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible to torch")
+    peak = matmul_peak_gflops(device=args.device, dtype=args.dtype)
     runs = []
     for arch in args.archs:
         r = measure(arch, args)
@@ -134,7 +157,9 @@ def main(argv=None):
     result = {
         "command": " ".join(["python benchmarks/throughput_baselines.py", *(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))]),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+        "machine": torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+        "device": args.device,
+        "dtype": args.dtype,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "matmul_peak_gflops": round(peak, 1),

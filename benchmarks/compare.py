@@ -1,0 +1,316 @@
+"""Quality per compute: every model family trained for the same wall-clock, side by side.
+
+    python benchmarks/compare.py [--minutes 5] [--threads 1] [--models smlp smlp_partial switch ...]
+        [--corpus wikitext-2 | --data-bin DIR] [--out benchmarks/results/compare]
+
+Models: sMLP (deterministic and partial-prediction routing) and every baseline family at the
+tiny, FLOP-matched size (docs/baselines.md). Same data (default: WikiText-2 from
+../shared/data with an 8k sentencepiece BPE, prepared once into runs/compare/data), same
+tokens per batch, same optimizer and schedule, same seed, same wall-clock budget each.
+
+Noise: all models live in ONE process and train round-robin, one slice of their budget per
+turn, so that a change in machine load hits every model alike; each model's clock counts
+only its own training steps (fairseq's Trainer.train_step, data loading included), and it
+is validated at the end of every slice (`--points` points per model), untimed.
+
+Scoring: partial-prediction sMLP reads the first P = 0.2 T tokens of a block to route, so it
+is scored on positions >= P only (as fairseq-eval-lm does with our task). To compare like with
+like, EVERY model is scored on exactly those positions (`ppl`); `ppl_all_positions` is the
+ordinary perplexity over all positions (absent for the partial model).
+
+Writes OUT.json (every validation point and the run's metadata), OUT.md (table) and
+OUT_ppl_vs_time.png, OUT_ppl_vs_tokens.png.
+"""
+import argparse
+import itertools
+import json
+import logging
+import math
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+# name -> (arch, extra fairseq args)
+MODELS = {
+    "smlp": ("smlp_lm_tiny", []),
+    "smlp_partial": ("smlp_lm_tiny", ["--smoe-routing", "partial"]),
+    "gmlp": ("gmlp_lm_tiny", []),
+    "transformer": ("transformer_lm_tiny", []),
+    "switch": ("switch_lm_tiny", []),
+    "gshard": ("gshard_lm_tiny", []),
+    "base": ("base_lm_tiny", []),
+    "hash": ("hash_lm_tiny", []),
+}
+SMLP = ("smlp", "smlp_partial")
+TRAIN_ARGS = [  # shared by every model; Adam and schedule as in the quickstart, shorter warmup
+    "--task", "smlp_language_modeling", "--criterion", "moe_cross_entropy",
+    "--tokens-per-sample", "128", "--sample-break-mode", "none", "--max-tokens", "2048",
+    "--required-batch-size-multiple", "1", "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)",
+    "--lr", "0.002", "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "100",
+    "--weight-decay", "0.01", "--clip-norm", "1.0", "--dropout", "0.1", "--cpu", "--num-workers", "0",
+    "--seed", "1", "--moe-aux-loss-weight", "0.01",
+]
+
+
+def prepare_data(args) -> Path:
+    if args.data_bin:
+        return Path(args.data_bin)
+    from data_prep.small_corpus import prepare_small_corpus
+
+    return prepare_small_corpus(
+        REPO / "runs" / "compare" / "data", corpus=args.corpus, bpe="sentencepiece", vocab_size=args.vocab_size
+    )
+
+
+class Run:
+    """One model with its fairseq Trainer, data iterator and own training clock."""
+
+    def __init__(self, name: str, data_bin: Path, user_args):
+        from fairseq import options, tasks
+        from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+        from fairseq.trainer import Trainer
+
+        arch, extra = MODELS[name]
+        argv = [str(data_bin), "--user-dir", str(REPO / "fairseq_smlp"), "--arch", arch, *TRAIN_ARGS, *extra, *user_args]
+        cfg = convert_namespace_to_omegaconf(options.parse_args_and_arch(options.get_training_parser(), argv))
+        torch.manual_seed(cfg.common.seed)
+        self.name, self.arch, self.cfg = name, arch, cfg
+        self.task = tasks.setup_task(cfg.task)
+        self.task.load_dataset("valid")
+        self.model = self.task.build_model(cfg.model)
+        criterion = self.task.build_criterion(cfg.criterion)
+        self.trainer = Trainer(cfg, self.task, self.model, criterion)
+        self.epoch_itr = self.trainer.get_train_iterator(epoch=1, load_dataset=True)
+        self.batches = self._epoch()
+        self.seconds, self.tokens, self.points = 0.0, 0, []
+        self.params = sum(p.numel() for p in self.model.parameters())
+
+    def _epoch(self):
+        self.trainer.begin_epoch(self.epoch_itr.epoch)
+        return iter(self.epoch_itr.next_epoch_itr(shuffle=True))
+
+    def train_for(self, seconds: float) -> None:
+        """Train until this model's clock has advanced by `seconds`."""
+        stop = self.seconds + seconds
+        while self.seconds < stop:
+            start = time.perf_counter()
+            sample = next(self.batches, None)
+            if sample is None:  # end of the data: next epoch (fairseq's own epoch bookkeeping)
+                self.epoch_itr = self.trainer.get_train_iterator(self.epoch_itr.epoch + 1, load_dataset=False)
+                self.batches = self._epoch()
+                sample = next(self.batches)
+            self.trainer.train_step([sample])
+            self.seconds += time.perf_counter() - start
+            self.tokens += int(sample["ntokens"])
+
+    @torch.no_grad()
+    def validate(self, prefix: int, max_blocks: int) -> dict:
+        """Validation NLL on positions >= prefix (every model) and on all positions, over the
+        first `max_blocks` blocks of the validation set (the same blocks for every model)."""
+        self.model.eval()
+        valid = self.task.dataset("valid")
+        itr = self.task.get_batch_iterator(
+            valid, max_tokens=self.cfg.dataset.max_tokens, max_positions=None, required_batch_size_multiple=1,
+            seed=1, num_workers=0, ignore_invalid_inputs=False,
+        ).next_epoch_itr(shuffle=False)
+        itr = itertools.islice(itr, -(-min(max_blocks, len(valid)) // max(1, self.cfg.dataset.max_tokens // self.cfg.task.tokens_per_sample)))
+        pad = self.task.target_dictionary.pad()
+        sums = {"suffix": [0.0, 0], "all": [0.0, 0]}
+        for sample in itr:
+            output = self.model(**sample["net_input"])
+            lprobs = self.model.get_normalized_probs(output, log_probs=True)  # (B, T, V)
+            target = sample["target"]
+            nll = -lprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1)  # (B, T)
+            real = target.ne(pad)
+            suffix = real.clone()
+            suffix[:, :prefix] = False
+            for key, mask in (("suffix", suffix), ("all", real)):
+                sums[key][0] += float(nll[mask].sum())
+                sums[key][1] += int(mask.sum())
+        self.model.train()
+        point = {
+            "updates": self.trainer.get_num_updates(), "tokens": self.tokens, "seconds": round(self.seconds, 2),
+            "ppl": math.exp(sums["suffix"][0] / sums["suffix"][1]),
+        }
+        if getattr(self.model.decoder, "score_from", 0) == 0:  # a partial model's early positions are not predictions
+            point["ppl_all_positions"] = math.exp(sums["all"][0] / sums["all"][1])
+        self.points.append(point)
+        return point
+
+
+def default_prefix(data_bin: Path) -> int:
+    """P of a partial-prediction smlp_lm_tiny on these blocks, when none is among the models."""
+    return Run("smlp_partial", data_bin, []).model.decoder.score_from
+
+
+def time_to_reach(points, target_ppl):
+    """Seconds at which a validation curve first reaches target_ppl (linear interpolation
+    between the two points around it), or None if it never does."""
+    previous = None
+    for p in points:
+        if p["ppl"] <= target_ppl:
+            if previous is None:
+                return p["seconds"]
+            frac = (previous["ppl"] - target_ppl) / (previous["ppl"] - p["ppl"])
+            return previous["seconds"] + frac * (p["seconds"] - previous["seconds"])
+        previous = p
+    return None
+
+
+def summarize(result: dict) -> dict:
+    """Final ppl, tokens/s, and the time each model needs to reach the best baseline's final ppl."""
+    models = result["models"]
+    baselines = [m for m in models if m not in SMLP]
+    best = min(baselines, key=lambda m: models[m]["points"][-1]["ppl"]) if baselines else None
+    target = models[best]["points"][-1]["ppl"] if best else None
+    rows = {}
+    for name, m in models.items():
+        last = m["points"][-1]
+        reach = time_to_reach(m["points"], target) if target else None
+        rows[name] = {
+            "final_ppl": last["ppl"], "final_ppl_all_positions": last.get("ppl_all_positions"),
+            "tokens_per_s": last["tokens"] / last["seconds"], "updates": last["updates"],
+            "seconds_to_best_baseline": reach,
+        }
+    for row in rows.values():  # each model's time to the target over sMLP's
+        smlp = rows.get("smlp", {}).get("seconds_to_best_baseline")
+        row["time_ratio_to_smlp"] = row["seconds_to_best_baseline"] / smlp if smlp and row["seconds_to_best_baseline"] else None
+    summary = {"best_baseline": best, "target_ppl": target, "rows": rows}
+    if best:
+        for name in SMLP:
+            if name in rows and rows[name]["seconds_to_best_baseline"] is not None:
+                summary[f"{name}_time_fraction_of_best_baseline"] = (
+                    rows[name]["seconds_to_best_baseline"] / models[best]["points"][-1]["seconds"]
+                )
+    return summary
+
+
+def _fmt(value, spec):
+    return "not reached" if value is None else format(value, spec)
+
+
+def write_markdown(path: Path, result: dict) -> None:
+    s, meta = result["summary"], result["meta"]
+    lines = [
+        "# sMLP and the baselines at equal wall-clock (CPU)", "",
+        f"Command: `{meta['command']}`", "",
+        f"Machine: {meta['machine']}, torch {meta['torch']}, {meta['threads']} thread(s); load average "
+        f"{meta['load_before']} before, {meta['load_after']} after. Data: {meta['data']}. "
+        f"{meta['minutes']} min of training per model, round-robin in {meta['points']} slices, validated "
+        f"after each; tokens per update {meta['tokens_per_update']}, 128-token blocks, Adam lr 2e-3 "
+        "(inverse sqrt, 100 warm-up updates), dropout 0.1.", "",
+        f"ppl: validation perplexity over the first {meta['valid_blocks']} validation blocks, on positions >= {meta['prefix']} of each 128-token block (what the partial-prediction "
+        "model can be scored on), the same positions for every model; all-pos: over all positions.", "",
+        f"Best baseline: **{s['best_baseline']}**, final ppl {s['target_ppl']:.2f}.", "",
+        "| model | arch | params | updates | tokens/s | final ppl | final ppl all-pos | s to best baseline's ppl | ratio to smlp |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, row in sorted(s["rows"].items(), key=lambda kv: kv[1]["final_ppl"]):
+        m = result["models"][name]
+        lines.append(
+            f"| {name} | {m['arch']} | {m['params'] / 1e6:.2f}M | {row['updates']} | {row['tokens_per_s']:,.0f} | "
+            f"{row['final_ppl']:.2f} | {_fmt(row['final_ppl_all_positions'], '.2f')} | "
+            f"{_fmt(row['seconds_to_best_baseline'], '.0f')} | {_fmt(row['time_ratio_to_smlp'], '.2f')} |"
+        )
+    lines.append("")
+    for name in SMLP:
+        key = f"{name}_time_fraction_of_best_baseline"
+        if key in s:
+            lines.append(
+                f"- {name} reaches the best baseline's final ppl in **{s[key]:.2f}x** that baseline's wall-clock "
+                "(the paper's claim: <= 0.5)."
+            )
+        elif name in s["rows"]:
+            lines.append(f"- {name} does not reach the best baseline's final ppl within the budget.")
+    lines += ["", f"Plots: `{Path(meta['out']).name}_ppl_vs_time.png`, `{Path(meta['out']).name}_ppl_vs_tokens.png`.", ""]
+    path.write_text("\n".join(lines))
+
+
+def write_plots(out: Path, result: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for x_key, label, suffix in (("seconds", "training wall-clock (s)", "time"), ("tokens", "training tokens", "tokens")):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for name, m in result["models"].items():
+            ax.plot([p[x_key] for p in m["points"]], [p["ppl"] for p in m["points"]], marker="o", ms=3, label=name,
+                    lw=2.5 if name in SMLP else 1.2)
+        ax.set_yscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel(f"validation ppl (positions >= {result['meta']['prefix']})")
+        ax.set_title(f"{result['meta']['data']}, {result['meta']['minutes']} min per model")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(f"{out}_ppl_vs_{suffix}.png", dpi=110)
+        plt.close(fig)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--minutes", type=float, default=5.0, help="training wall-clock per model")
+    p.add_argument("--points", type=int, default=6, help="validation points (round-robin slices) per model")
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--corpus", default="wikitext-2", choices=["wikitext-2", "ptb"])
+    p.add_argument("--vocab-size", type=int, default=8000, help="sentencepiece vocabulary of the prepared corpus")
+    p.add_argument("--data-bin", help="an existing fairseq data-bin instead of --corpus")
+    p.add_argument("--valid-blocks", type=int, default=1024, help="validation blocks scored at each point (first N)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: steady on a shared 2-core machine)")
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "compare"))
+    p.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more fairseq-train options for every model")
+    args = p.parse_args(argv)
+    if args.minutes <= 0 or args.points < 1:
+        p.error("--minutes must be > 0 and --points >= 1")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    import fairseq_smlp  # noqa: F401  (registers the archs, task and criterion)
+
+    data_bin = prepare_data(args)
+    load_before = round(os.getloadavg()[0], 2)
+    user_args = [a for a in args.extra if a != "--"]
+    runs = [Run(name, data_bin, user_args) for name in args.models]
+    # score every model from the partial model's prefix P (or what its default would be)
+    prefix = max([getattr(r.model.decoder, "score_from", 0) for r in runs] + [0]) or default_prefix(data_bin)
+    slice_seconds = args.minutes * 60 / args.points
+    for turn in range(args.points):
+        for run in runs:
+            run.train_for(slice_seconds)
+            point = run.validate(prefix, args.valid_blocks)
+            print(f"[{turn + 1}/{args.points}] {run.name:13} {point}", flush=True)
+
+    out = Path(args.out)
+    result = {
+        "meta": {
+            "command": " ".join(["python benchmarks/compare.py", *map(shlex.quote, argv if argv is not None else sys.argv[1:])]),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+            "torch": torch.__version__, "threads": args.threads, "load_before": load_before,
+            "load_after": round(os.getloadavg()[0], 2), "data": str(data_bin) if args.data_bin else f"{args.corpus}, {args.vocab_size} sentencepiece BPE",
+            "minutes": args.minutes, "points": args.points, "valid_blocks": args.valid_blocks, "prefix": prefix, "tokens_per_update": runs[0].cfg.dataset.max_tokens, "out": str(out),
+        },
+        "models": {r.name: {"arch": r.arch, "params": r.params, "points": r.points} for r in runs},
+    }
+    result["summary"] = summarize(result)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    write_markdown(out.with_suffix(".md"), result)
+    write_plots(out, result)
+    print(f"wrote {out}.json, {out}.md and the plots")
+
+
+if __name__ == "__main__":
+    main()
