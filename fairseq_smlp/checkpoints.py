@@ -21,6 +21,8 @@ import sys
 
 import torch
 
+from .checkpoint_io import CorruptCheckpointError, load_or_explain
+
 EXPERT_SUFFIXES = ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias", "norm_weight", "norm_bias")
 
 
@@ -36,7 +38,7 @@ def rank_files(paths):
 
 
 def load(path):
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return load_or_explain(torch.load, path, map_location="cpu", weights_only=False)
 
 
 def expert_names(state):
@@ -131,7 +133,8 @@ def reshard(paths, n, out):
         cfg = state.get("cfg")
         if cfg is not None and "distributed_training" in cfg:
             cfg["distributed_training"]["distributed_world_size"] = n
-        torch.save(state, path)
+        torch.save(state, path + ".tmp")  # atomic: a crash never leaves a half-written OUT
+        os.replace(path + ".tmp", path)
         written.append(path)
     print(f"reshard: {len(paths)} rank file(s) -> {n}: " + " ".join(written))
     return written
@@ -147,7 +150,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.to_world_size < 1:
         parser.error("--to-world-size must be >= 1")
-    reshard(args.checkpoints, args.to_world_size, args.out)
+    try:
+        reshard(args.checkpoints, args.to_world_size, args.out)
+    except CorruptCheckpointError as e:
+        sys.exit(f"reshard: {e}")
 
 
 if __name__ == "__main__":
