@@ -18,6 +18,7 @@ fairseq 0.12 saves on rank 0 only and has no hook for this, so `install()` wraps
 Trainer members; they change behaviour only when the model holds sharded experts
 (world size > 1), and install() is only called in that case.
 """
+import os
 from fairseq import trainer as fairseq_trainer
 
 SUPPORTED_DDP = ("legacy_ddp", "no_c10d")
@@ -81,7 +82,15 @@ def install() -> None:
             }
         return state
 
+    orig_save = Trainer.save_checkpoint
+
+    def save_checkpoint(self, filename, extra_state):
+        # every rank writes its own file, but only rank 0 creates --save-dir in fairseq
+        os.makedirs(os.path.dirname(filename) or ".", exist_ok=True)
+        return orig_save(self, filename, extra_state)
+
     Trainer.__init__ = __init__
+    Trainer.save_checkpoint = save_checkpoint
     Trainer.state_dict = state_dict
     Trainer.should_save_checkpoint_on_current_rank = property(should_save)
     Trainer.checkpoint_suffix = property(suffix)

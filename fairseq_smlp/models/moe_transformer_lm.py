@@ -43,6 +43,7 @@ from ..modules.token_routers import (
     balanced_hash_table,
     random_hash_table,
 )
+from .vocabulary import VocabularyCheck
 
 
 @dataclass
@@ -289,7 +290,7 @@ class MoETransformerDecoder(TransformerDecoder):
 
 
 @register_model("moe_transformer_lm", dataclass=MoETransformerLanguageModelConfig)
-class MoETransformerLanguageModel(TransformerLanguageModel):
+class MoETransformerLanguageModel(VocabularyCheck, TransformerLanguageModel):
     @classmethod
     def build_model(cls, args, task):
         check_moe_args(args)

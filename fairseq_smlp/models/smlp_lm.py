@@ -28,6 +28,7 @@ from ..modules.channel_router import PrefixChannelRouter
 from ..modules.experts import ExpertFFN
 from ..modules.spatial_gating import SpatialGatingUnit
 from ..modules.token_routers import BaseRouter, TokenMoE
+from .vocabulary import VocabularyCheck
 
 
 @dataclass
@@ -75,7 +76,7 @@ def sparse_block_indices(cfg) -> List[int]:
 
 
 @register_model("smlp_lm", dataclass=SmlpConfig)
-class SmlpLanguageModel(FairseqLanguageModel):
+class SmlpLanguageModel(VocabularyCheck, FairseqLanguageModel):
     @classmethod
     def build_model(cls, cfg, task):
         if cfg.max_target_positions is None:

@@ -6,6 +6,7 @@ are not predictions; this task makes fairseq-eval-lm score positions >= P only (
 says so), as the training criterion does.
 """
 import logging
+import os
 
 from fairseq.data import BaseWrapperDataset
 from fairseq.tasks import register_task
@@ -35,6 +36,7 @@ class SmlpLanguageModelingTask(LanguageModelingTask):
 
     def build_model(self, args, from_checkpoint=False):
         model = super().build_model(args, from_checkpoint)
+        model.dictionary_file = os.path.join(self.args.data.split(os.pathsep)[0], "dict.txt")  # named in load errors
         self.score_from = getattr(model.decoder, "score_from", 0)
         return model
 
