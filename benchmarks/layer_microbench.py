@@ -22,9 +22,6 @@ All variants of one expert count run interleaved, repeats times; the ratio is
 median(layer) / median(its dense reference). Results: benchmarks/results/layer_microbench.{json,md}.
 """
 import argparse
-import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -36,6 +33,7 @@ import torch.nn as nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from _results import run_metadata, write_results  # noqa: E402  (benchmarks/, the script's folder)
 from fairseq_smlp.modules.channel_router import PrefixChannelRouter  # noqa: E402
 from fairseq_smlp.modules.experts import ExpertFFN  # noqa: E402
 from fairseq_smlp.modules.spatial_gating import SpatialGatingUnit  # noqa: E402
@@ -200,29 +198,19 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    load = os.getloadavg()[0]
+    metadata = run_metadata("layer_microbench.py", argv)  # load average before the run
     rows = []
     for e in args.experts:
         rows += run(e, args)
         summary = ", ".join(f"{r['layer']} {r['ratio']:.2f}" for r in rows if r["experts"] == e and r["reference"])
         print(f"E={e}: {summary}", flush=True)
     result = {
-        "command": " ".join(["python benchmarks/layer_microbench.py", *(argv if argv is not None else sys.argv[1:])]),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "load_average": round(load, 2),
+        **metadata,
         "tokens": args.batch * args.seq_len,
         **{k: getattr(args, k) for k in ("batch", "seq_len", "embed_dim", "ffn_dim", "input_scale", "repeats", "warmup")},
         "rows": rows,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    write_markdown(out.with_suffix(".md"), result)
-    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
-
+    write_results(args.out, result, write_markdown)
 
 if __name__ == "__main__":
     main()

@@ -12,9 +12,6 @@ Time is the ops' self CPU time, so categories add up. Results:
 benchmarks/results/profile_step.{json,md} (--out to change).
 """
 import argparse
-import json
-import os
-import platform
 import sys
 import time
 from collections import defaultdict
@@ -27,6 +24,7 @@ from torch.autograd.profiler import record_function
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from _results import run_metadata, write_results  # noqa: E402  (benchmarks/, the script's folder)
 from fairseq_smlp.flops import build_model, dummy_task  # noqa: E402
 
 CATEGORIES = [
@@ -137,7 +135,7 @@ def make_step(arch: str, args):
     torch.manual_seed(0)
     model, seq_len = build_model(arch, args.model_args, seq_len=args.tokens_per_sample, vocab=args.vocab, device="cpu", task=task)
     model.train()
-    criterion = MoECrossEntropyCriterion(task, moe_aux_loss_weight=0.01)
+    criterion = MoECrossEntropyCriterion(task, moe_aux_loss_weight=0.01, no_fused_output_loss=args.no_fused_output_loss)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     batch = max(1, args.max_tokens // seq_len)
     generator = torch.Generator().manual_seed(0)
@@ -240,33 +238,20 @@ def main(argv=None):
     parser.add_argument("--max-tokens", type=int, default=4096, help="tokens per step")
     parser.add_argument("--steps", type=int, default=3, help="profiled steps (also the unprofiled reference)")
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--no-fused-output-loss", action="store_true", help="unfused output layer + log-softmax (the A/B)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "profile_step"))
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    load = os.getloadavg()[0]
+    metadata = run_metadata("profile_step.py", argv)  # load average before the run
     result = profile(args)
-    result.update({
-        "command": " ".join(["python benchmarks/profile_step.py", *(argv if argv is not None else sys.argv[1:])]),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "load_average": round(load, 2),
-        "vocab": args.vocab,
-        "tokens_per_sample": args.tokens_per_sample,
-        "steps": args.steps,
-    })
+    result.update({**metadata, "vocab": args.vocab, "tokens_per_sample": args.tokens_per_sample, "steps": args.steps})
     for r in result["categories"]:
         print(f"{r['category']:22} {r['ms_per_step']:8.1f} ms  {100 * r['share']:5.1f}%")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    write_markdown(out.with_suffix(".md"), result)
-    print(f"step {result['seconds_per_step_unprofiled']:.3f} s unprofiled; wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
-
+    print(f"step {result['seconds_per_step_unprofiled']:.3f} s unprofiled")
+    write_results(args.out, result, write_markdown)
 
 if __name__ == "__main__":
     main()

@@ -14,10 +14,6 @@ drifts), and the model FLOP utilisation is 3 * forward FLOPs per token * tokens/
 Results: benchmarks/results/throughput_baselines.{json,md}.
 """
 import argparse
-import json
-import os
-import platform
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -27,6 +23,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from _results import run_metadata, write_results  # noqa: E402  (benchmarks/, the script's folder)
 from fairseq_smlp.flops import build_model, count_flops, count_params, dummy_task  # noqa: E402
 
 ARCHS = ["smlp_lm_tiny", "gmlp_lm_tiny", "transformer_lm_tiny", "switch_lm_tiny", "gshard_lm_tiny", "hash_lm_tiny", "base_lm_tiny"]
@@ -63,7 +60,7 @@ def measure(arch: str, args) -> dict:
     torch.manual_seed(0)
     model, seq_len = build_model(arch, [], seq_len=args.tokens_per_sample, vocab=args.vocab, device=args.device, task=task)
     model.train()
-    criterion = MoECrossEntropyCriterion(task, moe_aux_loss_weight=0.01)
+    criterion = MoECrossEntropyCriterion(task, moe_aux_loss_weight=0.01, no_fused_output_loss=args.no_fused_output_loss)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     batch = max(1, args.max_tokens // seq_len)
     generator = torch.Generator().manual_seed(0)
@@ -137,6 +134,7 @@ def main(argv=None):
     parser.add_argument("--max-tokens", type=int, default=2048, help="tokens per update")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--no-fused-output-loss", action="store_true", help="unfused output layer + log-softmax (the A/B)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="bf16: autocast (weights and routers stay fp32)")
@@ -155,13 +153,9 @@ def main(argv=None):
         runs.append(r)
         print(f"{arch:22} {r['tokens_per_s']:10,.0f} tokens/s  ({r['seconds_per_update']:.3f} s/update)", flush=True)
     result = {
-        "command": " ".join(["python benchmarks/throughput_baselines.py", *(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))]),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "machine": torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+        **run_metadata("throughput_baselines.py", argv, args.device),
         "device": args.device,
         "dtype": args.dtype,
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
         "matmul_peak_gflops": round(peak, 1),
         "vocab": args.vocab,
         "tokens_per_sample": args.tokens_per_sample,
@@ -169,11 +163,7 @@ def main(argv=None):
         "warmup": args.warmup,
         "runs": runs,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    write_markdown(out.with_suffix(".md"), result)
-    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+    write_results(args.out, result, write_markdown)
 
 
 if __name__ == "__main__":

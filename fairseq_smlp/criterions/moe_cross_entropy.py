@@ -10,11 +10,18 @@ from fairseq import metrics, utils
 from fairseq.criterions import FairseqCriterion, register_criterion
 from fairseq.dataclass import FairseqDataclass
 
+from .fused_output_loss import LinearCrossEntropy, fused_output_weight
+
 
 @dataclass
 class MoECrossEntropyConfig(FairseqDataclass):
     moe_aux_loss_weight: float = field(
         default=0.01, metadata={"help": "weight of the routers' load-balancing losses (Switch/GShard: 0.01)"}
+    )
+    no_fused_output_loss: bool = field(
+        default=False,
+        metadata={"help": "training: compute the output projection and log-softmax separately instead of fused "
+                          "(same numbers, slower; see criterions/fused_output_loss.py)"},
     )
 
 
@@ -39,22 +46,28 @@ class MoECrossEntropyCriterion(FairseqCriterion):
     the model's `score_from` (partial-prediction routing) are not scored.
     """
 
-    def __init__(self, task, moe_aux_loss_weight):
+    def __init__(self, task, moe_aux_loss_weight, no_fused_output_loss=False):
         super().__init__(task)
         self.aux_weight = moe_aux_loss_weight
+        self.fused = not no_fused_output_loss
 
     def forward(self, model, sample, reduce=True):
-        net_output = model(**sample["net_input"])
+        weight = fused_output_weight(model) if self.fused and model.training else None
+        net_output = model(**sample["net_input"], features_only=weight is not None)
         extra = net_output[1] if isinstance(net_output[1], dict) else {}
         target = model.get_targets(sample, net_output)
         score_from = extra.get("score_from", 0)
         if score_from > 0:
             target = target.clone()
             target[:, :score_from] = self.padding_idx
-        lprobs = model.get_normalized_probs(net_output, log_probs=True)
-        nll = F.nll_loss(
-            lprobs.view(-1, lprobs.size(-1)), target.reshape(-1), ignore_index=self.padding_idx, reduction="sum"
-        )
+        if weight is not None:  # net_output[0]: features (B, T, H)
+            features = net_output[0]
+            nll = LinearCrossEntropy.apply(features.reshape(-1, features.size(-1)), weight, target.reshape(-1), self.padding_idx)
+        else:
+            lprobs = model.get_normalized_probs(net_output, log_probs=True)
+            nll = F.nll_loss(
+                lprobs.view(-1, lprobs.size(-1)), target.reshape(-1), ignore_index=self.padding_idx, reduction="sum"
+            )
         scored = int(target.ne(self.padding_idx).sum())
 
         moe_stats = extra.get("moe_stats", [])

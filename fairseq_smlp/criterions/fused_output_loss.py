@@ -1,0 +1,48 @@
+"""Output projection and cross-entropy in one autograd function.
+
+On the tiny CPU models the output layer (vocabulary 8k, width 128) is ~64% of a training
+step (benchmarks/results/profile_step.md), a third of it in log_softmax forward + backward,
+which writes and reads (N, V) tensors several times. Here the backward turns the saved
+logits into softmax - one_hot in place: one (N, V) buffer, no log-probability tensor, no
+zero-filled NLL gradient. Written by hand: neither torch nor fairseq ships a fused
+linear + cross-entropy for CPU.
+"""
+import torch
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """sum over rows with target != ignore_index of -log softmax(x W^T)[target].
+
+    x: (N, H), weight: (V, H), target: (N,) long. Logits and softmax in fp32 (also under
+    autocast); gradients come back in the dtypes of x and weight.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, target, ignore_index: int):
+        logits = torch.mm(x, weight.t()).float()  # (N, V)
+        lse = torch.logsumexp(logits, dim=-1)  # (N,)
+        scored = target.ne(ignore_index)
+        safe_target = target.masked_fill(~scored, 0)
+        picked = logits.gather(1, safe_target.unsqueeze(1)).squeeze(1)
+        ctx.save_for_backward(x, weight, logits, lse, safe_target, scored)
+        return ((lse - picked) * scored).sum()
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, logits, lse, safe_target, scored = ctx.saved_tensors
+        # d loss / d logits = softmax - one_hot, on scored rows; built in the saved buffer
+        # (the graph is used once: fairseq never backpropagates twice through a loss)
+        probs = logits.sub_(lse.unsqueeze(1)).exp_()
+        probs[torch.arange(probs.size(0), device=probs.device), safe_target] -= 1
+        probs.mul_((scored.to(probs.dtype) * grad).unsqueeze(1))
+        probs = probs.to(x.dtype)
+        return torch.mm(probs, weight.to(x.dtype)).to(x.dtype), torch.mm(probs.t(), x).to(weight.dtype), None, None
+
+
+def fused_output_weight(model):
+    """The output projection weight if the loss may be fused for this model, else None
+    (adaptive softmax, a bias, or a model without a plain output projection)."""
+    projection = getattr(getattr(model, "decoder", None), "output_projection", None)
+    if isinstance(projection, torch.nn.Linear) and projection.bias is None:
+        return projection.weight
+    return None
