@@ -190,6 +190,40 @@ def test_unequal_token_counts_do_not_hang():
     spawn(_unequal_worker, timeout=90)
 
 
+def _variable_split_worker(rank, port):
+    """Unbalanced routing: exactly the routed rows travel (no padding to a common capacity)."""
+    from fairseq_smlp.distributed import expert_parallel
+
+    init(rank, port)
+    moe = build("tmoe").eval()  # greedy top-1 at evaluation: loads follow the inputs
+    with torch.no_grad():  # every token prefers expert 0 (owned by rank 0)
+        moe.router.centroids.zero_()
+        moe.router.centroids[0] = 1.0
+    sent = []
+    exchange = expert_parallel._exchange
+    expert_parallel._exchange = lambda rows, out=None, inp=None: sent.append((rows.size(0), out, inp)) or exchange(rows, out, inp)
+    tokens = 10 if rank == 0 else 3
+    with torch.no_grad():
+        moe(torch.ones(tokens, 1, H))
+    expert_parallel._exchange = exchange
+    (rows, receive, send), _ = sent  # there, and back
+    assert rows == tokens and send == [tokens, 0]  # all to rank 0, nothing padded
+    assert receive == ([10, 3] if rank == 0 else [0, 0])
+
+
+def test_unbalanced_routing_sends_variable_splits():
+    spawn(_variable_split_worker, timeout=90)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_batch_without_tokens_in_one_process(kind):
+    moe = build(kind).eval()
+    if hasattr(moe.router, "set_token_ids"):
+        moe.router.set_token_ids(torch.zeros(0, dtype=torch.long))
+    out, _ = moe(torch.zeros(0, 1, H))
+    assert out.shape == (0, 1, H)
+
+
 def _bad_world_worker(rank, port):
     from fairseq_smlp.modules.experts import ExpertFFN
 

@@ -1,14 +1,15 @@
 """The token exchange of expert parallelism: experts sharded over the data-parallel workers.
 
-Rank r owns experts [r * E_local, (r + 1) * E_local). Every rank builds its (E, C, H)
-dispatch buffer as in one process, then
-    all-to-all: slot rows of expert e go to the rank that owns e   -> (W, E_local, C, H)
-    local experts run batched on (E_local, W * C, H)
-    all-to-all back: outputs return to the rank the token came from -> (E, C, H)
-C is the max capacity over all ranks (one scalar all_reduce), so every rank sends the
-same number of rows to every rank: an even all_to_all_single, and a rank with fewer
-(or zero) tokens pads with zeros instead of hanging. Uses torch's autograd all-to-all
-(torch.distributed.nn), which sends gradients back the same way.
+Rank r owns experts [r * E_local, (r + 1) * E_local). Each rank routes its own tokens, then
+    all-to-all of counts: every rank learns how many rows it will get from every rank, for each
+        of its local experts (routing is unbalanced in general: Switch, GShard, HASH, greedy eval);
+    all-to-all of rows with those variable split sizes: exactly the routed rows travel, grouped by
+        destination rank (no padding to a common capacity, nothing dropped);
+    local experts run batched on their rows (padded per local expert only when E_local > 1);
+    all-to-all back with the split sizes swapped: outputs return to the rank the token came from.
+A rank with fewer (or zero) tokens still joins both collectives with its (zero) counts, so
+unequal token counts never hang. Uses torch's autograd all-to-all (torch.distributed.nn),
+which sends gradients back the same way.
 
 Gradients: an expert's gradient already sums the loss of the tokens of ALL ranks, while
 fairseq's trainer multiplies every gradient by world_size / sample_size (undoing legacy_ddp's
@@ -38,30 +39,22 @@ def group():
     return dist_utils.get_data_parallel_group()
 
 
-def max_over_ranks(value: int, device) -> int:
-    """The largest `value` of all ranks (every rank must call this)."""
-    t = torch.tensor([value], dtype=torch.long, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group())
-    return int(t.item())
-
-
 def scale_expert_grads(params, world: int) -> None:
     """Divide the gradients of sharded expert params by the world size (see module doc)."""
     for p in params:
         p.register_hook(lambda g, w=world: g / w)
 
 
-def _exchange(rows: torch.Tensor) -> torch.Tensor:
-    """rows: (W * R, H), block w goes to rank w -> (W * R, H), block w came from rank w."""
-    if TIMER["enabled"]:
-        return _timed_exchange(rows)
-    return all_to_all_single(torch.empty_like(rows), rows, group=group())
-
-
-def _timed_exchange(rows: torch.Tensor) -> torch.Tensor:
-    """The same exchange, timing the forward call and (through grad hooks) the backward one."""
+def _exchange(rows: torch.Tensor, output_splits=None, input_splits=None) -> torch.Tensor:
+    """rows: (sum(input_splits), H), block w goes to rank w -> (sum(output_splits), H), block w
+    came from rank w. Without splits: W equal blocks each way."""
+    size = sum(output_splits) if output_splits is not None else rows.size(0)
+    output = rows.new_empty(size, *rows.shape[1:])
+    if not TIMER["enabled"]:
+        return all_to_all_single(output, rows, output_splits, input_splits, group=group())
+    # the same exchange, timing the forward call and (through grad hooks) the backward one
     start = time.perf_counter()
-    out = all_to_all_single(torch.empty_like(rows), rows, group=group())
+    out = all_to_all_single(output, rows, output_splits, input_splits, group=group())
     TIMER["seconds"] += time.perf_counter() - start
     if out.requires_grad and rows.requires_grad:
         mark = {}
@@ -70,16 +63,35 @@ def _timed_exchange(rows: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def run_sharded_experts(experts, buffer: torch.Tensor) -> torch.Tensor:
-    """buffer: (E, C, H) slots of all E experts on this rank -> (E, C, H) their outputs,
-    computed by the ranks that own the experts."""
-    num_experts, capacity, hidden = buffer.shape
+def run_sharded_experts(experts, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """rows: (M, H) this rank's routed rows, grouped by expert; counts: (E,) rows per expert
+    -> (M, H) the experts' outputs in the same order, computed by the ranks owning the experts."""
     world, local = experts.world_size, experts.num_local_experts
-    received = _exchange(buffer.reshape(num_experts * capacity, hidden))  # (W * E_local * C, H)
-    mine = received.view(world, local, capacity, hidden).transpose(0, 1).reshape(local, world * capacity, hidden)
-    out = experts(mine)  # (E_local, W * C, H)
-    back = out.view(local, world, capacity, hidden).transpose(0, 1).reshape(num_experts * capacity, hidden)
-    return _exchange(back).view(num_experts, capacity, hidden)
+    received_counts = torch.empty_like(counts)  # (W * E_local,): from rank s, rows for my expert l
+    dist.all_to_all_single(received_counts, counts, group=group())
+    send_splits = counts.view(world, local).sum(1).tolist()
+    receive_splits = received_counts.view(world, local).sum(1).tolist()
+    received = _exchange(rows, receive_splits, send_splits)  # (R, H): by source rank, then local expert
+    out = _run_local_experts(experts, received, received_counts.view(world, local))
+    return _exchange(out, send_splits, receive_splits)
+
+
+def _run_local_experts(experts, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """rows: (R, H) ordered by (source rank, local expert), counts: (W, E_local) -> (R, H)."""
+    world, local = counts.shape
+    if local == 1:  # one expert per worker (the paper's layout): no regrouping
+        return experts(rows.unsqueeze(0)).squeeze(0)
+    expert_of_row = torch.arange(local, device=rows.device).repeat(world).repeat_interleave(counts.flatten())
+    order = torch.argsort(expert_of_row, stable=True)  # expert-major
+    per_expert = counts.sum(0)  # (E_local,)
+    capacity = int(per_expert.max()) if rows.size(0) else 0
+    starts = torch.cumsum(per_expert, 0) - per_expert
+    grouped = expert_of_row[order]
+    slot = grouped * capacity + torch.arange(rows.size(0), device=rows.device) - starts[grouped]
+    buffer = rows.new_zeros(local * capacity, rows.size(-1)).index_copy(0, slot, rows.index_select(0, order))
+    hidden = rows.size(-1)  # explicit: capacity may be 0
+    out = experts(buffer.view(local, capacity, hidden)).reshape(local * capacity, hidden).index_select(0, slot)
+    return torch.zeros_like(out).index_copy(0, order, out)  # back to the received order
 
 
 def run_sharded_spatial(mixing, groups: torch.Tensor, world: int) -> torch.Tensor:

@@ -85,30 +85,31 @@ def dispatch_to_experts(x: torch.Tensor, expert_index: torch.Tensor, weight: tor
     kept = flat_expert >= 0
     flat_expert, token, flat_weight = flat_expert[kept], token[kept], weight.reshape(-1)[kept]
 
-    # slot of each assignment inside its expert: rank among the assignments to that expert
+    # assignments grouped by expert (stable: token order inside each expert)
     order = torch.argsort(flat_expert, stable=True)
     flat_expert, token, flat_weight = flat_expert[order], token[order], flat_weight[order]
-    counts = torch.bincount(flat_expert, minlength=experts.num_experts)
-    starts = torch.cumsum(counts, 0) - counts
-    slot = torch.arange(flat_expert.numel(), device=x.device) - starts[flat_expert]
-
-    # flat slot e * C + i; index_select / index_copy / index_add are the fast CPU paths
-    # (2-D advanced indexing is several times slower, forward and backward)
-    capacity = int(counts.max()) if flat_expert.numel() else 0
-    if experts.world_size > 1:  # same C on every rank: even all-to-all, no hang on unequal loads
-        capacity = expert_parallel.max_over_ranks(capacity, x.device)
-        if capacity == 0:  # no rank routed anything (all agree: skip the exchange together)
-            return x.new_zeros(x.shape)
-    flat_slot = flat_expert * capacity + slot
-    routed = x.index_select(0, token)  # (M, H)
-    if flat_expert.numel() == experts.num_experts * capacity:  # balanced: slots are already in order
-        buffer = routed
+    counts = torch.bincount(flat_expert, minlength=experts.num_experts)  # (E,)
+    routed = x.index_select(0, token)  # (M, H), grouped by expert
+    if experts.world_size > 1:  # experts on other ranks: exactly the routed rows travel
+        out = expert_parallel.run_sharded_experts(experts, routed, counts)  # (M, H), same order
     else:
-        buffer = x.new_zeros(experts.num_experts * capacity, x.size(-1)).index_copy(0, flat_slot, routed)
-    buffer = buffer.view(experts.num_experts, capacity, -1)
-    if experts.world_size > 1:
-        out = expert_parallel.run_sharded_experts(experts, buffer).reshape(-1, x.size(-1))
-    else:
-        out = experts(buffer).reshape(-1, x.size(-1))
-    out = out.index_select(0, flat_slot) * flat_weight.unsqueeze(-1).to(out.dtype)  # (M, H)
+        out = _run_in_slots(experts, routed, flat_expert, counts)
+    out = out * flat_weight.unsqueeze(-1).to(out.dtype)  # (M, H)
     return out.new_zeros(x.shape).index_add_(0, token, out).to(x.dtype)
+
+
+def _run_in_slots(experts: ExpertFFN, routed: torch.Tensor, flat_expert: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """routed (M, H) grouped by expert -> expert outputs (M, H), run batched on (E, C, H) slots."""
+    # slot of each assignment inside its expert: rank among the assignments to that expert;
+    # flat slot e * C + i. index_select / index_copy are the fast CPU paths (2-D advanced
+    # indexing is several times slower, forward and backward)
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(flat_expert.numel(), device=routed.device) - starts[flat_expert]
+    capacity = int(counts.max()) if flat_expert.numel() else 0
+    num_experts, hidden = experts.num_experts, routed.size(-1)  # explicit shapes: capacity may be 0
+    if flat_expert.numel() == num_experts * capacity:  # balanced: slots are already in order
+        return experts(routed.view(num_experts, capacity, hidden)).reshape(-1, hidden)
+    flat_slot = flat_expert * capacity + slot
+    buffer = routed.new_zeros(num_experts * capacity, hidden).index_copy(0, flat_slot, routed)
+    out = experts(buffer.view(num_experts, capacity, hidden))
+    return out.reshape(-1, hidden).index_select(0, flat_slot)
