@@ -167,7 +167,10 @@ def fp32(device: torch.device):
 def check_finite(logits: torch.Tensor, layer: str) -> None:
     """Stop at the router that produced NaN/inf instead of letting it spread."""
     if not torch.isfinite(logits).all():
-        raise FloatingPointError(f"non-finite router logits in {layer}")
+        raise FloatingPointError(
+            f"non-finite router logits in {layer}: NaN/inf reached this router (training diverged, or a bad input "
+            "or checkpoint); stopped here rather than routing on garbage. Try a lower --lr or --clip-norm"
+        )
 
 
 def switch_aux_loss(probs: torch.Tensor, top1: torch.Tensor) -> torch.Tensor:
