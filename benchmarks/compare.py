@@ -180,6 +180,10 @@ def summarize(result: dict) -> dict:
             "tokens_per_s": last["tokens"] / last["seconds"], "updates": last["updates"],
             "seconds_to_best_baseline": reach,
         }
+    smlp_points = models.get("smlp", {}).get("points")
+    for name, row in rows.items():  # sMLP's time to this model's final ppl, over this model's time
+        reach = time_to_reach(smlp_points, row["final_ppl"]) if smlp_points and name != "smlp" else None
+        row["smlp_time_fraction"] = reach / models[name]["points"][-1]["seconds"] if reach is not None else None
     for row in rows.values():  # each model's time to the target over sMLP's
         smlp = rows.get("smlp", {}).get("seconds_to_best_baseline")
         row["time_ratio_to_smlp"] = row["seconds_to_best_baseline"] / smlp if smlp and row["seconds_to_best_baseline"] else None
@@ -193,8 +197,8 @@ def summarize(result: dict) -> dict:
     return summary
 
 
-def _fmt(value, spec):
-    return "not reached" if value is None else format(value, spec)
+def _fmt(value, spec, missing="not reached"):
+    return missing if value is None else format(value, spec)
 
 
 def write_markdown(path: Path, result: dict) -> None:
@@ -209,16 +213,19 @@ def write_markdown(path: Path, result: dict) -> None:
         "(inverse sqrt, 100 warm-up updates), dropout 0.1.", "",
         f"ppl: validation perplexity over the first {meta['valid_blocks']} validation blocks, on positions >= {meta['prefix']} of each 128-token block (what the partial-prediction "
         "model can be scored on), the same positions for every model; all-pos: over all positions.", "",
+        *([f"Note: {meta['note']}", ""] if meta.get("note") else []),
         f"Best baseline: **{s['best_baseline']}**, final ppl {s['target_ppl']:.2f}.", "",
-        "| model | arch | params | updates | tokens/s | final ppl | final ppl all-pos | s to best baseline's ppl | ratio to smlp |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | arch | params | updates | tokens/s | final ppl | final ppl all-pos | s to best baseline's ppl | ratio to smlp "
+        "| smlp's time to this final ppl |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, row in sorted(s["rows"].items(), key=lambda kv: kv[1]["final_ppl"]):
         m = result["models"][name]
         lines.append(
             f"| {name} | {m['arch']} | {m['params'] / 1e6:.2f}M | {row['updates']} | {row['tokens_per_s']:,.0f} | "
-            f"{row['final_ppl']:.2f} | {_fmt(row['final_ppl_all_positions'], '.2f')} | "
-            f"{_fmt(row['seconds_to_best_baseline'], '.0f')} | {_fmt(row['time_ratio_to_smlp'], '.2f')} |"
+            f"{row['final_ppl']:.2f} | {_fmt(row['final_ppl_all_positions'], '.2f', '-')} | "
+            f"{_fmt(row['seconds_to_best_baseline'], '.0f')} | {_fmt(row['time_ratio_to_smlp'], '.2f')} | "
+            f"{_fmt(row['smlp_time_fraction'], '.2f', '-')} |"
         )
     lines.append("")
     for name in SMLP:
@@ -230,6 +237,10 @@ def write_markdown(path: Path, result: dict) -> None:
             )
         elif name in s["rows"]:
             lines.append(f"- {name} does not reach the best baseline's final ppl within the budget.")
+    lines += [
+        "", "Last column: the wall-clock sMLP (deterministic) needed to reach that model's final perplexity, as a fraction "
+        "of that model's own training time (the paper's efficiency claim is <= 0.5 against the Transformer MoEs).",
+    ]
     lines += ["", f"Plots: `{Path(meta['out']).name}_ppl_vs_time.png`, `{Path(meta['out']).name}_ppl_vs_tokens.png`.", ""]
     path.write_text("\n".join(lines))
 
@@ -267,6 +278,7 @@ def parse_args(argv=None):
     p.add_argument("--valid-blocks", type=int, default=1024, help="validation blocks scored at each point (first N)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: steady on a shared 2-core machine)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "compare"))
+    p.add_argument("--render", action="store_true", help="only rewrite OUT.md and the plots from OUT.json")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more fairseq-train options for every model")
     args = p.parse_args(argv)
     if args.minutes <= 0 or args.points < 1:
@@ -274,8 +286,19 @@ def parse_args(argv=None):
     return args
 
 
+def render(out: Path) -> None:
+    """Rewrite the table and plots of an existing OUT.json (e.g. after changing the report)."""
+    result = json.loads(out.with_suffix(".json").read_text())
+    result["summary"] = summarize(result)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    write_markdown(out.with_suffix(".md"), result)
+    write_plots(out, result)
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.render:
+        return render(Path(args.out))
     torch.set_num_threads(args.threads)
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
     import fairseq_smlp  # noqa: F401  (registers the archs, task and criterion)
