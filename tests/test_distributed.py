@@ -293,6 +293,15 @@ def test_train_two_workers_reshard_eval(data_bin, tmp_path, smoe):
     one = torch.load(merged, weights_only=False)
     assert one["model"][key].shape[0] == 2 and "last_optimizer_state" in one
 
+    # the zero-shot evaluator loads the resharded file directly too
+    (tmp_path / "zs").mkdir()
+    copa = {"premise": "the man fell .", "choice1": "he was hurt .", "choice2": "he sang .", "question": "effect", "idx": 0, "label": 0}
+    (tmp_path / "zs" / "copa.validation.jsonl").write_text(json.dumps(copa) + "\n")
+    run([sys.executable, "-m", "fairseq_smlp.eval.zeroshot", "--path", str(merged), "--cpu", "--tasks", "copa",
+         "--data-dir", str(tmp_path / "zs"), "--output", str(tmp_path / "zs.json")])
+    report = json.loads((tmp_path / "zs.json").read_text())
+    assert report["tasks"]["copa"]["examples"] == 1
+
     # 1 -> 2 gives back the original rank files (model and optimizer state)
     run([sys.executable, "-m", "fairseq_smlp.checkpoints", "reshard", str(merged), "--to-world-size", "2", "--out", str(tmp_path / "again.pt")])
     again = torch.load(tmp_path / "again-rank-1.pt", weights_only=False)

@@ -71,6 +71,33 @@ class ExpertFFN(nn.Module):
         h = self.activation(torch.baddbmm(self.fc1_bias, x, self.fc1_weight))
         return torch.baddbmm(self.fc2_bias, h, self.fc2_weight)
 
+    # ---- single process, uneven loads: no padding slots (see _run_in_slots)
+    def can_run_grouped(self, x: torch.Tensor) -> bool:
+        """torch's grouped_mm runs on CPU (fp32/bf16) for rows whose byte strides are multiples
+        of 16; on CUDA it needs bf16 and SM >= 80, and it is not in autocast's cast lists."""
+        grouped_mm = getattr(F, "grouped_mm", None)
+        aligned = all(d * x.element_size() % 16 == 0 for d in (self.embed_dim, self.fc1_weight.size(-1)))
+        return (
+            grouped_mm is not None and x.device.type == "cpu" and aligned and x.dtype == self.fc1_weight.dtype
+            and not torch.is_autocast_enabled("cpu")
+        )
+
+    def forward_grouped(self, x: torch.Tensor, row_expert: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x: (M, H) rows grouped by expert (row_expert: (M,) sorted; counts: (E,)) -> (M, H).
+
+        forward() on exactly the routed rows: each expert multiplies only its own rows, so
+        an uneven load costs no FLOPs on padding slots (Switch/GShard capacity, HASH, greedy
+        evaluation spent up to max(counts) * E rows there)."""
+        offs = torch.cumsum(counts, 0).to(torch.int32)
+
+        def per_row(p):  # (E, 1, D) -> (M, D): each row's expert's vector
+            return p.squeeze(1).index_select(0, row_expert)
+
+        if self.norm_weight is not None:
+            x = F.layer_norm(x, (self.embed_dim,)) * per_row(self.norm_weight) + per_row(self.norm_bias)
+        h = self.activation(F.grouped_mm(x, self.fc1_weight, offs=offs) + per_row(self.fc1_bias))
+        return F.grouped_mm(h, self.fc2_weight, offs=offs) + per_row(self.fc2_bias)
+
 
 def dispatch_to_experts(x: torch.Tensor, expert_index: torch.Tensor, weight: torch.Tensor, experts: ExpertFFN) -> torch.Tensor:
     """Send each token to its experts, run them batched, and sum the weighted outputs.
@@ -109,6 +136,8 @@ def _run_in_slots(experts: ExpertFFN, routed: torch.Tensor, flat_expert: torch.T
     num_experts, hidden = experts.num_experts, routed.size(-1)  # explicit shapes: capacity may be 0
     if flat_expert.numel() == num_experts * capacity:  # balanced: slots are already in order
         return experts(routed.view(num_experts, capacity, hidden)).reshape(-1, hidden)
+    if experts.can_run_grouped(routed):  # uneven: no padding slots to compute
+        return experts.forward_grouped(routed, flat_expert, counts)
     flat_slot = flat_expert * capacity + slot
     buffer = routed.new_zeros(num_experts * capacity, hidden).index_copy(0, flat_slot, routed)
     out = experts(buffer.view(num_experts, capacity, hidden))
