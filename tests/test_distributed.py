@@ -318,6 +318,31 @@ def test_train_two_workers_reshard_eval(data_bin, tmp_path, smoe):
     assert resumed["optimizer_history"][-1]["num_updates"] == 25
 
 
+def test_no_c10d_backend_trains_with_sharded_experts(data_bin, tmp_path):
+    log = run(launch(data_bin, tmp_path, "--max-update", "3", "--ddp-backend", "no_c10d"))
+    assert "num_updates: 3 >= max_update: 3" in log
+    assert (tmp_path / "checkpoint_last-rank-1.pt").exists()
+
+
+def test_half_precision_with_sharded_experts_needs_unflattened_grads():
+    """Flattened fp16 master weights would lose the `expert` mark (checked once the trainer
+    exists, i.e. on a GPU run: on a CPU --fp16 is refused earlier, test_bad_input.py)."""
+    from types import SimpleNamespace
+
+    from fairseq_smlp.distributed.checkpointing import check_config
+
+    def cfg(**common):
+        flags = dict(fp16=True, bf16=False, memory_efficient_fp16=False, memory_efficient_bf16=False, fp16_no_flatten_grads=False)
+        flags.update(common)
+        return SimpleNamespace(common=SimpleNamespace(**flags),
+                               distributed_training=SimpleNamespace(ddp_backend="legacy_ddp", distributed_world_size=2))
+
+    with pytest.raises(ValueError, match="--fp16-no-flatten-grads"):
+        check_config(cfg())
+    check_config(cfg(fp16_no_flatten_grads=True))  # accepted
+    check_config(cfg(fp16=False))
+
+
 def test_c10d_with_sharded_experts_is_refused(data_bin, tmp_path):
     log = run(launch(data_bin, tmp_path, "--max-update", "1", "--ddp-backend", "c10d"), ok=False)
     assert "--ddp-backend c10d does not support sharded experts" in log
