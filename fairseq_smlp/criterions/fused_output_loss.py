@@ -20,21 +20,27 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, target, ignore_index: int):
         logits = torch.mm(x, weight.t()).float()  # (N, V)
-        lse = torch.logsumexp(logits, dim=-1)  # (N,)
         scored = target.ne(ignore_index)
         safe_target = target.masked_fill(~scored, 0)
         picked = logits.gather(1, safe_target.unsqueeze(1)).squeeze(1)
-        ctx.save_for_backward(x, weight, logits, lse, safe_target, scored)
+        # logsumexp by hand, in place: the buffer becomes exp(logits - row max), which the
+        # backward turns into softmax with one multiply (torch.logsumexp would allocate an
+        # (N, V) temporary, and the backward would then redo the subtract and the exp)
+        row_max = logits.amax(dim=-1, keepdim=True)
+        exp = logits.sub_(row_max).exp_()
+        sum_exp = exp.sum(dim=-1)  # (N,)
+        lse = row_max.squeeze(1) + sum_exp.log()
+        ctx.save_for_backward(x, weight, exp, sum_exp, safe_target, scored)
         return ((lse - picked) * scored).sum()
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, logits, lse, safe_target, scored = ctx.saved_tensors
-        # d loss / d logits = softmax - one_hot, on scored rows; built in the saved buffer
-        # (the graph is used once: fairseq never backpropagates twice through a loss)
-        probs = logits.sub_(lse.unsqueeze(1)).exp_()
-        probs[torch.arange(probs.size(0), device=probs.device), safe_target] -= 1
-        probs.mul_((scored.to(probs.dtype) * grad).unsqueeze(1))
+        x, weight, exp, sum_exp, safe_target, scored = ctx.saved_tensors
+        # d loss / d logits = grad * (softmax - one_hot) on scored rows, built in the saved
+        # buffer (the graph is used once: fairseq never backpropagates twice through a loss)
+        row_grad = scored.to(exp.dtype) * grad  # (N,)
+        probs = exp.mul_((row_grad / sum_exp).unsqueeze(1))
+        probs[torch.arange(probs.size(0), device=probs.device), safe_target] -= row_grad
         probs = probs.to(x.dtype)
         return torch.mm(probs, weight.to(x.dtype)).to(x.dtype), torch.mm(probs.t(), x).to(weight.dtype), None, None
 
