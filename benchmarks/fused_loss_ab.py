@@ -1,6 +1,6 @@
 """Fused vs unfused output loss (criterions/fused_output_loss.py), A/B in one process.
 
-    python benchmarks/fused_loss_ab.py [--archs smlp_lm_tiny transformer_lm_tiny] [--rounds 7]
+    python benchmarks/fused_loss_ab.py [--archs smlp_lm_tiny transformer_lm_tiny] [--rounds 7] [--threads N]
 
 Each round times a few training steps (forward, backward, Adam) with the fused and then the
 unfused criterion on the same model and batches; the ratio of the median step times is
@@ -75,8 +75,11 @@ def main(argv=None):
     p.add_argument("--max-tokens", type=int, default=4096)
     p.add_argument("--steps", type=int, default=3, help="steps per variant per round")
     p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice; 1 on a shared machine)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "fused_loss_ab"))
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     metadata = run_metadata("fused_loss_ab.py", argv)
     rows = [ab(arch, args) for arch in args.archs]
     for row in rows:

@@ -1,7 +1,7 @@
 """Forward + backward time of each MoE layer against the dense layer of the same active FLOPs.
 
     python benchmarks/layer_microbench.py [--experts 2 4 8 16] [--batch 32] [--seq-len 128]
-        [--embed-dim 128] [--ffn-dim 256] [--repeats 15] [--threads N]
+        [--embed-dim 128] [--ffn-dim 256] [--extra-sizes 512x1024] [--repeats 15] [--threads N]
 
 Layers (training mode, fp32, CPU), N = batch x seq-len tokens of width H:
   tMoE        sMLP's feature MoE: BaseRouter (balanced assignment, torch solver) + E experts of width F
@@ -19,7 +19,10 @@ fairseq's Base Layers hold one expert per worker, so in one process a Base layer
 FFN; tMoE-libbase is Base Layers' routing (balanced assignment + sigmoid mix, libbase solver).
 
 All variants of one expert count run interleaved, repeats times; the ratio is
-median(layer) / median(its dense reference). Results: benchmarks/results/layer_microbench.{json,md}.
+median(layer) / median(its dense reference). --extra-sizes repeats everything at larger H x F:
+routing and dispatch cost O(N E + N H) while the FFN costs O(N H F), so their share shrinks
+with width (at tiny widths per-op overhead dominates). Results:
+benchmarks/results/layer_microbench.{json,md}.
 """
 import argparse
 import statistics
@@ -141,6 +144,8 @@ def run(num_experts: int, args) -> list:
     for name, (_, _, reference) in layers.items():
         rows.append({
             "experts": num_experts,
+            "embed_dim": args.embed_dim,
+            "ffn_dim": args.ffn_dim,
             "layer": name,
             "median_ms": round(1e3 * medians[name], 3),
             "min_ms": round(1e3 * min(times[name]), 3),
@@ -151,9 +156,6 @@ def run(num_experts: int, args) -> list:
 
 
 def write_markdown(path: Path, result: dict) -> None:
-    rows = result["rows"]
-    experts = sorted({r["experts"] for r in rows})
-    names = list(dict.fromkeys(r["layer"] for r in rows if r["reference"]))
     lines = [
         "# MoE layers against their dense equivalents (forward + backward, CPU, fp32)",
         "",
@@ -161,11 +163,23 @@ def write_markdown(path: Path, result: dict) -> None:
         "",
         f"Machine: {result['machine']}, torch {result['torch']}, {result['threads']} threads, load average "
         f"{result['load_average']} at the start. {result['tokens']} tokens (batch {result['batch']} x {result['seq_len']}), "
-        f"H = {result['embed_dim']}, F = {result['ffn_dim']}; median of {result['repeats']} interleaved repeats "
+        f"sizes H x F = {', '.join(result['sizes'])}; median of {result['repeats']} interleaved repeats "
         f"after {result['warmup']} warm-up rounds.",
         "",
         "Ratio = median time of the layer / median time of its dense reference (1.10 = 10% overhead).",
-        "",
+    ]
+    for size in result["sizes"]:
+        embed_dim, ffn_dim = (int(d) for d in size.split("x"))
+        rows = [r for r in result["rows"] if r.get("embed_dim", embed_dim) == embed_dim and r.get("ffn_dim", ffn_dim) == ffn_dim]
+        lines += ["", f"## H = {embed_dim}, F = {ffn_dim}", ""] + _size_table(rows)
+    lines.append("")
+    path.write_text("\n".join(lines))
+
+
+def _size_table(rows: list) -> list:
+    experts = sorted({r["experts"] for r in rows})
+    names = list(dict.fromkeys(r["layer"] for r in rows if r["reference"]))
+    lines = [
         "| layer | reference | " + " | ".join(f"E={e}" for e in experts) + " |",
         "|---|---|" + "---:|" * len(experts),
     ]
@@ -178,8 +192,7 @@ def write_markdown(path: Path, result: dict) -> None:
     for name in ("dense FFN (LN, gelu)", "dense FFN (relu)", "dense SGU"):
         by_e = {r["experts"]: r for r in rows if r["layer"] == name}
         lines.append(f"- {name}: " + ", ".join(f"E={e}: {by_e[e]['median_ms']:.2f}" for e in experts))
-    lines.append("")
-    path.write_text("\n".join(lines))
+    return lines
 
 
 def main(argv=None):
@@ -189,6 +202,9 @@ def main(argv=None):
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--embed-dim", type=int, default=128)
     parser.add_argument("--ffn-dim", type=int, default=256, help="expert width F (tMoE of smlp_lm_tiny: 256); also the sMoE channels")
+    parser.add_argument(
+        "--extra-sizes", nargs="*", default=["512x1024"], help="more H x F sizes to run after --embed-dim x --ffn-dim"
+    )
     parser.add_argument("--input-scale", type=float, default=1.0, help="std of the token inputs (spreads router scores)")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
@@ -199,14 +215,20 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
 
     metadata = run_metadata("layer_microbench.py", argv)  # load average before the run
+    sizes = [f"{args.embed_dim}x{args.ffn_dim}", *args.extra_sizes]
     rows = []
-    for e in args.experts:
-        rows += run(e, args)
-        summary = ", ".join(f"{r['layer']} {r['ratio']:.2f}" for r in rows if r["experts"] == e and r["reference"])
-        print(f"E={e}: {summary}", flush=True)
+    for size in sizes:
+        embed_dim, ffn_dim = (int(d) for d in size.split("x"))
+        size_args = argparse.Namespace(**{**vars(args), "embed_dim": embed_dim, "ffn_dim": ffn_dim})
+        for e in args.experts:
+            new = run(e, size_args)
+            rows += new
+            summary = ", ".join(f"{r['layer']} {r['ratio']:.2f}" for r in new if r["reference"])
+            print(f"H={embed_dim} F={ffn_dim} E={e}: {summary}", flush=True)
     result = {
         **metadata,
         "tokens": args.batch * args.seq_len,
+        "sizes": sizes,
         **{k: getattr(args, k) for k in ("batch", "seq_len", "embed_dim", "ffn_dim", "input_scale", "repeats", "warmup")},
         "rows": rows,
     }

@@ -14,7 +14,7 @@ import torch
 from conftest import REPO, tiny_dictionary
 
 from fairseq_smlp.flops import build_model
-from fairseq_smlp.modules.experts import ExpertFFN
+from fairseq_smlp.modules.experts import ExpertFFN, dispatch_to_experts
 from fairseq_smlp.modules.routing import switch_aux_loss
 from fairseq_smlp.modules.token_routers import (
     HashRouter,
@@ -217,6 +217,33 @@ def test_dropped_tokens_get_nothing_from_the_moe():
     assert (index == -1).any()
     assert torch.all(out.reshape(-1, 8)[index == -1] == 0)
     assert torch.all(out.reshape(-1, 8)[index >= 0].abs().sum(-1) > 0)
+
+
+@pytest.mark.parametrize("pre_norm", [False, True])
+def test_grouped_experts_equal_padded_slots(pre_norm, monkeypatch):
+    """Uneven loads run on exactly the routed rows (grouped_mm): same outputs and gradients
+    as the padded (E, capacity, H) slots, an expert with no token included."""
+    torch.manual_seed(0)
+    experts = ExpertFFN(3, 8, 16, pre_norm=pre_norm)
+    for p in experts.parameters():
+        torch.nn.init.normal_(p)
+    x = torch.randn(10, 8)
+    assert experts.can_run_grouped(x)
+    index = torch.tensor([[0], [2], [0], [0], [-1], [2], [0], [0], [2], [0]])  # expert 1: none, one dropped
+    weight = torch.rand(10, 1)
+
+    def outputs_and_grads():
+        experts.zero_grad()
+        xg = x.clone().requires_grad_()
+        out = dispatch_to_experts(xg, index, weight, experts)
+        out.backward(torch.arange(out.numel(), dtype=out.dtype).view_as(out).sin())
+        return [out.detach(), xg.grad] + [p.grad.clone() for p in experts.parameters()]
+
+    grouped = outputs_and_grads()
+    monkeypatch.setattr(ExpertFFN, "can_run_grouped", lambda self, x: False)
+    padded = outputs_and_grads()
+    for a, b in zip(grouped, padded):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("cls", [Top1Router, Top2Router])
