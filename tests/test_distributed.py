@@ -1,13 +1,17 @@
 """Expert parallelism with 2 CPU workers (gloo on 127.0.0.1): equivalence with one process,
-unequal token counts, bad world sizes, and train -> reshard -> fairseq-eval-lm."""
+unequal token counts and skewed routing (variable split sizes), bad world sizes and flags, and
+train -> reshard -> fairseq-eval-lm / zero-shot evaluation."""
 import json
 import math
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -215,6 +219,77 @@ def test_unbalanced_routing_sends_variable_splits():
     spawn(_variable_split_worker, timeout=90)
 
 
+# greedy top-1 routes token i to SKEWED_EXPERTS[rank][i]: rank 0 sends everything to expert 3
+# (rank 1's), rank 1 spreads 2/0/1/2. Rank 0 receives [0, 2] rows and its expert 1 gets none;
+# rank 1 receives [10, 3], in the order e3 x 10, e2, e3, e3 (by source rank), regrouped by expert
+SKEWED_EXPERTS = [[3] * 10, [0, 0, 2, 3, 3]]
+
+
+def skewed_moe_and_data():
+    """tMoE with centroid e = unit vector e, and each rank's tokens pushed towards their expert.
+    Returns moe (eval: greedy), [(x (N, 1, H), w (N, 1, H)) per rank]."""
+    moe = build("tmoe").eval()
+    with torch.no_grad():
+        moe.router.centroids.zero_()
+        moe.router.centroids[:, :E] = torch.eye(E)
+    g = torch.Generator().manual_seed(5)
+    data = []
+    for experts in SKEWED_EXPERTS:
+        x = torch.randn(len(experts), 1, H, generator=g)
+        x[torch.arange(len(experts)), 0, experts] += 10.0
+        data.append((x, torch.randn(len(experts), 1, H, generator=g)))
+    return moe, data
+
+
+def skewed_step(moe, x, w):
+    """Forward and backward of sum(w * moe(x)); returns output and input gradient."""
+    x = x.clone().requires_grad_()
+    out, _ = moe(x)
+    (out * w).sum().backward()
+    return out.detach(), x.grad
+
+
+def _skewed_worker(rank, port, ref_path):
+    import torch.distributed as dist
+
+    from fairseq_smlp.distributed import expert_parallel
+
+    init(rank, port)
+    ref = torch.load(ref_path)
+    moe, data = skewed_moe_and_data()
+    assert moe.experts.can_run_grouped(data[rank][0])  # first pass: grouped_mm on the received rows
+    for path in ("grouped", "padded slots"):
+        moe.zero_grad(set_to_none=True)
+        splits = []
+        exchange = expert_parallel._exchange
+        expert_parallel._exchange = lambda rows, out=None, inp=None: splits.append((out, inp)) or exchange(rows, out, inp)
+        out, x_grad = skewed_step(moe, *data[rank])
+        expert_parallel._exchange = exchange
+        assert splits[0] == ([[0, 2], [10, 3]][rank], [[0, 10], [2, 3]][rank])  # (receive, send): the routed rows only
+        torch.testing.assert_close(out, ref["out"][rank], rtol=1e-5, atol=1e-5, msg=path)
+        torch.testing.assert_close(x_grad, ref["x_grad"][rank], rtol=1e-5, atol=1e-5, msg=path)
+        for name, p in moe.named_parameters():
+            grad = p.grad.clone()
+            if is_expert(name):  # holds both ranks' tokens, divided by the world size (see scale_expert_grads)
+                want = ref["grads"][name][_local(moe.experts)] / 2
+            else:  # this rank's tokens only: summed over the ranks, as the data-parallel all-reduce does
+                dist.all_reduce(grad)
+                want = ref["grads"][name]
+            torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-5, msg=f"{path}: {name}")
+        moe.experts.can_run_grouped = lambda x: False  # second pass: the (E_local, C, H) slot path
+
+
+def test_skewed_routing_equals_one_process(tmp_path):
+    """Variable split sizes, forward and backward, against one process holding every expert."""
+    moe, data = skewed_moe_and_data()
+    outs, x_grads = zip(*(skewed_step(moe, x, w) for x, w in data))
+    loads = [torch.bincount(moe.router(x.reshape(-1, H))[0].flatten(), minlength=E).tolist() for x, _ in data]
+    assert loads == [[0, 0, 0, 10], [2, 0, 1, 2]]  # the routing the workers are checked against
+    ref = dict(out=outs, x_grad=x_grads, grads={n: p.grad for n, p in moe.named_parameters()})
+    torch.save(ref, tmp_path / "ref.pt")
+    spawn(_skewed_worker, str(tmp_path / "ref.pt"), timeout=90)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_batch_without_tokens_in_one_process(kind):
     moe = build(kind).eval()
@@ -267,11 +342,22 @@ def eval_ppl(data_bin, path):
     return float(re.search(r"Perplexity: ([0-9.]+)", log).group(1))
 
 
-@pytest.mark.parametrize("smoe", ["replicated", "sharded"])
-def test_train_two_workers_reshard_eval(data_bin, tmp_path, smoe):
-    sharded_smoe = ["--smoe-expert-parallel"] if smoe == "sharded" else []
-    log = run(launch(data_bin, tmp_path, "--max-update", "20", *sharded_smoe))
+@pytest.fixture(scope="module", params=["replicated", "sharded"])
+def trained(request, data_bin, tmp_path_factory):
+    """2 workers train 20 updates (sMoE replicated or sharded too), then their rank files are
+    merged into one; shared by the tests below, which must not write into `dir`."""
+    save = tmp_path_factory.mktemp(f"two_workers_{request.param}")
+    extra = ["--smoe-expert-parallel"] if request.param == "sharded" else []
+    log = run(launch(data_bin, save, "--max-update", "20", *extra))
+    merged = save / "merged.pt"
+    out = run([sys.executable, "-m", "fairseq_smlp.checkpoints", "reshard", str(save / "checkpoint_last.pt"), "--to-world-size", "1", "--out", str(merged)])
+    return SimpleNamespace(dir=save, extra=extra, log=log, merged=merged, reshard_log=out)
+
+
+def test_train_two_workers_reshard_eval(data_bin, tmp_path, trained):
+    sharded_smoe, log, merged = trained.extra, trained.log, trained.merged
     valid = [json.loads(l.split("| ", 3)[-1]) for l in log.splitlines() if "| valid |" in l]
+    tmp_path = shutil.copytree(trained.dir, tmp_path / "run")  # the resume below writes here
     for r in range(2):  # every rank keeps its own experts
         assert (tmp_path / f"checkpoint_last-rank-{r}.pt").exists()
     a, b = (torch.load(tmp_path / f"checkpoint_last-rank-{r}.pt", weights_only=False) for r in range(2))
@@ -286,21 +372,10 @@ def test_train_two_workers_reshard_eval(data_bin, tmp_path, smoe):
                           "--tokens-per-sample", "32", "--gen-subset", "valid", "--cpu"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "fairseq_smlp.checkpoints reshard" in bad.stdout + bad.stderr
 
-    merged = tmp_path / "merged.pt"
-    out = run([sys.executable, "-m", "fairseq_smlp.checkpoints", "reshard", str(tmp_path / "checkpoint_last.pt"), "--to-world-size", "1", "--out", str(merged)])
-    assert "2 rank file(s) -> 1" in out
+    assert "2 rank file(s) -> 1" in trained.reshard_log
     assert math.isclose(eval_ppl(data_bin, merged), float(valid[-1]["valid_ppl"]), rel_tol=1e-4)
     one = torch.load(merged, weights_only=False)
     assert one["model"][key].shape[0] == 2 and "last_optimizer_state" in one
-
-    # the zero-shot evaluator loads the resharded file directly too
-    (tmp_path / "zs").mkdir()
-    copa = {"premise": "the man fell .", "choice1": "he was hurt .", "choice2": "he sang .", "question": "effect", "idx": 0, "label": 0}
-    (tmp_path / "zs" / "copa.validation.jsonl").write_text(json.dumps(copa) + "\n")
-    run([sys.executable, "-m", "fairseq_smlp.eval.zeroshot", "--path", str(merged), "--cpu", "--tasks", "copa",
-         "--data-dir", str(tmp_path / "zs"), "--output", str(tmp_path / "zs.json")])
-    report = json.loads((tmp_path / "zs.json").read_text())
-    assert report["tasks"]["copa"]["examples"] == 1
 
     # 1 -> 2 gives back the original rank files (model and optimizer state)
     run([sys.executable, "-m", "fairseq_smlp.checkpoints", "reshard", str(merged), "--to-world-size", "2", "--out", str(tmp_path / "again.pt")])
@@ -316,6 +391,66 @@ def test_train_two_workers_reshard_eval(data_bin, tmp_path, smoe):
     assert "checkpoint_last-rank-0.pt (epoch 1 @ 20 updates)" in log and "num_updates: 25 >= max_update: 25" in log
     resumed = torch.load(tmp_path / "checkpoint_last-rank-1.pt", weights_only=False)
     assert resumed["optimizer_history"][-1]["num_updates"] == 25
+
+
+COPA = [  # (premise, choice1, choice2, question, label); PTB words, lengths differ on purpose
+    ("the company reported a loss .", "its shares fell .", "it hired more workers .", "effect", 0),
+    ("the market rose sharply .", "investors bought stocks .", "the bank closed .", "cause", 0),
+    ("the price of oil went up .", "drivers paid more .", "the president spoke about the new trade bill .", "effect", 0),
+    ("he sold his house .", "he needed money .", "it rained .", "cause", 0),
+    ("sales of new cars dropped last year in the u.s. .", "the plant cut jobs .", "the stock market was closed .", "effect", 0),
+]
+
+
+def copa_examples(folder):
+    from fairseq_smlp.eval.zeroshot_tasks import TASKS
+
+    rows = [dict(premise=p, choice1=a, choice2=b, question=q, idx=i, label=l) for i, (p, a, b, q, l) in enumerate(COPA)]
+    (folder / "copa.validation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return TASKS["copa"].load(folder / "copa.validation.jsonl")
+
+
+def candidate_logprobs(path, examples):
+    """log p(continuation | context) of every candidate, as the zero-shot evaluator scores them.
+    Returns (scores (C,) float64, continuation lengths (C,))."""
+    import fairseq_smlp  # noqa: F401
+    from fairseq_smlp.eval import scoring, zeroshot
+
+    model, d, _ = zeroshot.load_model(str(path))
+    model.eval()
+    build = scoring.CandidateBuilder(scoring.TextEncoder(d), d.eos(), zeroshot.max_positions_of(model))
+    cands = [c for ex in examples for c in build(ex)]
+    return scoring.continuation_logprobs(model, cands, d.pad()), [c.n_cont for c in cands]
+
+
+def _zeroshot_worker(rank, port, save_dir, zs_dir, out):
+    """Rank r scores its share of the candidates with its own experts (rank file, not merged)."""
+    init(rank, port)
+    examples = copa_examples(Path(zs_dir))
+    mine = examples[:3] if rank == 0 else examples[3:]  # unequal batches: 6 and 4 candidates
+    scores, _ = candidate_logprobs(Path(save_dir) / f"checkpoint_last-rank-{rank}.pt", mine)
+    torch.save(scores, f"{out}.{rank}")
+
+
+def test_zeroshot_on_resharded_checkpoint_equals_two_workers(trained, tmp_path):
+    """Zero-shot scores of the merged checkpoint (one process) == those of the 2-worker model
+    (each rank its own experts, exchanged all-to-all); the CLI's accuracy follows from them."""
+    from fairseq_smlp.eval import scoring
+    from fairseq_smlp.eval.zeroshot_tasks import TASKS
+
+    examples = copa_examples(tmp_path)
+    spawn(_zeroshot_worker, str(trained.dir), str(tmp_path), str(tmp_path / "scores"), timeout=240)
+    two_workers = torch.cat([torch.load(f"{tmp_path / 'scores'}.{r}") for r in range(2)])
+    merged, n_cont = candidate_logprobs(trained.merged, examples)
+    assert merged.shape == (2 * len(COPA),) and torch.isfinite(merged).all()
+    torch.testing.assert_close(merged, two_workers, rtol=0, atol=1e-4)
+
+    run([sys.executable, "-m", "fairseq_smlp.eval.zeroshot", "--path", str(trained.merged), "--cpu", "--tasks", "copa",
+         "--data-dir", str(tmp_path), "--no-progress", "--output", str(tmp_path / "zs.json")])
+    copa = json.loads((tmp_path / "zs.json").read_text())["tasks"]["copa"]
+    picks = [scoring.choose(two_workers[i : i + 2].tolist(), n_cont[i : i + 2], TASKS["copa"].length_normalized) for i in range(0, len(two_workers), 2)]
+    assert copa["examples"] == len(COPA)
+    assert copa["accuracy"] == sum(p == ex.label for p, ex in zip(picks, examples)) / len(COPA)
 
 
 def test_no_c10d_backend_trains_with_sharded_experts(data_bin, tmp_path):
@@ -341,6 +476,13 @@ def test_half_precision_with_sharded_experts_needs_unflattened_grads():
         check_config(cfg())
     check_config(cfg(fp16_no_flatten_grads=True))  # accepted
     check_config(cfg(fp16=False))
+
+
+def test_fp16_on_cpu_with_sharded_experts_is_refused(data_bin, tmp_path):
+    """Both workers stop at start with the flag named (--fp16-no-flatten-grads does not help on a CPU)."""
+    log = run(launch(data_bin, tmp_path, "--max-update", "1", "--fp16", "--fp16-no-flatten-grads"), ok=False)
+    assert "--fp16 needs a CUDA GPU" in log and "drop --fp16" in log
+    assert not list(tmp_path.glob("*.pt"))
 
 
 def test_c10d_with_sharded_experts_is_refused(data_bin, tmp_path):

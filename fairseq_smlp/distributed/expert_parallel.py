@@ -5,10 +5,13 @@ Rank r owns experts [r * E_local, (r + 1) * E_local). Each rank routes its own t
         of its local experts (routing is unbalanced in general: Switch, GShard, HASH, greedy eval);
     all-to-all of rows with those variable split sizes: exactly the routed rows travel, grouped by
         destination rank (no padding to a common capacity, nothing dropped);
-    local experts run batched on their rows (padded per local expert only when E_local > 1);
+    local experts run on their rows: grouped matmuls on exactly those rows where torch's
+        grouped_mm runs (ExpertFFN.can_run_grouped), else batched with each local expert padded
+        to the most rows one of them got (no padding at all when E_local == 1);
     all-to-all back with the split sizes swapped: outputs return to the rank the token came from.
-A rank with fewer (or zero) tokens still joins both collectives with its (zero) counts, so
-unequal token counts never hang. Uses torch's autograd all-to-all (torch.distributed.nn),
+Balanced routing (tMoE training: equal counts per expert) is just a special case. A rank with
+fewer (or zero) tokens still joins every collective with its (zero) counts, so unequal token
+counts never hang. Uses torch's autograd all-to-all (torch.distributed.nn),
 which sends gradients back the same way.
 
 Gradients: an expert's gradient already sums the loss of the tokens of ALL ranks, while
@@ -23,7 +26,8 @@ import torch.distributed as dist
 from fairseq.distributed import utils as dist_utils
 from torch.distributed.nn.functional import all_to_all_single
 
-# seconds spent in all-to-all (forward and backward), read by benchmarks/alltoall_overhead.py
+# seconds spent in the all-to-alls (counts; rows, forward and backward), read by
+# benchmarks/alltoall_overhead.py
 TIMER = {"enabled": False, "seconds": 0.0}
 
 
@@ -63,12 +67,23 @@ def _exchange(rows: torch.Tensor, output_splits=None, input_splits=None) -> torc
     return out
 
 
+def _exchange_counts(counts: torch.Tensor) -> torch.Tensor:
+    """counts: (W * E_local,) rows this rank sends to each expert -> (W * E_local,) rows each
+    rank sends to this rank's experts (no gradient: routing decisions are integers)."""
+    received = torch.empty_like(counts)
+    start = time.perf_counter()
+    dist.all_to_all_single(received, counts, group=group())
+    if TIMER["enabled"]:  # part of the exchange's cost, and the point where ranks wait for each other
+        TIMER["seconds"] += time.perf_counter() - start
+    return received
+
+
 def run_sharded_experts(experts, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """rows: (M, H) this rank's routed rows, grouped by expert; counts: (E,) rows per expert
     -> (M, H) the experts' outputs in the same order, computed by the ranks owning the experts."""
     world, local = experts.world_size, experts.num_local_experts
-    received_counts = torch.empty_like(counts)  # (W * E_local,): from rank s, rows for my expert l
-    dist.all_to_all_single(received_counts, counts, group=group())
+    received_counts = _exchange_counts(counts)  # (W * E_local,): from rank s, rows for my expert l
+    # split sizes must be host ints (a device sync on GPU: the price of sending no padding)
     send_splits = counts.view(world, local).sum(1).tolist()
     receive_splits = received_counts.view(world, local).sum(1).tolist()
     received = _exchange(rows, receive_splits, send_splits)  # (R, H): by source rank, then local expert
@@ -84,9 +99,13 @@ def _run_local_experts(experts, rows: torch.Tensor, counts: torch.Tensor) -> tor
     expert_of_row = torch.arange(local, device=rows.device).repeat(world).repeat_interleave(counts.flatten())
     order = torch.argsort(expert_of_row, stable=True)  # expert-major
     per_expert = counts.sum(0)  # (E_local,)
+    grouped = expert_of_row[order]
+    if rows.size(0) and experts.can_run_grouped(rows):  # each expert on exactly its rows
+        out = experts.forward_grouped(rows.index_select(0, order), grouped, per_expert)
+        return torch.zeros_like(out).index_copy(0, order, out)  # back to the received order
+    # otherwise batched on (E_local, C, H) slots, C = the most rows one local expert got
     capacity = int(per_expert.max()) if rows.size(0) else 0
     starts = torch.cumsum(per_expert, 0) - per_expert
-    grouped = expert_of_row[order]
     slot = grouped * capacity + torch.arange(rows.size(0), device=rows.device) - starts[grouped]
     buffer = rows.new_zeros(local * capacity, rows.size(-1)).index_copy(0, slot, rows.index_select(0, order))
     hidden = rows.size(-1)  # explicit: capacity may be 0

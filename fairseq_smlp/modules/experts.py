@@ -83,7 +83,8 @@ class ExpertFFN(nn.Module):
         )
 
     def forward_grouped(self, x: torch.Tensor, row_expert: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """x: (M, H) rows grouped by expert (row_expert: (M,) sorted; counts: (E,)) -> (M, H).
+        """x: (M, H) rows grouped by local expert (row_expert: (M,) sorted; counts: (E_local,)) -> (M, H).
+        Used by one process, and by a worker on the rows it received (expert_parallel).
 
         forward() on exactly the routed rows: each expert multiplies only its own rows, so
         an uneven load costs no FLOPs on padding slots (Switch/GShard capacity, HASH, greedy
