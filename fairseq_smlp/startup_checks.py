@@ -4,7 +4,8 @@
   fails on a bad flag leaves an empty directory behind: test the nearest existing parent
   instead (fairseq creates the directory itself at the first save).
 - `--fp16` on a CPU fails deep inside fairseq with "Torch not compiled with CUDA enabled":
-  say which flag, and what to do, before the trainer starts.
+  say which flag, and what to do, before the trainer starts; the same for `--bf16`, which
+  fairseq takes for a TPU run when there is no CUDA ("... has no attribute 'xla_device'").
 """
 import os
 from pathlib import Path
@@ -28,6 +29,12 @@ def check_precision(cfg) -> None:
         raise ValueError(
             "--fp16 needs a CUDA GPU (fairseq's fp16 training keeps fp16 weights and a loss scaler on the GPU), "
             "but this run is on the CPU (--cpu, or no CUDA device visible): drop --fp16 to train in fp32"
+        )
+    if on_cpu and (common.bf16 or common.memory_efficient_bf16):
+        # fairseq reads --bf16 without CUDA as a TPU run and fails with "'NoneType' ... 'xla_device'"
+        raise ValueError(
+            "--bf16 needs a CUDA GPU (fairseq takes --bf16 on a CPU for a TPU run and fails looking for "
+            "torch_xla), but this run is on the CPU (--cpu, or no CUDA device visible): drop --bf16 to train in fp32"
         )
 
 

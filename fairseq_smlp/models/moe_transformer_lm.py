@@ -34,7 +34,7 @@ from fairseq.modules.checkpoint_activations import checkpoint_wrapper
 from fairseq.modules.transformer_layer import TransformerDecoderLayerBase
 
 from ..modules.experts import ExpertFFN
-from ..modules.routing import RoutingStats
+from ..modules.routing import RoutingStats, check_finite
 from ..modules.token_routers import (
     HashRouter,
     Top1Router,
@@ -206,15 +206,20 @@ class SingleProcessBaseLayer(base_layer.BaseLayer):
         self.last_stats = None
 
     def forward(self, input_features, *args, **kwargs):
+        # fp32 in: under autocast a bf16 input (e.g. from --decoder-input-dim's projection) meets
+        # fairseq's un-autocast `mv` with fp32 centroids and fails with "addmv ... same dtype"
         with _single_worker():
-            return super().forward(input_features, *args, **kwargs)
+            result, *rest = super().forward(input_features.float(), *args, **kwargs)
+        return (result.to(input_features.dtype), *rest)
 
     def balanced_assignment(self, scores):
         """Balanced: each expert gets an equal share of this worker's tokens.
 
         With one expert every token goes to it; libbase's auction needs two experts to
         bid between (it fails with one), so that trivial answer is given directly.
+        fairseq would quietly replace NaN scores by the minimum: stop with the layer's name instead.
         """
+        check_finite(scores, self.name)
         if self.num_workers == 1:
             result = torch.arange(scores.size(0), device=scores.device), None, None
         else:
@@ -224,6 +229,7 @@ class SingleProcessBaseLayer(base_layer.BaseLayer):
         return result
 
     def greedy_assignment(self, scores, k=1):
+        check_finite(scores, self.name)
         sort_by_expert, input_splits, output_splits = super().greedy_assignment(scores, k)
         self._record(torch.tensor(output_splits, dtype=torch.float, device=scores.device))
         return sort_by_expert, input_splits, output_splits

@@ -30,12 +30,24 @@ class ScoreFromDataset(BaseWrapperDataset):
         return batch
 
 
+def check_sample_fits(tokens_per_sample: int, max_positions) -> None:
+    """fairseq-train skips every block longer than the model's window without a word (and
+    then stops with "The dataset is empty"); refuse the flags instead."""
+    if isinstance(max_positions, int) and tokens_per_sample > max_positions:
+        raise ValueError(
+            f"--tokens-per-sample {tokens_per_sample} exceeds the model's {max_positions} positions "
+            f"(--max-target-positions; for sMLP the size of its spatial matrices), so every block would be "
+            f"skipped: pass --tokens-per-sample {max_positions} or less (or, when training, a larger --max-target-positions)"
+        )
+
+
 @register_task("smlp_language_modeling", dataclass=LanguageModelingConfig)
 class SmlpLanguageModelingTask(LanguageModelingTask):
     scores_partial_prediction = True  # models may rely on it (see SmlpLanguageModel.build_model)
 
     def build_model(self, args, from_checkpoint=False):
         model = super().build_model(args, from_checkpoint)
+        check_sample_fits(self.args.tokens_per_sample, model.max_positions())
         model.dictionary_file = os.path.join(self.args.data.split(os.pathsep)[0], "dict.txt")  # named in load errors
         self.score_from = getattr(model.decoder, "score_from", 0)
         return model
