@@ -64,11 +64,11 @@ def run(cmd):
     return log
 
 
-def run_and_kill(cmd, save_dir, marker):
-    """Start `cmd`, SIGKILL its whole process group as soon as save_dir/marker exists."""
+def run_and_kill(cmd, save_dir, *markers):
+    """Start `cmd`, SIGKILL its whole process group as soon as every save_dir/marker exists."""
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV, start_new_session=True)
     deadline = time.time() + 300
-    while not (save_dir / marker).exists():
+    while not all((save_dir / marker).exists() for marker in markers):
         assert proc.poll() is None, "training ended before it could be killed"
         assert time.time() < deadline, "no checkpoint appeared"
         time.sleep(0.01)
@@ -83,7 +83,7 @@ def load_model(path):
 def assert_resume_is_exact(reference_log, resumed_log, reference_ckpt, resumed_ckpt):
     ref, resumed = losses(reference_log), losses(resumed_log)
     # restarted from checkpoint_last.pt: update 8, or 4 if the kill came before 8 was copied onto it
-    assert resumed and max(resumed) == UPDATES and min(resumed) in (5, 9)
+    assert resumed and max(resumed) == UPDATES and min(resumed) in (5, 9), sorted(resumed)
     assert {u: ref[u] for u in resumed} == resumed
     a, b = load_model(reference_ckpt), load_model(resumed_ckpt)
     assert a.keys() == b.keys()
@@ -102,11 +102,17 @@ def test_kill_9_and_restart_reproduces_the_run(data_bin, tmp_path, family):
 
 
 def test_kill_9_two_workers_with_sharded_experts(data_bin, tmp_path):
-    """Both gloo workers killed at once; each rank reloads its own experts (rank files)."""
+    """Both gloo workers killed at once; each rank reloads its own experts (rank files).
+
+    The ranks' checkpoint_last files can hold different updates after a kill (one rank had
+    copied update 8 onto its checkpoint_last, the other not yet), and ranks resuming from
+    different updates would wait on each other forever; so a multi-worker run resumes from the
+    newest interval checkpoint that every rank wrote: --restore-file SAVE_DIR/checkpoint_1_8.pt
+    (each rank reads its own checkpoint_1_8-rank-R.pt)."""
     reference = run(train_cmd(data_bin, tmp_path / "ref", SMLP, workers=2))
     cmd = train_cmd(data_bin, tmp_path / "killed", SMLP, workers=2)
-    run_and_kill(cmd, tmp_path / "killed", KILL_AFTER.replace(".pt", "-rank-1.pt"))
-    resumed = run(cmd)
+    run_and_kill(cmd, tmp_path / "killed", *(KILL_AFTER.replace(".pt", f"-rank-{r}.pt") for r in range(2)))
+    resumed = run(cmd + ["--restore-file", str(tmp_path / "killed" / KILL_AFTER)])
     for rank in range(2):
         name = f"checkpoint_last-rank-{rank}.pt"
         assert_resume_is_exact(reference, resumed, tmp_path / "ref" / name, tmp_path / "killed" / name)
