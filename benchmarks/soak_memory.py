@@ -4,7 +4,8 @@
 
 Trains smlp_lm_tiny with the real `fairseq-train` (PTB word level, via data_prep) for
 --updates updates, validating every --validate-every, and samples the training process's
-resident set size (VmRSS in /proc) twice a second, tagged with the last logged update.
+resident set size (psutil if installed, else VmRSS in /proc) twice a second, tagged with the
+last logged update.
 Verdict: RSS rises and falls within every validation interval (batches, validation, saving),
 so intervals are compared by their peaks: the largest peak after warm-up (the first
 validation interval) against the peak of the interval right after it; growth <= 5% passes.
@@ -28,7 +29,18 @@ sys.path.insert(0, str(REPO))
 
 
 def rss_mb(pid: int) -> float:
-    """Resident memory of pid and its children (fairseq may fork data workers), in MB."""
+    """Resident memory of pid and its children (fairseq may fork data workers), in MB:
+    psutil when it is installed, else VmRSS from /proc (Linux)."""
+    try:
+        import psutil
+    except ImportError:
+        psutil = None
+    if psutil is not None:
+        try:
+            proc = psutil.Process(pid)
+            return sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)]) / 2**20
+        except psutil.NoSuchProcess:
+            return 0.0
     total = 0
     for p in [pid, *_children(pid)]:
         try:

@@ -31,10 +31,11 @@ def check_precision(cfg) -> None:
             "but this run is on the CPU (--cpu, or no CUDA device visible): drop --fp16 to train in fp32"
         )
     if on_cpu and (common.bf16 or common.memory_efficient_bf16):
+        flag = "--memory-efficient-bf16" if common.memory_efficient_bf16 else "--bf16"
         # fairseq reads --bf16 without CUDA as a TPU run and fails with "'NoneType' ... 'xla_device'"
         raise ValueError(
-            "--bf16 needs a CUDA GPU (fairseq takes --bf16 on a CPU for a TPU run and fails looking for "
-            "torch_xla), but this run is on the CPU (--cpu, or no CUDA device visible): drop --bf16 to train in fp32"
+            f"{flag} needs a CUDA GPU (fairseq takes bf16 on a CPU for a TPU run and fails looking for "
+            f"torch_xla), but this run is on the CPU (--cpu, or no CUDA device visible): drop {flag} to train in fp32"
         )
 
 

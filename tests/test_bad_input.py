@@ -10,13 +10,20 @@ Covered elsewhere (not repeated here):
   test_zeroshot.py::test_malformed_line_names_file_and_line and the tests after it;
 - truncated or corrupted checkpoints: test_resume.py::test_truncated_checkpoint_is_named_in_the_error;
 - c10d with sharded experts: test_distributed.py::test_c10d_with_sharded_experts_is_refused;
-- a missing recipe data path: test_recipes.py::test_missing_data_is_refused_and_nothing_written.
+- a missing recipe data path: test_recipes.py::test_missing_data_is_refused_and_nothing_written;
+- --smoe-experts not dividing the channels, --sparse-every < 0, a sequence longer than the spatial
+  matrix in a forward call: test_smlp_model.py (model level; the CLI forms are below);
+- bad --moe-experts / --moe-second-expert-policy values: test_baselines.py::test_bad_expert_count_names_the_flag;
+- zero-shot --tasks / --dict / --path errors: test_zeroshot.py::test_cli_errors_name_the_flag,
+  test_cli_missing_dict_is_a_clear_error.
 """
+import json
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import REPO
 
@@ -50,6 +57,14 @@ TRAIN_FLAGS = {
     "unknown sMoE routing": (["--smoe-routing", "learned"], "argument --smoe-routing: invalid choice: 'learned'"),
     "unknown solver": (["--balanced-assignment", "hungarian"], "argument --balanced-assignment: invalid choice: 'hungarian'"),
     "fp16 on the CPU": (["--fp16"], "--fp16 needs a CUDA GPU"),
+    "bf16 on the CPU": (["--bf16"], "--bf16 needs a CUDA GPU"),
+    "memory-efficient bf16 on the CPU": (["--memory-efficient-bf16"], "--memory-efficient-bf16 needs a CUDA GPU"),
+    "sequence longer than the spatial matrix": (
+        ["--max-target-positions", "16"], "--tokens-per-sample 32 exceeds the model's 16 positions"),
+    "tMoE experts 0": (["--tmoe-experts", "0"], "--tmoe-experts (0) must be >= 1"),
+    "unknown sMoE chunking": (["--smoe-chunk", "rows"], "argument --smoe-chunk: invalid choice: 'rows'"),
+    "unknown partial balance": (
+        ["--smoe-routing", "partial", "--partial-balance", "switch"], "argument --partial-balance: invalid choice: 'switch'"),
 }
 
 
@@ -65,6 +80,10 @@ BASELINE_FLAGS = {
     "unknown token router": (["--arch", "switch_lm_tiny", "--moe-router", "top3"], "argument --moe-router: invalid choice: 'top3'"),
     "unknown hash type": (["--arch", "hash_lm_tiny", "--hash-type", "modulo"], "argument --hash-type: invalid choice: 'modulo'"),
     "top-2 with one expert": (["--arch", "gshard_lm_tiny", "--moe-experts", "1"], "--moe-router top2 needs --moe-experts >= 2"),
+    "unknown second-expert policy": (
+        ["--arch", "gshard_lm_tiny", "--moe-second-expert-policy", "best"], "argument --moe-second-expert-policy: invalid choice: 'best'"),
+    "Transformer longer than its positions": (
+        ["--arch", "switch_lm_tiny", "--max-target-positions", "16"], "--tokens-per-sample 32 exceeds the model's 16 positions"),
 }
 
 
@@ -81,6 +100,13 @@ def test_bad_baseline_flag(data_bin, tmp_path, case):
 def test_missing_data_bin(tmp_path):
     log = fails(train(tmp_path / "no-such-data-bin", tmp_path / "save"), tmp_path)
     assert "no-such-data-bin" in log and not (tmp_path / "save").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_fp16_without_cuda_and_without_cpu_flag(data_bin, tmp_path):
+    cmd = [c for c in train(data_bin, tmp_path / "save", "--fp16") if c != "--cpu"]
+    assert "--fp16 needs a CUDA GPU" in fails(cmd, tmp_path)
+    assert not (tmp_path / "save").exists()
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +135,35 @@ def test_eval_with_another_dictionary(checkpoint, tmp_path):
                    check=True, capture_output=True, env=ENV)
     log = fails(eval_lm(other, checkpoint, "--tokens-per-sample", "32"), tmp_path)
     assert "dictionary mismatch" in log and str(other / "dict.txt") in log
+
+
+def test_bad_flag_leaves_an_existing_save_dir_untouched(data_bin, checkpoint, tmp_path):
+    """Resuming into a --save-dir with a bad flag: the checkpoint there keeps its bytes and time."""
+    save = tmp_path / "save"
+    save.mkdir()
+    last = save / "checkpoint_last.pt"
+    last.write_bytes(checkpoint.read_bytes())
+    before = (last.read_bytes(), last.stat().st_mtime_ns)
+    for extra in (["--bf16"], ["--max-target-positions", "16"]):
+        fails(train(data_bin, save, *extra), tmp_path)
+    assert (last.read_bytes(), last.stat().st_mtime_ns) == before and sorted(save.iterdir()) == [last]
+
+
+def test_eval_with_a_missing_data_bin(checkpoint, tmp_path):
+    log = fails(eval_lm(tmp_path / "no-such-data-bin", checkpoint), tmp_path)
+    assert str(tmp_path / "no-such-data-bin" / "dict.txt") in log
+
+
+def test_zeroshot_malformed_task_file_writes_no_output(tmp_path):
+    """Task files are read before the model is loaded: the bad line is named, --output never written."""
+    data = tmp_path / "tasks"
+    data.mkdir()
+    good = {"premise": "It rained.", "choice1": "A.", "choice2": "B.", "question": "effect", "label": 0}
+    (data / "copa.validation.jsonl").write_text(json.dumps(good) + "\n" + json.dumps({**good, "label": 2}) + "\n")
+    log = fails([sys.executable, "-m", "fairseq_smlp.eval.zeroshot", "--path", tmp_path / "model.pt", "--tasks", "copa",
+                 "--data-dir", data, "--cpu", "--output", tmp_path / "results.json"], tmp_path)
+    assert "copa.validation.jsonl:2: field 'label' should be one of" in log
+    assert not (tmp_path / "results.json").exists()
 
 
 def test_reshard_to_an_impossible_world_size(checkpoint, tmp_path):

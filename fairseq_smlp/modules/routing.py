@@ -13,7 +13,7 @@ import torch
 class RoutingStats:
     """Expert load of one MoE layer on one batch, read by the criterion for the log."""
 
-    layer: str  # module name of the router, e.g. "decoder.layers.1.feature_moe.router"
+    layer: str  # module name of the router within the decoder, e.g. "layers.1.feature_moe.router"
     expert_counts: torch.Tensor  # (E,) items (tokens or channels) each expert processed
     aux_loss: Optional[torch.Tensor] = None  # scalar load-balancing loss (1.0 = balanced)
     dropped: Optional[torch.Tensor] = None  # scalar: items that no expert processed
