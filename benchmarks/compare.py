@@ -5,13 +5,15 @@
 
 Models: sMLP (deterministic and partial-prediction routing) and every baseline family at the
 tiny, FLOP-matched size (docs/baselines.md). Same data (default: WikiText-2 from
-../shared/data with an 8k sentencepiece BPE, prepared once into runs/compare/data), same
-tokens per batch, same optimizer and schedule, same seed, same wall-clock budget each.
+$SMLP_SHARED_DATA, default ../shared/data, with an 8k sentencepiece BPE, prepared once into
+runs/compare/data), same tokens per batch, same optimizer and schedule, same seed, same
+wall-clock budget each.
 
 Noise: all models live in ONE process and train round-robin, one slice of their budget per
 turn, so that a change in machine load hits every model alike; each model's clock counts
-only its own training steps (fairseq's Trainer.train_step, data loading included), and it
-is validated at the end of every slice (`--points` points per model), untimed.
+only its own training steps (fairseq's Trainer.train_step, data loading included). A model
+is validated, untimed, when its clock first passes k x budget / `--points` (k = 1..points),
+over the whole validation set (`--valid-blocks N`: the first N blocks only).
 
 Scoring: partial-prediction sMLP reads the first P = 0.2 T tokens of a block to route, so it
 is scored on positions >= P only (as fairseq-eval-lm does with our task). To compare like with
@@ -27,8 +29,6 @@ import json
 import logging
 import math
 import os
-import platform
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -37,6 +37,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from _results import run_metadata  # noqa: E402  (benchmarks/, the script's folder)
 
 # name -> (arch, extra fairseq args)
 MODELS = {
@@ -91,15 +93,20 @@ class Run:
         self.epoch_itr = self.trainer.get_train_iterator(epoch=1, load_dataset=True)
         self.batches = self._epoch()
         self.seconds, self.tokens, self.points = 0.0, 0, []
-        self.params = sum(p.numel() for p in self.model.parameters())
+        self.longest_step = 0.0  # a clock passes its target by less than this
+        from fairseq_smlp.flops import count_flops, count_params
+
+        params = count_params(self.model)
+        self.params, self.params_active = params["total"], params["active"]
+        self.flops_per_token = count_flops(self.model, cfg.task.tokens_per_sample)["total"]
 
     def _epoch(self):
         self.trainer.begin_epoch(self.epoch_itr.epoch)
         return iter(self.epoch_itr.next_epoch_itr(shuffle=True))
 
-    def train_for(self, seconds: float) -> None:
-        """Train until this model's clock has advanced by `seconds`."""
-        stop = self.seconds + seconds
+    def train_until(self, stop: float) -> None:
+        """Train until this model's clock reaches `stop` seconds (an absolute target, so that
+        the overshoot of one slice does not carry into the next validation point)."""
         while self.seconds < stop:
             start = time.perf_counter()
             sample = next(self.batches, None)
@@ -108,15 +115,19 @@ class Run:
                 self.batches = self._epoch()
                 sample = next(self.batches)
             self.trainer.train_step([sample])
-            self.seconds += time.perf_counter() - start
+            step = time.perf_counter() - start
+            self.seconds += step
+            self.longest_step = max(self.longest_step, step)
             self.tokens += int(sample["ntokens"])
 
     @torch.no_grad()
-    def validate(self, prefix: int, max_blocks: int) -> dict:
+    def validate(self, prefix: int, max_blocks: int, elapsed: float) -> dict:
         """Validation NLL on positions >= prefix (every model) and on all positions, over the
-        first `max_blocks` blocks of the validation set (the same blocks for every model)."""
+        first `max_blocks` blocks of the validation set (0: all; the same blocks for every model).
+        `elapsed`: wall-clock since the comparison started (all models, validation included)."""
         self.model.eval()
         valid = self.task.dataset("valid")
+        max_blocks = max_blocks or len(valid)
         itr = self.task.get_batch_iterator(
             valid, max_tokens=self.cfg.dataset.max_tokens, max_positions=None, required_batch_size_multiple=1,
             seed=1, num_workers=0, ignore_invalid_inputs=False,
@@ -138,6 +149,7 @@ class Run:
         self.model.train()
         point = {
             "updates": self.trainer.get_num_updates(), "tokens": self.tokens, "seconds": round(self.seconds, 2),
+            "elapsed": round(elapsed, 1),
             "ppl": math.exp(sums["suffix"][0] / sums["suffix"][1]),
         }
         if getattr(self.model.decoder, "score_from", 0) == 0:  # a partial model's early positions are not predictions
@@ -201,6 +213,19 @@ def _fmt(value, spec, missing="not reached"):
     return missing if value is None else format(value, spec)
 
 
+def _millions(value) -> str:
+    return "-" if value is None else f"{value / 1e6:.2f}M"
+
+
+def _params(m: dict) -> str:
+    active = f" / {_millions(m['params_active'])}" if "params_active" in m else ""  # absent in older results
+    return f"{_millions(m['params'])}{active}"
+
+
+def _blocks(valid_blocks: int) -> str:
+    return f"the first {valid_blocks} validation blocks" if valid_blocks else "the whole validation set"
+
+
 def write_markdown(path: Path, result: dict) -> None:
     s, meta = result["summary"], result["meta"]
     lines = [
@@ -211,18 +236,19 @@ def write_markdown(path: Path, result: dict) -> None:
         f"{meta['minutes']} min of training per model, round-robin in {meta['points']} slices, validated "
         f"after each; tokens per update {meta['tokens_per_update']}, 128-token blocks, Adam lr 2e-3 "
         "(inverse sqrt, 100 warm-up updates), dropout 0.1.", "",
-        f"ppl: validation perplexity over the first {meta['valid_blocks']} validation blocks, on positions >= {meta['prefix']} of each 128-token block (what the partial-prediction "
+        f"ppl: validation perplexity over {_blocks(meta['valid_blocks'])}, on positions >= {meta['prefix']} of each 128-token block (what the partial-prediction "
         "model can be scored on), the same positions for every model; all-pos: over all positions.", "",
         *([f"Note: {meta['note']}", ""] if meta.get("note") else []),
         f"Best baseline: **{s['best_baseline']}**, final ppl {s['target_ppl']:.2f}.", "",
-        "| model | arch | params | updates | tokens/s | final ppl | final ppl all-pos | s to best baseline's ppl | ratio to smlp "
-        "| smlp's time to this final ppl |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | arch | params total / active | fwd FLOPs/token | updates | tokens/s | final ppl | final ppl all-pos "
+        "| s to best baseline's ppl | ratio to smlp | smlp's time to this final ppl |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, row in sorted(s["rows"].items(), key=lambda kv: kv[1]["final_ppl"]):
         m = result["models"][name]
         lines.append(
-            f"| {name} | {m['arch']} | {m['params'] / 1e6:.2f}M | {row['updates']} | {row['tokens_per_s']:,.0f} | "
+            f"| {name} | {m['arch']} | {_params(m)} | {_millions(m.get('flops_per_token'))} | "
+            f"{row['updates']} | {row['tokens_per_s']:,.0f} | "
             f"{row['final_ppl']:.2f} | {_fmt(row['final_ppl_all_positions'], '.2f', '-')} | "
             f"{_fmt(row['seconds_to_best_baseline'], '.0f')} | {_fmt(row['time_ratio_to_smlp'], '.2f')} | "
             f"{_fmt(row['smlp_time_fraction'], '.2f', '-')} |"
@@ -275,7 +301,8 @@ def parse_args(argv=None):
     p.add_argument("--corpus", default="wikitext-2", choices=["wikitext-2", "ptb"])
     p.add_argument("--vocab-size", type=int, default=8000, help="sentencepiece vocabulary of the prepared corpus")
     p.add_argument("--data-bin", help="an existing fairseq data-bin instead of --corpus")
-    p.add_argument("--valid-blocks", type=int, default=1024, help="validation blocks scored at each point (first N)")
+    p.add_argument("--valid-blocks", type=int, default=1024,
+                   help="validation blocks scored at each point: the first N (0: the whole validation set)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: steady on a shared 2-core machine)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "compare"))
     p.add_argument("--render", action="store_true", help="only rewrite OUT.md and the plots from OUT.json")
@@ -310,22 +337,25 @@ def main(argv=None):
     # score every model from the partial model's prefix P (or what its default would be)
     prefix = max([getattr(r.model.decoder, "score_from", 0) for r in runs] + [0]) or default_prefix(data_bin)
     slice_seconds = args.minutes * 60 / args.points
+    start = time.perf_counter()
     for turn in range(args.points):
         for run in runs:
-            run.train_for(slice_seconds)
-            point = run.validate(prefix, args.valid_blocks)
+            run.train_until((turn + 1) * slice_seconds)
+            point = run.validate(prefix, args.valid_blocks, time.perf_counter() - start)
             print(f"[{turn + 1}/{args.points}] {run.name:13} {point}", flush=True)
 
     out = Path(args.out)
     result = {
         "meta": {
-            "command": " ".join(["python benchmarks/compare.py", *map(shlex.quote, argv if argv is not None else sys.argv[1:])]),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-            "torch": torch.__version__, "threads": args.threads, "load_before": load_before,
+            **run_metadata("compare.py", argv), "load_before": load_before,
             "load_after": round(os.getloadavg()[0], 2), "data": str(data_bin) if args.data_bin else f"{args.corpus}, {args.vocab_size} sentencepiece BPE",
             "minutes": args.minutes, "points": args.points, "valid_blocks": args.valid_blocks, "prefix": prefix, "tokens_per_update": runs[0].cfg.dataset.max_tokens, "out": str(out),
         },
-        "models": {r.name: {"arch": r.arch, "params": r.params, "points": r.points} for r in runs},
+        "models": {
+            r.name: {"arch": r.arch, "params": r.params, "params_active": r.params_active, "flops_per_token": r.flops_per_token,
+                     "longest_step_seconds": round(r.longest_step, 3), "points": r.points}
+            for r in runs
+        },
     }
     result["summary"] = summarize(result)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -3,14 +3,15 @@
 # the tiny, FLOP-matched size, trained for the same wall-clock each on WikiText-2 (8k sentencepiece
 # BPE), round-robin in one process; writes the table, JSON and plots (benchmarks/compare.py).
 # Usage: bash recipes/cpu_compare.sh      (MINUTES per model [5], POINTS [6], THREADS [1], OUT, MODELS)
-# DRY_RUN=1: every model is built and trained for a few seconds on a tiny slice, output in a temp dir.
+# DRY_RUN=1: every model is built and trained for about a second in 2 round-robin slices, scored on
+# 16 validation blocks, output in a temp dir (DATA_BIN: an existing data-bin instead of WikiText-2).
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 MINUTES=${MINUTES:-5} POINTS=${POINTS:-6} THREADS=${THREADS:-1}
 OUT=${OUT:-$REPO/benchmarks/results/compare}
 read -r -a MODEL_LIST <<< "${MODELS:-smlp smlp_partial gmlp transformer switch gshard base hash}"
 if [ "${DRY_RUN:-0}" = 1 ]; then
-  MINUTES=0.02 POINTS=1
+  MINUTES=0.02 POINTS=2
   OUT=$(mktemp -d)/compare
   EXTRA=(--valid-blocks 16)
 else

@@ -40,7 +40,8 @@ def fake_result():
             "load_after": 0, "data": "d", "minutes": 2, "points": 2, "prefix": 25, "tokens_per_update": 2048,
             "valid_blocks": 8, "out": "/tmp/compare",
         },
-        "models": {name: {"arch": f"{name}_lm_tiny", "params": 1e6, "points": p} for name, p in models.items()},
+        "models": {name: {"arch": f"{name}_lm_tiny", "params": 2e6, "params_active": 1e6, "flops_per_token": 3e6, "points": p}
+                   for name, p in models.items()},
     }
 
 
@@ -64,6 +65,20 @@ def test_markdown_table_lists_every_model_and_the_ratio(tmp_path):
         assert f"| {name} |" in text
     assert "not reached" in text  # switch
     assert "**0.83x**" in text
+    assert "| 2.00M / 1.00M | 3.00M |" in text  # params total / active, FLOPs per token
+    assert "the first 8 validation blocks" in text
+
+
+def test_render_writes_json_table_and_plots_from_a_result(tmp_path):
+    out = tmp_path / "compare"
+    out.with_suffix(".json").write_text(json.dumps(fake_result()))
+    compare.main(["--render", "--out", str(out)])
+    written = json.loads(out.with_suffix(".json").read_text())
+    assert written["summary"]["best_baseline"] == "transformer"
+    assert written["models"]["smlp"]["points"] == fake_result()["models"]["smlp"]["points"]
+    assert "| smlp |" in out.with_suffix(".md").read_text()
+    for suffix in ("time", "tokens"):
+        assert (tmp_path / f"compare_ppl_vs_{suffix}.png").stat().st_size > 1000
 
 
 def test_cpu_compare_recipe_dry_run_trains_every_model_round_robin(data_bin, tmp_path):
@@ -75,10 +90,21 @@ def test_cpu_compare_recipe_dry_run_trains_every_model_round_robin(data_bin, tmp
     (result_file,) = tmp_path.glob("*/compare.json")
     result = json.loads(result_file.read_text())
     assert set(result["models"]) == set(compare.MODELS)
+    budget = 0.02 * 60
     for name, m in result["models"].items():
-        (point,) = m["points"]  # one slice, one validation point each
-        assert point["seconds"] >= 0.02 * 60  # each model got its own budget
-        assert point["updates"] >= 1 and math.isfinite(point["ppl"]) and point["ppl"] > 1
-        assert ("ppl_all_positions" in point) == (name != "smlp_partial")
+        assert len(m["points"]) == 2  # POINTS=2: validated at half and all of its budget
+        for k, point in enumerate(m["points"], start=1):
+            # its own clock stopped at the first step boundary past k x budget / 2
+            assert k * budget / 2 <= point["seconds"] <= k * budget / 2 + m["longest_step_seconds"] + 0.01
+            assert math.isfinite(point["ppl"]) and point["ppl"] > 1
+            assert ("ppl_all_positions" in point) == (name != "smlp_partial")
+        assert m["points"][1]["updates"] > m["points"][0]["updates"] >= 1
+        assert m["points"][1]["tokens"] > m["points"][0]["tokens"]
+        assert m["params"] >= m["params_active"] > 0 and m["flops_per_token"] > 0
+    # round-robin: every model's first validation came before any model's second
+    first = [m["points"][0]["elapsed"] for m in result["models"].values()]
+    second = [m["points"][1]["elapsed"] for m in result["models"].values()]
+    assert max(first) <= min(second)
+    assert result["meta"]["load_before"] >= 0 and result["meta"]["threads"] == 1
     assert result["meta"]["prefix"] > 0
     assert (result_file.parent / "compare_ppl_vs_time.png").stat().st_size > 1000
