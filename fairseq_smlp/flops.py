@@ -88,6 +88,15 @@ def _linear_flops(linear: nn.Linear) -> int:
     return 2 * linear.in_features * linear.out_features
 
 
+def _expert_flops(experts: nn.Module) -> float:
+    """Forward FLOPs of one expert: its W1 and W2 of every stacked ExpertFFN (Base layers
+    stack S of them)."""
+    from .modules.experts import ExpertFFN
+
+    stacks = [m for m in experts.modules() if isinstance(m, ExpertFFN)]
+    return sum(2 * (m.fc1_weight.numel() + m.fc2_weight.numel()) / m.num_local_experts for m in stacks)
+
+
 def count_flops(model: nn.Module, seq_len: int) -> "OrderedDict[str, float]":
     """Forward FLOPs per token by category (see the module docstring)."""
     from fairseq.modules import MultiheadAttention
@@ -113,10 +122,8 @@ def count_flops(model: nn.Module, seq_len: int) -> "OrderedDict[str, float]":
             flops["mixing"] += 2 * seq_len * channels
             if module.router is not None:  # reads P positions of every channel, once per sequence
                 flops["routing"] += 2 * module.router.weight.numel() * channels / seq_len
-        elif isinstance(module, TokenMoE):
-            experts = module.experts
-            per_expert = 2 * (experts.fc1_weight.numel() + experts.fc2_weight.numel()) / experts.num_experts
-            flops["experts"] += getattr(module.router, "top_k", 1) * per_expert
+        elif isinstance(module, TokenMoE):  # also a Base layer with all its experts (BaseExpertsLayer)
+            flops["experts"] += getattr(module.router, "top_k", 1) * _expert_flops(module.experts)
             flops["routing"] += 2 * sum(p.numel() for p in module.router.parameters())
         elif isinstance(module, BaseLayer):
             flops["experts"] += sum(_linear_flops(m) for m in module.expert_network.modules() if isinstance(m, nn.Linear))

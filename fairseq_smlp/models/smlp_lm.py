@@ -45,6 +45,11 @@ class SmlpConfig(FairseqDataclass):
     partial_balance: ChoiceEnum(["assignment", "aux_loss"]) = field(default="assignment", metadata={"help": "partial prediction: balanced assignment, or first choice + Switch auxiliary loss"})
     tmoe_experts: int = field(default=4, metadata={"help": "feature-mixing (tMoE) experts per sparse block, Base-layer routing"})
     tmoe_ffn_embed_dim: int = field(default=2048, metadata={"help": "hidden width of each tMoE expert FFN"})
+    expert_init: ChoiceEnum(["dense", "zero_output"]) = field(
+        default="dense", metadata={"help": "tMoE experts: dense (start as a dense FFN: nn.Linear's init, as the Transformer "
+                                   "MoE baselines' experts) or zero_output (output weight 0: the tMoE adds nothing at first)"}
+    )
+    expert_dropout: float = field(default=0.0, metadata={"help": "dropout on the hidden activations inside every tMoE expert"})
     balanced_assignment: ChoiceEnum(["torch", "libbase"]) = field(
         default="torch", metadata={"help": "solver of the balanced assignments (tMoE training, --partial-balance assignment): "
                                    "torch (vectorised dual prices, exact optimum when prices converge) or fairseq's compiled libbase auction"}
@@ -165,7 +170,10 @@ def build_sparse_block(cfg) -> SparseBlock:
         router = PrefixChannelRouter(cfg.max_target_positions, cfg.partial_prefix_ratio, cfg.smoe_experts, cfg.partial_balance, solver)
     gate = SpatialGatingUnit(channels, cfg.max_target_positions, cfg.smoe_experts, router, cfg.spatial_init_eps, getattr(cfg, "smoe_expert_parallel", False))
     token_mixing = GatedMLPBlock(cfg.decoder_embed_dim, cfg.decoder_ffn_embed_dim, gate, split_gate, cfg.dropout)
-    experts = ExpertFFN(cfg.tmoe_experts, cfg.decoder_embed_dim, cfg.tmoe_ffn_embed_dim, pre_norm=True)
+    experts = ExpertFFN(
+        cfg.tmoe_experts, cfg.decoder_embed_dim, cfg.tmoe_ffn_embed_dim, pre_norm=True,
+        init=str(getattr(cfg, "expert_init", "dense")), dropout=getattr(cfg, "expert_dropout", 0.0) or 0.0,
+    )
     feature_moe = TokenMoE(BaseRouter(cfg.decoder_embed_dim, cfg.tmoe_experts, solver), experts)
     return SparseBlock(token_mixing, feature_moe, cfg.dropout)
 
