@@ -75,13 +75,15 @@ def prepare_data(args) -> Path:
 class Run:
     """One model with its fairseq Trainer, data iterator and own training clock."""
 
-    def __init__(self, name: str, data_bin: Path, user_args):
+    def __init__(self, name: str, data_bin: Path, user_args, spec=None, train_args=TRAIN_ARGS):
+        """spec: (arch, extra fairseq args) of the model (default MODELS[name]); train_args:
+        the fairseq-train options shared by every model (benchmarks/sparsity.py passes its own)."""
         from fairseq import options, tasks
         from fairseq.dataclass.utils import convert_namespace_to_omegaconf
         from fairseq.trainer import Trainer
 
-        arch, extra = MODELS[name]
-        argv = [str(data_bin), "--user-dir", str(REPO / "fairseq_smlp"), "--arch", arch, *TRAIN_ARGS, *extra, *user_args]
+        arch, extra = spec or MODELS[name]
+        argv = [str(data_bin), "--user-dir", str(REPO / "fairseq_smlp"), "--arch", arch, *train_args, *extra, *user_args]
         cfg = convert_namespace_to_omegaconf(options.parse_args_and_arch(options.get_training_parser(), argv))
         torch.manual_seed(cfg.common.seed)
         self.name, self.arch, self.cfg = name, arch, cfg
