@@ -176,11 +176,26 @@ def valid_indices(num_blocks: int, wanted: int):
 @torch.no_grad()
 def validate(run, indices, precision: str, probe: RouterProbe, batch_blocks: int = 16):
     """Mean NLL (nats/token) over the chosen validation blocks, evaluation mode; router health."""
+    with probe:
+        nll = validation_nll(run, indices, precision, batch_blocks)
+    return nll, probe.health()
+
+
+@torch.no_grad()
+def validation_nll(run, indices, precision: str, batch_blocks: int = 16, training_routing: bool = False):
+    """Mean NLL (nats/token) over the chosen validation blocks, evaluation mode (dropout off).
+    training_routing: Base-style routers (BaseRouter) route as in training, by the balanced
+    assignment of each batch of `batch_blocks` blocks, instead of greedily: a diagnostic of the
+    train / evaluation routing mismatch (not a causal score: the assignment couples a batch)."""
     model, dataset = run.model, run.task.dataset("valid")
     pad = run.task.target_dictionary.pad()
     model.eval()
+    if training_routing:
+        for m in model.modules():
+            if type(m).__name__ == "BaseRouter":
+                m.train()
     total, count = 0.0, 0
-    with probe, autocast(precision):
+    with autocast(precision):
         for start in range(0, len(indices), batch_blocks):
             sample = dataset.collater([dataset[i] for i in indices[start : start + batch_blocks]])
             output = model(**sample["net_input"])
@@ -191,7 +206,7 @@ def validate(run, indices, precision: str, probe: RouterProbe, batch_blocks: int
             total += float(nll[real].sum())
             count += int(real.sum())
     model.train()
-    return total / count, probe.health()
+    return total / count
 
 
 def eval_schedule(total_tokens: int, points: int):
@@ -263,10 +278,13 @@ def train_model(name: str, data_bin: Path, args, log) -> None:
             while evals and tokens >= evals[0]:
                 evals.pop(0)
             valid_nll, router = validate(run, indices, args.precision, probe)
-            log({
+            record = {
                 "kind": "eval", "model": name, "tokens": tokens, "updates": updates, "epoch": epoch,
                 "valid_nll": valid_nll, "train_nll_epoch": epoch_nll[0] / max(epoch_nll[1], 1), "router": router,
-            })
+            }
+            if any(type(m).__name__ == "BaseRouter" for m in run.model.modules()):
+                record["valid_nll_training_routing"] = validation_nll(run, indices, args.precision, training_routing=True)
+            log(record)
     log({"kind": "done", "model": name, "seconds": round(seconds, 1), "tokens": tokens, "updates": updates})
 
 

@@ -82,13 +82,13 @@ def test_unfinished_models_are_forgotten_and_finished_ones_kept(tmp_path):
 
 def test_short_run_writes_records_table_and_plots_and_resumes(data_bin, tmp_path):
     out = tmp_path / "study_lr0.002"  # a dot in the prefix: files are PREFIX.jsonl, not a replaced suffix
-    argv = ["train", "--models", "transformer", "switch_e4", "--data-bin", str(data_bin), "--max-train-tokens", "1536",
+    argv = ["train", "--models", "transformer", "switch_e4", "base_e4", "--data-bin", str(data_bin), "--max-train-tokens", "1536",
             "--tokens-per-update", "512", "--points", "2", "--valid-blocks", "8", "--log-tokens", "512", "--out", str(out),
             "--", "--decoder-embed-dim", "16", "--decoder-ffn-embed-dim", "32", "--decoder-attention-heads", "2"]
     sparsity.main(argv)
     records = sparsity.read_records(tmp_path / "study_lr0.002.jsonl")
     models = sparsity.by_model(records)
-    assert set(models) == {"transformer", "switch_e4"}
+    assert set(models) == {"transformer", "switch_e4", "base_e4"}
     switch = models["switch_e4"]
     logged = [r["tokens"] for r in switch["train"]]
     assert logged == sorted(logged) and logged[-1] >= 1536 and logged[0] >= 512
@@ -96,6 +96,10 @@ def test_short_run_writes_records_table_and_plots_and_resumes(data_bin, tmp_path
     assert len(switch["eval"]) == 2 and set(switch["eval"][-1]["router"]) == {"layers.1.fc1.router", "layers.3.fc1.router"}
     assert "changed" in switch["eval"][-1]["router"]["layers.1.fc1.router"]
     assert "moe_L1_router_dropped" in switch["train"][0]["moe"]
+    # Base routing: also scored with the training (balanced) routing, the mismatch diagnostic
+    base_eval = models["base_e4"]["eval"][-1]
+    assert math.isfinite(base_eval["valid_nll_training_routing"]) and "valid_nll_training_routing" not in switch["eval"][-1]
+    assert set(base_eval["router"]) == {"layers.1.base_layer"}
     table = (tmp_path / "study_lr0.002.md").read_text()
     assert "| switch_e4 | 4 |" in table and "| transformer | - |" in table
     assert (tmp_path / "study_lr0.002_transformer_moe.png").exists()
@@ -105,4 +109,4 @@ def test_short_run_writes_records_table_and_plots_and_resumes(data_bin, tmp_path
     assert [r["tokens"] for r in models["transformer"]["train"]] == logged
     sparsity.main(argv)  # rerun: both done, nothing trained again
     again = sparsity.read_records(tmp_path / "study_lr0.002.jsonl")
-    assert sum(r["kind"] == "start" for r in again) == 2
+    assert sum(r["kind"] == "start" for r in again) == 3
