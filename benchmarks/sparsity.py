@@ -20,7 +20,7 @@ Regimes (data prepared once into runs/sparsity/, data_prep.small_corpus):
 Models (`list`): the dense counterparts gmlp (gmlp_lm_tiny) and transformer
 (transformer_lm_tiny); sMLP with E experts in the sMoE and the tMoE (smlp_eE), in the tMoE only
 (smlp_tmoe_eE: one spatial matrix) and in the sMoE only (smlp_smoe_eE: one tMoE expert);
-switch_eE, gshard_eE, hash_eE, base_eE. All *_tiny, FLOP-matched (docs/baselines.md): E changes
+switch_eE, gshard_eE, hash_eE, base_eE; NAME_xd: the same with --expert-dropout 0.4. All *_tiny, FLOP-matched (docs/baselines.md): E changes
 the parameters, not the FLOPs per token. Every model sees the same batches in the same order
 (same data, seed, tokens per update), so curves are paired batch by batch.
 
@@ -55,6 +55,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from _results import run_metadata  # noqa: E402
 
 EXPERTS = (1, 4, 16, 64)
+EXPERT_DROPOUT = 0.4
 DENSE = {"gmlp": ("gmlp_lm_tiny", []), "transformer": ("transformer_lm_tiny", [])}
 
 
@@ -70,11 +71,16 @@ def sparse_models():
             models[f"gshard_e{e}"] = ("gshard_lm_tiny", ["--moe-experts", str(e)], "transformer", "gshard", e)
             models[f"hash_e{e}"] = ("hash_lm_tiny", ["--moe-experts", str(e)], "transformer", "hash", e)
         models[f"base_e{e}"] = ("base_lm_tiny", ["--base-experts", str(e)], "transformer", "base", e)
+    # the MoE literature's regularisation for repeated data: dropout inside the experts
+    # (Switch Transformers: 0.4 in the experts, 0.1 elsewhere)
+    for name in [n for n in models if models[n][4] > 1]:
+        arch, extra, dense, family, e = models[name]
+        models[f"{name}_xd"] = (arch, extra + ["--expert-dropout", str(EXPERT_DROPOUT)], dense, f"{family}_xd", e)
     return models
 
 
 MODELS = {**{k: (*v, None, k, 0) for k, v in DENSE.items()}, **sparse_models()}
-DEFAULT_MODELS = [m for m, spec in MODELS.items() if spec[4] in (0, 1, 4, 16)]
+DEFAULT_MODELS = [m for m, spec in MODELS.items() if spec[4] in (0, 1, 4, 16) and not m.endswith("_xd")]
 
 REGIMES = {
     "single-pass": dict(corpus="wikitext-2+books-mix", epochs=1, dropout=0.0),
