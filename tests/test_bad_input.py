@@ -61,7 +61,7 @@ TRAIN_FLAGS = {
     "memory-efficient bf16 on the CPU": (["--memory-efficient-bf16"], "--memory-efficient-bf16 needs a CUDA GPU"),
     "sequence longer than the spatial matrix": (
         ["--max-target-positions", "16"], "--tokens-per-sample 32 exceeds the model's 16 positions"),
-    "tMoE experts 0": (["--tmoe-experts", "0"], "--tmoe-experts (0) must be >= 1"),
+    "tMoE experts 0": (["--tmoe-experts", "0"], "--tmoe-experts must be >= 1, got 0"),
     "unknown sMoE chunking": (["--smoe-chunk", "rows"], "argument --smoe-chunk: invalid choice: 'rows'"),
     "unknown partial balance": (
         ["--smoe-routing", "partial", "--partial-balance", "switch"], "argument --partial-balance: invalid choice: 'switch'"),
