@@ -5,10 +5,12 @@ Importing this module applies the two that must precede fairseq's import; `insta
 (called once by the plugin's __init__) applies the rest. Patches that only concern
 expert-parallel runs change nothing unless the model holds sharded experts.
 """
+import copy
 import functools
 import os
 import types
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -37,23 +39,51 @@ def verify_save_dir(save_dir: str) -> None:
         raise OSError(f"--save-dir {save_dir}: cannot write checkpoints there ({existing} is not a writable directory)")
 
 
+def _on_cpu(cfg) -> bool:
+    return cfg.common.cpu or not torch.cuda.is_available()
+
+
 def check_precision(cfg) -> None:
-    """--fp16 on a CPU fails deep inside fairseq ("Torch not compiled with CUDA enabled"), and
-    fairseq takes --bf16 without CUDA for a TPU run ("... has no attribute 'xla_device'"): say
-    which flag and what to do before the trainer starts."""
+    """--fp16 on a CPU fails deep inside fairseq ("Torch not compiled with CUDA enabled"): say
+    which flag and what to do before anything starts."""
     common = cfg.common
-    on_cpu = common.cpu or not torch.cuda.is_available()
-    if on_cpu and (common.fp16 or common.memory_efficient_fp16):
+    if _on_cpu(cfg) and (common.fp16 or common.memory_efficient_fp16):
+        flag = "--memory-efficient-fp16" if common.memory_efficient_fp16 else "--fp16"
         raise ValueError(
-            "--fp16 needs a CUDA GPU (fairseq's fp16 training keeps fp16 weights and a loss scaler on the GPU), "
-            "but this run is on the CPU (--cpu, or no CUDA device visible): drop --fp16 to train in fp32"
+            f"{flag} needs a CUDA GPU (fairseq's fp16 training keeps fp16 weights and a loss scaler on the GPU), "
+            f"but this run is on the CPU (--cpu, or no CUDA device visible): use --bf16 (bf16 autocast with fp32 "
+            f"weights) or drop {flag} to train in fp32"
         )
-    if on_cpu and (common.bf16 or common.memory_efficient_bf16):
-        flag = "--memory-efficient-bf16" if common.memory_efficient_bf16 else "--bf16"
+    if _on_cpu(cfg) and common.memory_efficient_bf16:
         raise ValueError(
-            f"{flag} needs a CUDA GPU (fairseq takes bf16 on a CPU for a TPU run and fails looking for "
-            f"torch_xla), but this run is on the CPU (--cpu, or no CUDA device visible): drop {flag} to train in fp32"
+            "--memory-efficient-bf16 (bf16 weights, no fp32 master copy) is not supported on the CPU: "
+            "use --bf16 (bf16 autocast with fp32 weights and optimizer state)"
         )
+
+
+def cpu_autocast_dtype(cfg) -> Optional[torch.dtype]:
+    """torch.bfloat16 for --bf16 on the CPU (autocast, fp32 weights), else None."""
+    return torch.bfloat16 if _on_cpu(cfg) and cfg.common.bf16 else None
+
+
+def autocast(fn, dtype: torch.dtype):
+    """fn run under CPU autocast: matmuls in `dtype`, reductions and routers in fp32."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        with torch.autocast("cpu", dtype=dtype):
+            return fn(*args, **kwargs)
+
+    return run
+
+
+def fp32_trainer_config(cfg):
+    """What fairseq's Trainer gets for a CPU bf16 run: --bf16 off (it would cast the model to
+    bf16 and keep fp32 master weights in FP16Optimizer) and no TPU (fairseq reads --bf16 as
+    one); the precision comes from autocast around the forward instead."""
+    cfg = copy.deepcopy(cfg)
+    cfg.common.bf16, cfg.common.tpu = False, False
+    return cfg
 
 
 # ------------------------------------------------------------------ the patches
@@ -78,23 +108,47 @@ def _patch_checkpoint_files(checkpoint_utils, PathManager) -> None:
     checkpoint_utils.verify_checkpoint_directory = verify_save_dir
 
 
+def _patch_cli_entry(distributed_utils) -> None:
+    """Every fairseq command starts in call_main: refuse bad precision flags there, before
+    anything is written; on the CPU, --bf16 means bf16 autocast, not a TPU run (fairseq's
+    reading, which fails looking for torch_xla). Training autocasts its forward only (the
+    Trainer patch); the other commands (eval-lm, validate, generate) run under autocast."""
+    call_main = distributed_utils.call_main
+
+    @functools.wraps(call_main)
+    def call_main_checked(cfg, main, **kwargs):
+        check_precision(cfg)
+        dtype = cpu_autocast_dtype(cfg)
+        if dtype is not None:
+            cfg.common.tpu = False
+            if main.__module__ != "fairseq_cli.train":
+                main = autocast(main, dtype)
+        return call_main(cfg, main, **kwargs)
+
+    distributed_utils.call_main = call_main_checked
+
+
 def _patch_trainer(Trainer) -> None:
-    """Bad precision flags are refused before training starts; with sharded experts (fairseq
-    saves on rank 0 only) every rank saves its own file -rank-R with its experts, and reads it
-    back on resume (checkpoints/rank_files.py)."""
+    """--bf16 on the CPU trains under bf16 autocast with fp32 weights and optimizer state; with
+    sharded experts (fairseq saves on rank 0 only) every rank saves its own file -rank-R with
+    its experts, and reads it back on resume (checkpoints/rank_files.py)."""
     from .checkpoints import rank_files
 
     init, state_dict, save = Trainer.__init__, Trainer.state_dict, Trainer.save_checkpoint
     should_save, suffix = Trainer.should_save_checkpoint_on_current_rank, Trainer.checkpoint_suffix
 
     @functools.wraps(init)
-    def __init__(self, cfg, task, model, *args, **kwargs):
+    def __init__(self, cfg, task, model, criterion, *args, **kwargs):
         check_precision(cfg)
+        self.autocast_dtype = cpu_autocast_dtype(cfg)
+        if self.autocast_dtype is not None:
+            cfg = fp32_trainer_config(cfg)
+            criterion.forward = autocast(criterion.forward, self.autocast_dtype)  # loss and forward; backward outside
         self.has_sharded_experts = rank_files.has_sharded_experts(model)
         if self.has_sharded_experts:
             rank_files.check_config(cfg)
             cfg.checkpoint.load_checkpoint_on_all_dp_ranks = True  # each rank reads its own experts
-        init(self, cfg, task, model, *args, **kwargs)
+        init(self, cfg, task, model, criterion, *args, **kwargs)
 
     def should_save_checkpoint_on_current_rank(self):
         return True if self.has_sharded_experts else should_save.fget(self)
@@ -106,6 +160,8 @@ def _patch_trainer(Trainer) -> None:
     @functools.wraps(state_dict)
     def state_dict_with_layout(self):
         state = state_dict(self)
+        if self.autocast_dtype is not None:  # the Trainer ran with --bf16 off (fp32_trainer_config)
+            state["cfg"]["common"]["bf16"] = True
         if self.has_sharded_experts:
             state["expert_parallel"] = rank_files.metadata(self._model, self.data_parallel_world_size, self.data_parallel_rank)
         return state
@@ -141,10 +197,12 @@ def install() -> None:
     if _INSTALLED:
         return
     from fairseq import checkpoint_utils, trainer
+    from fairseq.distributed import utils as distributed_utils
     from fairseq.file_io import PathManager
     from fairseq.logging import progress_bar
 
     _patch_checkpoint_files(checkpoint_utils, PathManager)
+    _patch_cli_entry(distributed_utils)
     _patch_trainer(trainer.Trainer)
     _patch_progress_bar(progress_bar)
     _INSTALLED = True

@@ -57,8 +57,8 @@ TRAIN_FLAGS = {
     "unknown sMoE routing": (["--smoe-routing", "learned"], "argument --smoe-routing: invalid choice: 'learned'"),
     "unknown solver": (["--balanced-assignment", "hungarian"], "argument --balanced-assignment: invalid choice: 'hungarian'"),
     "fp16 on the CPU": (["--fp16"], "--fp16 needs a CUDA GPU"),
-    "bf16 on the CPU": (["--bf16"], "--bf16 needs a CUDA GPU"),
-    "memory-efficient bf16 on the CPU": (["--memory-efficient-bf16"], "--memory-efficient-bf16 needs a CUDA GPU"),
+    "memory-efficient fp16 on the CPU": (["--memory-efficient-fp16"], "--memory-efficient-fp16 needs a CUDA GPU"),
+    "memory-efficient bf16 on the CPU": (["--memory-efficient-bf16"], "--memory-efficient-bf16 (bf16 weights, no fp32 master copy) is not supported on the CPU"),
     "sequence longer than the spatial matrix": (
         ["--max-target-positions", "16"], "--tokens-per-sample 32 exceeds the model's 16 positions"),
     "tMoE experts 0": (["--tmoe-experts", "0"], "--tmoe-experts must be >= 1, got 0"),
@@ -144,7 +144,7 @@ def test_bad_flag_leaves_an_existing_save_dir_untouched(data_bin, checkpoint, tm
     last = save / "checkpoint_last.pt"
     last.write_bytes(checkpoint.read_bytes())
     before = (last.read_bytes(), last.stat().st_mtime_ns)
-    for extra in (["--bf16"], ["--max-target-positions", "16"]):
+    for extra in (["--fp16"], ["--max-target-positions", "16"]):
         fails(train(data_bin, save, *extra), tmp_path)
     assert (last.read_bytes(), last.stat().st_mtime_ns) == before and sorted(save.iterdir()) == [last]
 
