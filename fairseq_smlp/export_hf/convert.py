@@ -32,13 +32,15 @@ def single_worker_checkpoint(path: str):
     (checkpoint_last-rank-R.pt, given as checkpoint_last.pt or as one of them) resharded."""
     rank_file = re.match(r"(.*)-rank-\d+\.pt$", path)
     common = f"{rank_file.group(1)}.pt" if rank_file else path
-    paths = rank_files([common]) if not os.path.exists(common) else [common]
-    if len(paths) == 1 and os.path.exists(paths[0]) and not rank_file:
-        yield paths[0]
+    if os.path.exists(common):
+        yield common
         return
     with tempfile.TemporaryDirectory(prefix="export_hf_") as tmp:
         merged = os.path.join(tmp, "merged.pt")
-        reshard(paths, 1, merged)
+        try:  # reshard reports bad input (no rank files, one missing) with sys.exit
+            reshard(rank_files([common]), 1, merged)
+        except SystemExit as e:
+            raise ExportError(str(e)) from None
         yield merged
 
 
@@ -205,7 +207,7 @@ def transformer_config(m, vocab_size: int, state):
         dropout=m.dropout, attention_dropout=m.attention_dropout,
         activation_dropout=max(m.get("activation_dropout", 0) or 0, m.get("relu_dropout", 0) or 0),
         ffn_dim=m.decoder_ffn_embed_dim, num_attention_heads=m.decoder_attention_heads, activation_function=m.activation_fn,
-        moe_router=m.get("moe_router", "top1") if m.get("moe_router", "none") != "none" else "top1",
+        moe_router=m.get("moe_router", "none"),
         moe_experts=m.get("moe_experts", 1), moe_expert_ffn_dim=m.get("moe_expert_ffn_dim", 0) or m.decoder_ffn_embed_dim,
         moe_eval_capacity_factor=m.get("moe_eval_capacity_factor", 0.0),
         base_experts=base_experts(state, blocks), base_sublayers=m.get("base_sublayers", 1),

@@ -63,6 +63,15 @@ def max_logit_difference(state, dictionary, out_dir: str, length: int = 32, seed
         return (reference(tokens)[0] - exported(tokens).logits).abs().max().item()
 
 
+def readable(folder: str) -> None:
+    """mkdtemp (and the weights writer) make owner-only files: give them the usual permissions."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for name in os.listdir(folder):
+        os.chmod(os.path.join(folder, name), 0o666 & ~umask)
+
+
 def export(
     checkpoint: str, out_dir: str, dict_path: Optional[str] = None, spm_model: Optional[str] = None,
     gpt2_files: Optional[Tuple[str, str]] = None, verify: bool = True, overwrite: bool = False,
@@ -94,6 +103,7 @@ def export(
         difference = max_logit_difference(state, dictionary, tmp) if verify else None
         if difference is not None and not difference <= VERIFY_TOLERANCE:
             raise ExportError(f"the exported model's logits differ from fairseq's by {difference:.3g} (> {VERIFY_TOLERANCE}); nothing written")
+        readable(tmp)
         if os.path.exists(out_dir):
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)

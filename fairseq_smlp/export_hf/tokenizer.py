@@ -67,6 +67,32 @@ def word_level_tokenizer(dictionary):
     )
 
 
+def subword_vocabulary(kind: str, spm_model=None, gpt2_files=None) -> set:
+    """The symbols the subword model can put into the training text."""
+    if kind == SENTENCEPIECE:
+        import sentencepiece
+
+        processor = sentencepiece.SentencePieceProcessor(model_file=spm_model)
+        return {processor.id_to_piece(i) for i in range(processor.get_piece_size())}
+    with open(gpt2_files[0], encoding="utf-8") as f:
+        return {str(i) for i in json.load(f).values()}
+
+
+def check_matches(dictionary, kind: str, spm_model=None, gpt2_files=None) -> None:
+    """Refuse a subword model that did not make this dictionary (most symbols would become <unk>)."""
+    words = [w for w in dictionary.symbols[dictionary.nspecial:] if not w.startswith("madeupword")]
+    known = subword_vocabulary(kind, spm_model, gpt2_files)
+    found = sum(w in known for w in words)
+    if words and found < 0.9 * len(words):
+        flag = "--spm-model" if kind == SENTENCEPIECE else "--gpt2-encoder-json"
+        path = spm_model if kind == SENTENCEPIECE else gpt2_files[0]
+        raise ValueError(
+            f"{flag} {path} did not make this dictionary: only {found} of its {len(words)} symbols are among its "
+            f"pieces. Pass the {kind} files the training text was encoded with"
+            + (" (or none, for a word-level dictionary)" if kind == SENTENCEPIECE else "")
+        )
+
+
 def dict_tokenizer(dictionary, kind: str, tmp: str, spm_model=None, gpt2_files=None):
     """FairseqDictTokenizer over the subword model's files; registered so save_pretrained copies its code."""
     from .hf_code.tokenization_fairseq_smlp import FairseqDictTokenizer
@@ -79,6 +105,7 @@ def dict_tokenizer(dictionary, kind: str, tmp: str, spm_model=None, gpt2_files=N
     for flag, path in files.items():
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{'--spm-model' if flag == 'spm_file' else '--gpt2-encoder-json/--gpt2-vocab-bpe'} {path}: no such file")
+    check_matches(dictionary, kind, spm_model, gpt2_files)
     return FairseqDictTokenizer(vocab_file, **files, **special_tokens(dictionary))
 
 

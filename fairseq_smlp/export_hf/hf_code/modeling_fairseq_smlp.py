@@ -37,6 +37,8 @@ try:  # transformers >= 5: init functions that leave loaded weights alone
     from transformers import initialization as init
 except ImportError:  # pragma: no cover
     init = nn.init
+# the output field generate() reads the cache from (renamed from past_key_values in transformers 5.x)
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 class FairseqSmlpConfig(PretrainedConfig):
@@ -73,7 +75,7 @@ class FairseqSmlpConfig(PretrainedConfig):
         # Transformer
         num_attention_heads: int = 8,
         activation_function: str = "relu",
-        moe_router: str = "top1",  # "top1" | "top2" | "hash"
+        moe_router: str = "none",  # "moe" blocks: "top1" | "top2" | "hash"
         moe_experts: int = 1,
         moe_expert_ffn_dim: int = 2048,
         moe_eval_capacity_factor: float = 0.0,  # <= 0: no capacity limit
@@ -677,7 +679,7 @@ class FairseqSmlpForCausalLM(FairseqSmlpPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = causal_lm_loss(logits, labels, self.config.score_from, kwargs.get("num_items_in_batch"))
-        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache if use_cache else None)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: cache if use_cache else None})
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, score_from: int = 0, num_items_in_batch=None) -> torch.Tensor:
