@@ -237,6 +237,28 @@ def test_generate_with_cache_equals_repeated_full_forwards(name, exported):
         assert torch.equal(out.sequences[:, position + 1], full[:, position].argmax(-1))
 
 
+@pytest.mark.parametrize("name", ["smlp_partial", "switch"])
+def test_beam_search_with_cache_equals_beam_search_without(name, exported):
+    """Beams are reordered every step: the cached spatial-gate inputs and keys must follow them."""
+    hf = load_exported(exported(name)[1])
+    hf.generation_config.eos_token_id = None
+    prompt = token_ids(batch=2, length=4)
+    cached, uncached = (hf.generate(prompt, max_new_tokens=8, num_beams=3, do_sample=False, pad_token_id=1, use_cache=c) for c in (True, False))
+    assert torch.equal(cached, uncached)
+
+
+@pytest.mark.parametrize("name", ["smlp_partial", "gmlp", "switch", "gshard", "hash", "base", "transformer_learned_pos"])
+def test_bf16_load_runs_every_block(name, exported):
+    """Routers stay fp32, everything else runs in the loaded dtype."""
+    out = exported(name)[1]
+    hf32 = load_exported(out)
+    hf16 = type(hf32).from_pretrained(out, dtype=torch.bfloat16).eval()
+    x = token_ids()
+    with torch.no_grad():
+        assert (hf16(x).logits.float() - hf32(x).logits).abs().max().item() < 0.1
+    assert hf16.generate(x[:, :4], max_new_tokens=3, do_sample=False, pad_token_id=1).shape == (3, 7)
+
+
 def test_left_padded_batch_generates_what_each_prompt_generates_alone(exported):
     """Transformer families: positions count real tokens and padding is masked (fairseq's rules)."""
     hf = load_exported(exported("switch")[1])

@@ -512,17 +512,17 @@ class BaseLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, **unused) -> torch.Tensor:
         """x: (B, T, H) -> (B, T, H)."""
-        flat = x.reshape(-1, x.size(-1)).float()  # fairseq routes Base layers in fp32
-        scores = flat @ self.centroids.float().t()  # (N, E)
+        flat = x.reshape(-1, x.size(-1))
+        scores = flat.float() @ self.centroids.float().t()  # (N, E), in fp32 as fairseq routes Base layers
         expert = scores.argmax(-1)
         out = torch.empty_like(flat)
         for e, network in enumerate(self.experts):
             token = (expert == e).nonzero(as_tuple=True)[0]
             if token.numel():
                 routed = flat[token]
-                alpha = torch.sigmoid(routed @ self.centroids[e].float()).unsqueeze(1)
+                alpha = torch.sigmoid(scores[token, e]).unsqueeze(1).to(flat.dtype)
                 out[token] = alpha * network(routed) + (1 - alpha) * routed
-        return out.to(x.dtype).view_as(x)
+        return out.view_as(x)
 
 
 # ----------------------------------------------------------------------------- the model
@@ -606,7 +606,7 @@ class FairseqSmlpModel(FairseqSmlpPreTrainedModel):
             x = self.project_in(x)
         if self.embed_positions is not None:  # fairseq's numbering: padding_idx + count of real tokens so far
             positions = (torch.cumsum(not_pad.long(), 1) * not_pad + self.padding_idx)[:, -new:]
-            x = x + self.embed_positions(positions)
+            x = x + self.embed_positions(positions).to(x.dtype)
         if self.layernorm_embedding is not None:
             x = self.layernorm_embedding(x)
         x = self.dropout(x)
