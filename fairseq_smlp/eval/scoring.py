@@ -137,7 +137,7 @@ class Span(NamedTuple):
 
 
 class SpanScorer:
-    """Continuation log-likelihoods that do not depend on batching, by construction.
+    """Continuation log-likelihoods that do not depend on batching.
 
     A forward's floats depend on its shape: the padded length changes how matmuls are
     blocked, so the same sequence scored in two batches could differ in the last digit,
@@ -145,14 +145,21 @@ class SpanScorer:
     break a tie differently at each --batch-size. So:
 
     - each distinct (tokens, n_cont) is scored once and its score shared: identical
-      candidates get identical scores, and ties then follow the first-candidate rule;
+      candidates get identical scores by construction, and ties follow the
+      first-candidate rule at every batch size;
     - a sequence is padded to its own length bucket (length_bucket), never to its batch's
       longest, and only sequences of one bucket share a forward;
     - a forward has at least 2 rows (a lone row is repeated): on CPU a one-row forward
-      takes other kernels (measured: sMLP scores moved by ~1e-6), any row count >= 2
-      gave bitwise the same scores (tests/test_zeroshot.py checks 1, 8 and 16).
+      takes other kernels (measured: sMLP scores moved by ~1e-6).
 
-    ``rows`` = sequences per forward: memory and speed only.
+    Then dense and attention models score bitwise the same at every row count >= 2
+    (tested at --batch-size 1, 8, 16). Token-routed experts (sMLP's tMoE, Switch, GShard,
+    Base, HASH) multiply the rows routed to each expert, and how many those are depends
+    on the other sequences of the forward: there a score can still move in the last
+    float digit (measured on a tiny sMLP: 1 of 40 COPA candidates, by 1e-6), which cannot
+    flip a prediction unless two different candidates score within that of each other.
+
+    ``rows`` = sequences per forward: memory and speed.
     """
 
     def __init__(self, model, pad: int, device="cpu", rows: int = 16,
