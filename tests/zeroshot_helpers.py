@@ -68,8 +68,13 @@ KINDS = {  # kind -> (fairseq-train arguments, task)
 
 
 def rolling_text() -> str:
-    """PTB test lines the checkpoints' data-bin also holds as its test split."""
-    return "".join(line + "\n" for line in ptb_lines("test", 40))
+    """40 PTB test lines, which the checkpoints' data-bin also holds as its test split: lines
+    that the PTB normalisation leaves as they are (no abbreviation periods), so that the
+    text encodes to the tokens fairseq-preprocess wrote."""
+    from fairseq_smlp.eval.text import ptb_tokens
+
+    lines = [line for line in ptb_lines("test", 200) if "." not in line and ptb_tokens(line) == line.split()]
+    return "".join(line + "\n" for line in lines[:40])
 
 
 @lru_cache(maxsize=None)
