@@ -242,10 +242,10 @@ def test_cli_bad_file_fails_before_loading_or_writing(kind, tmp_path, capsys):
 def test_cli_unscorable_choice_and_bad_output_folder(tmp_path, capsys):
     ckpt = tiny_checkpoint("transformer")
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps(GOOD["generic"]) + "\n" + json.dumps({"context": "c", "choices": [" a", "..."], "label": 0}) + "\n")
+    bad.write_text(json.dumps(GOOD["generic"]) + "\n" + json.dumps({"context": "c", "choices": [" a", " ,"], "label": 0}) + "\n")
     with pytest.raises(SystemExit):
         zeroshot.cli_main(["--path", str(ckpt), "--task-file", f"bad={bad}", "--cpu", "--output", str(tmp_path / "o.json")])
-    assert "bad.jsonl:2: a continuation encodes to no tokens" in capsys.readouterr().err  # '...' has no PTB token
+    assert "bad.jsonl:2: a continuation encodes to no tokens" in capsys.readouterr().err  # ',' has no PTB token
     assert not (tmp_path / "o.json").exists()
     with pytest.raises(SystemExit):
         zeroshot.cli_main(["--path", str(ckpt), "--task-file", f"bad={bad}", "--predictions", str(tmp_path / "no" / "p.jsonl")])
@@ -273,10 +273,13 @@ def test_unk_rate_warning_and_ptb_normalization(tasks_dir, tmp_path, caplog):
 def test_ptb_tokens():
     known = {"mr.", "inc."}.__contains__
     assert text.ptb_tokens("It's 5.5% of $1,000 -- Mr. Smith didn't see the U.S. Inc. home.", known) == \
-        ["it", "'s", "N", "N", "of", "$", "N", "mr.", "smith", "did", "n't", "see", "the", "u.s.", "inc.", "home"]
+        ["it", "'s", "N", "N", "of", "$", "N", "mr.", "smith", "did", "n't", "see", "the", "u.s.", "inc.", "home", "</s>"]
     assert text.ptb_tokens("Students' books won't sell; 30-day notes, 1990s & 10:30 <unk> N") == \
         ["students", "'", "books", "wo", "n't", "sell", "30-day", "notes", "1990s", "&", "N", "N", "<unk>", "N"]
-    assert text.ptb_tokens("He met Mr.", known) == ["he", "met", "mr"]  # a final period ends the sentence
+    assert text.ptb_tokens("He met Mr.", known) == ["he", "met", "mr", "</s>"]  # a final period ends the sentence
+    # the corpus has one sentence per line: a sentence's end is its line end </s> (once per run of . ? !)
+    assert text.ptb_tokens("A man sat. He left?! Yes...") == ["a", "man", "sat", "</s>", "he", "left", "</s>", "yes", "</s>"]
+    assert text.ptb_tokens(" .") == ["</s>"]  # a Winogrande blank at the sentence's end still scores something
     # PTB's own text is a fixed point (lines with odd escapes like cities\/abc or us$ aside)
     lines = ptb_lines("valid", 3370)
     vocab = {w for line in ptb_lines("train", 50000) for w in line.split()}
@@ -301,4 +304,6 @@ def test_detect_normalization():
     d = dictionary(["the", "N", "market"])
     assert text.TextEncoder(d, normalize="auto").normalize == "ptb"
     assert text.TextEncoder(d)("The 5 markets.") == [d.index("The"), d.index("5"), d.unk(), d.index(".")]
-    assert text.TextEncoder(d, normalize="auto")("The 5 market.") == [d.index("the"), d.index("N"), d.index("market")]
+    assert text.TextEncoder(d, normalize="auto")("The 5 market.") == [d.index("the"), d.index("N"), d.index("market"), d.eos()]
+    assert text.TextEncoder(d, normalize="auto").lines("The market.\nN N\n", d.eos()) == \
+        [d.index("the"), d.index("market"), d.eos(), d.index("N"), d.index("N"), d.eos()]

@@ -3,9 +3,10 @@
 Three ways to cut text into dictionary symbols (``--normalize``):
 
     none   words and single punctuation marks, case kept ("It's 5." -> It ' s 5 .)
-    ptb    Penn Treebank (Mikolov's language-modelling version): lower case, numbers -> N,
-           clitics split off ('s 're 've 'll 'd 'm n't), punctuation dropped except $ & # '
-           ("It's 5." -> it 's N)
+    ptb    Penn Treebank (Mikolov's language-modelling version): one sentence per line, so
+           a sentence's end (. ? !) is the line end </s>; lower case, numbers -> N, clitics
+           split off ('s 're 've 'll 'd 'm n't), other punctuation dropped except $ & # '
+           ("It's 5. Go" -> it 's N </s> go)
     auto   ptb when the dictionary looks like that corpus (see detect_normalization), else none
 
 With a sentencepiece model the text is cut into pieces instead (the way subword training
@@ -32,6 +33,7 @@ PTB_PUNCTUATION_KEPT = {"$", "&", "#", "'"}  # the only punctuation tokens of Mi
 PTB_TOKEN = re.compile(r"<unk>|'(?:s|re|ve|ll|d|m)(?![\w'])|n't(?!\w)|\d{1,3}(?:,\d{3})+(?:\.\d+)?(?![\w-])"
                        r"|\w+(?:[-.'&/]\w+)*\.?|\S")
 PTB_NUMBER = re.compile(r"[+-]?(?:\d[\d,]*(?:\.\d+)?|\.\d+)(?:/\d+)?")
+PTB_SENTENCE_END = "</s>"  # fairseq's eos: the corpus has one sentence per line and no . ? !
 
 
 def split_clitic(word: str) -> List[str]:
@@ -47,7 +49,8 @@ def ptb_tokens(text: str, known: Optional[Callable[[str], bool]] = None) -> List
 
     ``known(word)`` says whether a word is in the dictionary: a final period stays on a
     word with an inner period (u.s.), and on a known abbreviation (``known("mr.")``)
-    unless it is the text's last word (there the period ends the sentence).
+    unless it is the text's last word (there the period ends the sentence). A sentence's
+    end (. ? ! , once for a run of them) becomes </s>, the line end of the corpus.
     """
     text = text.replace("\u2019", "'").replace("\u2018", "'")
     raw = PTB_TOKEN.findall(text)
@@ -57,12 +60,15 @@ def ptb_tokens(text: str, known: Optional[Callable[[str], bool]] = None) -> List
             out.append(tok)
             continue
         tok = tok.lower()
+        period = False
         if len(tok) > 1 and tok.endswith(".") and not PTB_NUMBER.fullmatch(tok):
             stem = tok[:-1]
             last = i == len(raw) - 1
             if not ("." in stem or (known is not None and known(tok) and not last)):
-                tok = stem  # the sentence's period: dropped like all punctuation
-        if PTB_NUMBER.fullmatch(tok):
+                tok, period = stem, True  # the word, then the sentence's end
+        if tok in (".", "?", "!"):
+            period = True
+        elif PTB_NUMBER.fullmatch(tok):
             out.append("N")
         elif tok == "%" and out and out[-1] == "N":
             out.append("N")  # PTB writes "8.5 %" as "N N"
@@ -71,6 +77,8 @@ def ptb_tokens(text: str, known: Optional[Callable[[str], bool]] = None) -> List
                 out.append(tok)
         else:
             out.extend(split_clitic(tok))
+        if period and out[-1:] != [PTB_SENTENCE_END]:
+            out.append(PTB_SENTENCE_END)
     return out
 
 
@@ -129,5 +137,6 @@ class TextEncoder:
         """Each line's tokens followed by eos, as fairseq-preprocess binarizes a text file."""
         out: List[int] = []
         for line in text.splitlines():
-            out += self(line) + [eos]
+            ids = self(line)
+            out += (ids[:-1] if ids[-1:] == [eos] else ids) + [eos]  # a final '.' is this line end
         return out
