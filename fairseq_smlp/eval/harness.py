@@ -24,7 +24,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from .scoring import Candidate, CandidateBuilder, SpanScorer, make_candidate
+from .scoring import Candidate, SpanScorer, make_candidate
 from .text import TextEncoder
 
 MODEL_NAME = "fairseq_smlp"
@@ -76,7 +76,6 @@ class FairseqLM(LM):
         self.window = int(max_length or self.max_positions or 0)
         if self.window <= 0:
             raise ValueError("the model has no window size: pass max_length=N in --model_args")
-        self.build = CandidateBuilder(self.encoder, dictionary.eos(), self.max_positions, self.prefix)
         self.rows = int(batch_size) if str(batch_size).isdigit() else 8  # "auto": a fixed 8; scores do not depend on it
 
     @property
