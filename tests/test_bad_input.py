@@ -79,7 +79,7 @@ def test_bad_training_flag(data_bin, tmp_path, case):
 BASELINE_FLAGS = {
     "unknown token router": (["--arch", "switch_lm_tiny", "--moe-router", "top3"], "argument --moe-router: invalid choice: 'top3'"),
     "unknown hash type": (["--arch", "hash_lm_tiny", "--hash-type", "modulo"], "argument --hash-type: invalid choice: 'modulo'"),
-    "top-2 with one expert": (["--arch", "gshard_lm_tiny", "--moe-experts", "1"], "--moe-router top2 needs --moe-experts >= 2"),
+    "top-2 with one expert": (["--arch", "gshard_lm_tiny", "--moe-experts", "1"], "--moe-experts must be at least 2 (each token goes to 2 experts), got 1"),
     "unknown second-expert policy": (
         ["--arch", "gshard_lm_tiny", "--moe-second-expert-policy", "best"], "argument --moe-second-expert-policy: invalid choice: 'best'"),
     "Transformer longer than its positions": (
