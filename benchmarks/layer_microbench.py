@@ -37,17 +37,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from _results import run_metadata, write_results  # noqa: E402  (benchmarks/, the script's folder)
-from fairseq_smlp.modules.channel_router import PrefixChannelRouter  # noqa: E402
-from fairseq_smlp.modules.experts import ExpertFFN  # noqa: E402
-from fairseq_smlp.modules.spatial_gating import SpatialGatingUnit  # noqa: E402
-from fairseq_smlp.modules.token_routers import (  # noqa: E402
-    BaseRouter,
-    HashRouter,
-    Top1Router,
-    Top2Router,
-    TokenMoE,
-    random_hash_table,
-)
+from fairseq_smlp.modules.spatial_gating import SpatialGateArgs, SpatialGatingUnit  # noqa: E402
+from fairseq_smlp.moe.experts import ExpertFFN  # noqa: E402
+from fairseq_smlp.moe.router import random_hash_table  # noqa: E402
+from fairseq_smlp.moe.token_moe import MoEArgs, TokenMoE  # noqa: E402
 
 VOCAB = 8000
 
@@ -82,27 +75,25 @@ def build_layers(num_experts: int, args) -> dict:
     H, F, T = args.embed_dim, args.ffn_dim, args.seq_len
     channels = F  # the gMLP gate half of a width-2F block
     torch.manual_seed(0)
-    hash_router = HashRouter(random_hash_table(VOCAB, num_experts), num_experts)
+    relu = dict(expert_norm=False, activation="relu")  # the Transformer baselines' experts
+    hash_moe = TokenMoE(MoEArgs("hash", num_experts, H, F, hash_table=random_hash_table(VOCAB, num_experts), **relu))
     layers = {
         "dense FFN (LN, gelu)": (DenseFFN(H, F, True, "gelu"), "tokens", None),
         "dense FFN (relu)": (DenseFFN(H, F, False, "relu"), "tokens", None),
-        "dense SGU": (SpatialGatingUnit(channels, T, 1), "channels", None),
+        "dense SGU": (SpatialGatingUnit(SpatialGateArgs(channels, T)), "channels", None),
         "experts only": (ExpertsOnly(ExpertFFN(num_experts, H, F)), "tokens", "dense FFN (LN, gelu)"),
-        "tMoE": (TokenMoE(BaseRouter(H, num_experts, "torch"), ExpertFFN(num_experts, H, F)), "tokens", "dense FFN (LN, gelu)"),
-        "tMoE-libbase": (TokenMoE(BaseRouter(H, num_experts, "libbase"), ExpertFFN(num_experts, H, F)), "tokens", "dense FFN (LN, gelu)"),
-        "Switch": (TokenMoE(Top1Router(H, num_experts, 1.25, 0.0), ExpertFFN(num_experts, H, F, False, "relu")), "tokens", "dense FFN (relu)"),
-        "HASH": (TokenMoE(hash_router, ExpertFFN(num_experts, H, F, False, "relu")), "tokens", "dense FFN (relu)"),
-        "sMoE-det": (SpatialGatingUnit(channels, T, num_experts), "channels", "dense SGU"),
-        "sMoE-partial": (
-            SpatialGatingUnit(channels, T, num_experts, PrefixChannelRouter(T, 0.2, num_experts, "assignment")),
-            "channels", "dense SGU",
-        ),
+        "tMoE": (TokenMoE(MoEArgs("base", num_experts, H, F)), "tokens", "dense FFN (LN, gelu)"),
+        "tMoE-libbase": (TokenMoE(MoEArgs("base", num_experts, H, F, solver="libbase")), "tokens", "dense FFN (LN, gelu)"),
+        "Switch": (TokenMoE(MoEArgs("top1", num_experts, H, F, train_capacity_factor=1.25, **relu)), "tokens", "dense FFN (relu)"),
+        "HASH": (hash_moe, "tokens", "dense FFN (relu)"),
+        "sMoE-det": (SpatialGatingUnit(SpatialGateArgs(channels, T, num_experts)), "channels", "dense SGU"),
+        "sMoE-partial": (SpatialGatingUnit(SpatialGateArgs(channels, T, num_experts, routing="partial")), "channels", "dense SGU"),
     }
     if num_experts >= 2:
         layers["GShard"] = (
-            TokenMoE(Top2Router(H, num_experts, 2.0, 0.0), ExpertFFN(num_experts, H, F // 2, False, "relu")),
-            "tokens", "dense FFN (relu)",
+            TokenMoE(MoEArgs("top2", num_experts, H, F // 2, train_capacity_factor=2.0, **relu)), "tokens", "dense FFN (relu)",
         )
+    hash_router = hash_moe.router
     for module, _, _ in layers.values():
         module.train()
         for p in module.parameters():  # the experts' W2 starts at zero: give every weight a gradient path

@@ -40,9 +40,10 @@ def module_category(module: nn.Module, name: str, output_projection) -> str:
     from fairseq.modules.base_layer import BaseLayer
 
     from fairseq_smlp.modules.causal_mixing import CausalTokenMixing
-    from fairseq_smlp.modules.experts import ExpertFFN
     from fairseq_smlp.modules.spatial_gating import SpatialGatingUnit
-    from fairseq_smlp.modules.token_routers import TokenMoE
+    from fairseq_smlp.moe.experts import ExpertFFN
+    from fairseq_smlp.moe.router import Router
+    from fairseq_smlp.moe.token_moe import TokenMoE
 
     if module is output_projection:
         return "output softmax/CE"
@@ -56,8 +57,8 @@ def module_category(module: nn.Module, name: str, output_projection) -> str:
         return "embeddings"
     if isinstance(module, nn.LayerNorm):
         return "norms"
-    if hasattr(module, "expert_load") and not isinstance(module, BaseLayer):
-        return "routing"  # every router keeps an expert_load buffer
+    if isinstance(module, Router):
+        return "routing"
     if isinstance(module, (TokenMoE, BaseLayer)):
         return "dispatch"  # what is left in the MoE layer once router and experts are labelled
     if isinstance(module, SpatialGatingUnit) and module.router is not None:

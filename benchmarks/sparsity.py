@@ -269,7 +269,7 @@ def train_model(name: str, data_bin: Path, args, log) -> None:
         epoch_nll[0] += nll
         epoch_nll[1] += n
         for key, value in out.items():
-            if key.startswith("moe_"):
+            if key.startswith(("moe_", "moe/")):  # the summary over layers, and per layer
                 sums["moe"][key] = sums["moe"].get(key, 0.0) + float(value)
         if tokens >= next_log or tokens >= total:
             log({

@@ -91,7 +91,7 @@ def _linear_flops(linear: nn.Linear) -> int:
 def _expert_flops(experts: nn.Module) -> float:
     """Forward FLOPs of one expert: its W1 and W2 of every stacked ExpertFFN (Base layers
     stack S of them)."""
-    from .modules.experts import ExpertFFN
+    from .moe.experts import ExpertFFN
 
     stacks = [m for m in experts.modules() if isinstance(m, ExpertFFN)]
     return sum(2 * (m.fc1_weight.numel() + m.fc2_weight.numel()) / m.num_local_experts for m in stacks)
@@ -103,7 +103,8 @@ def count_flops(model: nn.Module, seq_len: int) -> "OrderedDict[str, float]":
     from fairseq.modules.base_layer import BaseLayer
 
     from .modules.spatial_gating import SpatialGatingUnit
-    from .modules.token_routers import TokenMoE
+    from .moe.base_experts import BaseExpertsLayer
+    from .moe.token_moe import TokenMoE
 
     flops = OrderedDict((c, 0.0) for c in CATEGORIES)
     output = getattr(model.decoder, "output_projection", None)
@@ -122,8 +123,8 @@ def count_flops(model: nn.Module, seq_len: int) -> "OrderedDict[str, float]":
             flops["mixing"] += 2 * seq_len * channels
             if module.router is not None:  # reads P positions of every channel, once per sequence
                 flops["routing"] += 2 * module.router.weight.numel() * channels / seq_len
-        elif isinstance(module, TokenMoE):  # also a Base layer with all its experts (BaseExpertsLayer)
-            flops["experts"] += getattr(module.router, "top_k", 1) * _expert_flops(module.experts)
+        elif isinstance(module, (TokenMoE, BaseExpertsLayer)):  # a router and its experts
+            flops["experts"] += module.router.top_k * _expert_flops(module.experts)
             flops["routing"] += 2 * sum(p.numel() for p in module.router.parameters())
         elif isinstance(module, BaseLayer):
             flops["experts"] += sum(_linear_flops(m) for m in module.expert_network.modules() if isinstance(m, nn.Linear))
@@ -144,14 +145,15 @@ def count_params(model: nn.Module, base_workers: int = 1) -> "OrderedDict[str, i
     """total, active per token, embedding and expert parameter counts."""
     from fairseq.modules.base_layer import BaseLayer
 
-    from .modules.token_routers import TokenMoE
+    from .moe.base_experts import BaseExpertsLayer
+    from .moe.token_moe import TokenMoE
 
     total = sum(p.numel() for p in model.parameters())
     inactive, extra_workers = 0.0, 0
     for module in model.modules():
-        if isinstance(module, TokenMoE):
+        if isinstance(module, (TokenMoE, BaseExpertsLayer)):
             expert_params = sum(p.numel() for p in module.experts.parameters())
-            k = getattr(module.router, "top_k", 1)
+            k = module.router.top_k
             inactive += expert_params * (1 - k / module.experts.num_experts)
         elif isinstance(module, BaseLayer):  # built with this worker's expert only
             extra_workers += (base_workers - 1) * sum(p.numel() for p in module.expert_network.parameters())

@@ -43,11 +43,30 @@ def parse_args(argv=None):
     p.add_argument("--minutes", type=float, default=12.0, help="training wall-clock budget")
     p.add_argument("--out-dir", default="runs/quickstart", help="corpus, checkpoints and results go here")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="bf16: bf16 autocast with fp32 weights (fairseq's --bf16 on the CPU); auto: bf16 where the "
+                        "CPU computes bf16 natively (AVX512-BF16 / AMX), else fp32")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more fairseq-train options")
     args = p.parse_args(argv)
     if args.minutes <= 0:
         p.error(f"--minutes must be > 0, got {args.minutes}")
     return args
+
+
+def native_bf16() -> bool:
+    """Whether this CPU has bf16 matrix units (AVX512-BF16 or AMX): only then does autocast pay."""
+    import torch
+
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    return any(probe() for probe in probes if probe is not None)
+
+
+def precision_flags(choice: str) -> list:
+    if choice == "auto":
+        choice = "bf16" if native_bf16() else "fp32"
+        reason = "this CPU has bf16 matrix units" if choice == "bf16" else "this CPU has no bf16 matrix units (AVX512-BF16/AMX)"
+        print(f"precision: {choice} ({reason}; --precision fp32|bf16 to choose)", flush=True)
+    return ["--bf16"] if choice == "bf16" else []
 
 
 def run(cmd, log_file=None):
@@ -89,15 +108,17 @@ def main(argv=None):
         bpe=args.bpe, vocab_size=args.vocab_size, workers=2,
     )
     save_dir = out / "checkpoints"
+    precision = precision_flags(args.precision)
     started = time.time()
     train_log = run([
         sys.executable, "-m", "fairseq_cli.train", str(data_bin), "--user-dir", USER_DIR, "--arch", args.arch,
-        *TRAIN_OPTIONS, "--stop-time-hours", f"{args.minutes / 60:.4f}", "--save-dir", str(save_dir),
+        *TRAIN_OPTIONS, *precision, "--stop-time-hours", f"{args.minutes / 60:.4f}", "--save-dir", str(save_dir),
         "--seed", str(args.seed), *[a for a in args.extra if a != "--"],
     ], out / "train.log")
     train_minutes = (time.time() - started) / 60
 
-    results = {"arch": args.arch, "corpus": args.train or args.corpus, "train_minutes": round(train_minutes, 2)}
+    results = {"arch": args.arch, "corpus": args.train or args.corpus, "train_minutes": round(train_minutes, 2),
+               "precision": "bf16" if precision else "fp32"}
     # fairseq prints shared and expert parameters separately for models with experts
     counts = re.findall(r"num\. (?:shared |expert )?model params: ([0-9,]+)", train_log)
     results["params"] = sum(int(c.replace(",", "")) for c in counts)
@@ -105,7 +126,7 @@ def main(argv=None):
         eval_log = run([
             sys.executable, "-m", "fairseq_cli.eval_lm", str(data_bin), "--user-dir", USER_DIR,
             "--task", "smlp_language_modeling", "--path", str(save_dir / "checkpoint_best.pt"),
-            "--tokens-per-sample", "128", "--gen-subset", subset, "--cpu", "--num-workers", "0",
+            "--tokens-per-sample", "128", "--gen-subset", subset, "--cpu", "--num-workers", "0", *precision,
         ], out / f"eval_{subset}.log")
         results[f"{subset}_ppl"] = perplexity(eval_log)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -57,11 +57,11 @@ TRAIN_FLAGS = {
     "unknown sMoE routing": (["--smoe-routing", "learned"], "argument --smoe-routing: invalid choice: 'learned'"),
     "unknown solver": (["--balanced-assignment", "hungarian"], "argument --balanced-assignment: invalid choice: 'hungarian'"),
     "fp16 on the CPU": (["--fp16"], "--fp16 needs a CUDA GPU"),
-    "bf16 on the CPU": (["--bf16"], "--bf16 needs a CUDA GPU"),
-    "memory-efficient bf16 on the CPU": (["--memory-efficient-bf16"], "--memory-efficient-bf16 needs a CUDA GPU"),
+    "memory-efficient fp16 on the CPU": (["--memory-efficient-fp16"], "--memory-efficient-fp16 needs a CUDA GPU"),
+    "memory-efficient bf16 on the CPU": (["--memory-efficient-bf16"], "--memory-efficient-bf16 (bf16 weights, no fp32 master copy) is not supported on the CPU"),
     "sequence longer than the spatial matrix": (
         ["--max-target-positions", "16"], "--tokens-per-sample 32 exceeds the model's 16 positions"),
-    "tMoE experts 0": (["--tmoe-experts", "0"], "--tmoe-experts (0) must be >= 1"),
+    "tMoE experts 0": (["--tmoe-experts", "0"], "--tmoe-experts must be >= 1, got 0"),
     "unknown sMoE chunking": (["--smoe-chunk", "rows"], "argument --smoe-chunk: invalid choice: 'rows'"),
     "unknown partial balance": (
         ["--smoe-routing", "partial", "--partial-balance", "switch"], "argument --partial-balance: invalid choice: 'switch'"),
@@ -79,7 +79,7 @@ def test_bad_training_flag(data_bin, tmp_path, case):
 BASELINE_FLAGS = {
     "unknown token router": (["--arch", "switch_lm_tiny", "--moe-router", "top3"], "argument --moe-router: invalid choice: 'top3'"),
     "unknown hash type": (["--arch", "hash_lm_tiny", "--hash-type", "modulo"], "argument --hash-type: invalid choice: 'modulo'"),
-    "top-2 with one expert": (["--arch", "gshard_lm_tiny", "--moe-experts", "1"], "--moe-router top2 needs --moe-experts >= 2"),
+    "top-2 with one expert": (["--arch", "gshard_lm_tiny", "--moe-experts", "1"], "--moe-experts must be at least 2 (each token goes to 2 experts), got 1"),
     "unknown second-expert policy": (
         ["--arch", "gshard_lm_tiny", "--moe-second-expert-policy", "best"], "argument --moe-second-expert-policy: invalid choice: 'best'"),
     "Transformer longer than its positions": (
@@ -144,7 +144,7 @@ def test_bad_flag_leaves_an_existing_save_dir_untouched(data_bin, checkpoint, tm
     last = save / "checkpoint_last.pt"
     last.write_bytes(checkpoint.read_bytes())
     before = (last.read_bytes(), last.stat().st_mtime_ns)
-    for extra in (["--bf16"], ["--max-target-positions", "16"]):
+    for extra in (["--fp16"], ["--max-target-positions", "16"]):
         fails(train(data_bin, save, *extra), tmp_path)
     assert (last.read_bytes(), last.stat().st_mtime_ns) == before and sorted(save.iterdir()) == [last]
 

@@ -14,17 +14,18 @@ import torch
 from conftest import REPO, tiny_dictionary
 
 from fairseq_smlp.flops import build_model
-from fairseq_smlp.modules.experts import ExpertFFN, dispatch_to_experts
-from fairseq_smlp.modules.routing import switch_aux_loss
-from fairseq_smlp.modules.token_routers import (
+from fairseq_smlp.moe.dispatch import dispatch_to_experts
+from fairseq_smlp.moe.experts import ExpertFFN
+from fairseq_smlp.moe.router import (
     HashRouter,
     Top1Router,
     Top2Router,
-    TokenMoE,
     balanced_hash_table,
     expert_capacity,
     random_hash_table,
+    switch_aux_loss,
 )
+from fairseq_smlp.moe.token_moe import MoEArgs, TokenMoE
 
 VOCAB = 40
 SEQ = 16
@@ -171,7 +172,7 @@ def test_top2_policies_only_act_in_training(policy):
     router = Top2Router(8, 4, 0, 0, second_expert_policy=policy)
     x = torch.randn(64, 8)
     router.eval()
-    runner_up = torch.softmax(router.logits(x), -1).topk(2).indices
+    runner_up = torch.softmax(router.score(x, router.gate.weight), -1).topk(2).indices
     assert torch.equal(router(x)[0], runner_up)
     router.train()
     index = router(x)[0]
@@ -207,10 +208,9 @@ def test_hash_router_routes_by_token_id_and_needs_the_ids():
 
 def test_dropped_tokens_get_nothing_from_the_moe():
     torch.manual_seed(0)
-    router = Top1Router(8, 2, train_capacity_factor=0.5, eval_capacity_factor=0)
-    experts = ExpertFFN(2, 8, 16, pre_norm=False)
-    torch.nn.init.normal_(experts.fc2_weight)
-    moe = TokenMoE(router, experts).train()
+    moe = TokenMoE(MoEArgs("top1", 2, 8, 16, expert_norm=False, train_capacity_factor=0.5, eval_capacity_factor=0)).train()
+    router = moe.router
+    torch.nn.init.normal_(moe.experts.fc2_weight)
     x = torch.randn(1, 12, 8)
     out, _ = moe(x)
     index = router(x.reshape(-1, 8))[0].squeeze(1)
@@ -251,7 +251,6 @@ def test_routing_stays_fp32_under_bf16_autocast(cls):
     router = cls(8, 4, 0, 0)
     x = torch.randn(6, 8)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert router.logits(x.bfloat16()).dtype == torch.float32
         _, weight, stats = router(x.bfloat16())
     assert weight.dtype == torch.float32 and stats.aux_loss.dtype == torch.float32
 
@@ -259,7 +258,7 @@ def test_routing_stays_fp32_under_bf16_autocast(cls):
 def test_bad_expert_count_names_the_flag():
     with pytest.raises(ValueError, match="--moe-experts"):
         Top1Router(8, 0, 1.0, 0)
-    with pytest.raises(ValueError, match="--moe-router top2 needs --moe-experts"):
+    with pytest.raises(ValueError, match="--moe-experts must be at least 2"):
         build("gshard_lm_tiny", ["--moe-experts", "1"])
     with pytest.raises(ValueError, match="--moe-second-expert-policy"):
         Top2Router(8, 4, 1.0, 0, second_expert_policy="best")
@@ -433,12 +432,12 @@ def test_train_and_eval_lm(cli_runs, family):
     log, eval_out = cli_runs[family]
     inner = [json.loads(line.split("| ", 3)[-1]) for line in log.splitlines() if "train_inner |" in line]
     assert len(inner) == 4 and all(math.isfinite(float(r["loss"])) for r in inner)
-    stat_keys = [k for k in inner[-1] if k.startswith("moe_")]
+    stat_keys = [k for k in inner[-1] if k.startswith(("moe_", "moe/"))]
     if family in ("switch", "gshard", "hash"):
-        assert {"moe_L1_router_load_max", "moe_L1_router_load_min", "moe_L1_router_unused", "moe_L1_router_dropped"} <= set(stat_keys)
-        assert ("moe_L3_router_aux" in stat_keys) == (family != "hash")
+        assert {"moe/L1_ffn_moe_load_max", "moe/L1_ffn_moe_load_min", "moe/L1_ffn_moe_unused", "moe/L1_ffn_moe_dropped"} <= set(stat_keys)
+        assert ("moe/L3_ffn_moe_aux" in stat_keys) == (family != "hash")
     elif family == "base":
-        assert "moe_L1_base_layer_load_max" in stat_keys
+        assert "moe/L1_base_layer_load_max" in stat_keys
     else:
         assert not stat_keys
     ppl = float(re.search(r"Perplexity: ([0-9.]+)", eval_out).group(1))

@@ -48,12 +48,23 @@ def eval_lm(data_bin, checkpoint, subset="valid"):
 
 @pytest.mark.parametrize("routing", ["deterministic", "partial"])
 def test_train_eval_and_reload(data_bin, tmp_path, routing):
-    inner, valid, log = train(data_bin, tmp_path, ["--smoe-routing", routing])
+    inner, valid, log = train(data_bin, tmp_path, ["--smoe-routing", routing, "--tensorboard-logdir", str(tmp_path / "tb")])
     losses = [float(r["loss"]) for r in inner]
     assert losses[-1] < losses[0] - 1.0, f"loss did not decrease: {losses}"
-    assert any(k.startswith("moe_L1_feature_moe_load_max") for k in inner[-1]), "routing stats missing from the log"
-    if routing == "partial":
-        assert "moe_L1_spatial_moe_load_max" in inner[-1]
+    # routing health: a summary over layers, and every layer's figures in the JSON log ...
+    layers = ["L1_feature_moe", "L3_feature_moe"] + (["L1_spatial_moe", "L3_spatial_moe"] if routing == "partial" else [])
+    assert {f"moe/{layer}_load_max" for layer in layers} | {"moe_load_max", "moe_unused"} <= set(inner[-1])
+    # the mean over batches of the worst layer is at least the worst layer's mean
+    assert float(inner[-1]["moe_load_max"]) >= max(float(inner[-1][f"moe/{layer}_load_max"]) for layer in layers) - 1e-3
+    # ... and in TensorBoard
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tb" / "train_inner"))
+    events.Reload()
+    scalars = events.Tags()["scalars"]
+    assert {f"moe/{layer}_load_max" for layer in layers} | {"moe_load_max", "loss"} <= set(scalars)
+    load = [e.value for e in events.Scalars("moe/L1_feature_moe_load_max")]
+    assert len(load) == len(inner) and all(1.0 <= v <= 2.0 for v in load)  # 2 experts: 1 = balanced, 2 = all on one
 
     # fairseq-eval-lm reloads the checkpoint and scores the same positions as validation did
     valid_ppl = float(valid[-1]["valid_ppl"])

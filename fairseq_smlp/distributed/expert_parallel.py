@@ -5,9 +5,8 @@ Rank r owns experts [r * E_local, (r + 1) * E_local). Each rank routes its own t
         of its local experts (routing is unbalanced in general: Switch, GShard, HASH, greedy eval);
     all-to-all of rows with those variable split sizes: exactly the routed rows travel, grouped by
         destination rank (no padding to a common capacity, nothing dropped);
-    local experts run on their rows: grouped matmuls on exactly those rows where torch's
-        grouped_mm runs (ExpertFFN.can_run_grouped), else batched with each local expert padded
-        to the most rows one of them got (no padding at all when E_local == 1);
+    local experts run on their rows (moe.dispatch.run_experts, handed in by the caller: this
+        module only moves rows and never calls into expert classes);
     all-to-all back with the split sizes swapped: outputs return to the rank the token came from.
 Balanced routing (tMoE training: equal counts per expert) is just a special case. A rank with
 fewer (or zero) tokens still joins every collective with its (zero) counts, so unequal token
@@ -78,38 +77,32 @@ def _exchange_counts(counts: torch.Tensor) -> torch.Tensor:
     return received
 
 
-def run_sharded_experts(experts, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+def run_sharded_experts(rows: torch.Tensor, counts: torch.Tensor, num_local: int, run_local) -> torch.Tensor:
     """rows: (M, H) this rank's routed rows, grouped by expert; counts: (E,) rows per expert
-    -> (M, H) the experts' outputs in the same order, computed by the ranks owning the experts."""
-    world, local = experts.world_size, experts.num_local_experts
+    -> (M, H) the experts' outputs in the same order, computed by the ranks owning the experts.
+
+    run_local(rows, counts) runs this rank's num_local experts on rows grouped by local expert
+    (moe.dispatch.run_experts): this module only moves rows.
+    """
+    world = counts.numel() // num_local
     received_counts = _exchange_counts(counts)  # (W * E_local,): from rank s, rows for my expert l
     # split sizes must be host ints (a device sync on GPU: the price of sending no padding)
-    send_splits = counts.view(world, local).sum(1).tolist()
-    receive_splits = received_counts.view(world, local).sum(1).tolist()
+    send_splits = counts.view(world, num_local).sum(1).tolist()
+    receive_splits = received_counts.view(world, num_local).sum(1).tolist()
     received = _exchange(rows, receive_splits, send_splits)  # (R, H): by source rank, then local expert
-    out = _run_local_experts(experts, received, received_counts.view(world, local))
+    out = _by_local_expert(received, received_counts.view(world, num_local), run_local)
     return _exchange(out, send_splits, receive_splits)
 
 
-def _run_local_experts(experts, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """rows: (R, H) ordered by (source rank, local expert), counts: (W, E_local) -> (R, H)."""
+def _by_local_expert(rows: torch.Tensor, counts: torch.Tensor, run_local) -> torch.Tensor:
+    """rows: (R, H) ordered by (source rank, local expert), counts: (W, E_local) -> run_local's
+    outputs (R, H) in the same order (regrouped expert-major for run_local, then back)."""
     world, local = counts.shape
-    if local == 1:  # one expert per worker (the paper's layout): no regrouping
-        return experts(rows.unsqueeze(0)).squeeze(0)
+    if local == 1:  # one expert per worker (the paper's layout): already grouped
+        return run_local(rows, counts.sum(0))
     expert_of_row = torch.arange(local, device=rows.device).repeat(world).repeat_interleave(counts.flatten())
     order = torch.argsort(expert_of_row, stable=True)  # expert-major
-    per_expert = counts.sum(0)  # (E_local,)
-    grouped = expert_of_row[order]
-    if rows.size(0) and experts.can_run_grouped(rows):  # each expert on exactly its rows
-        out = experts.forward_grouped(rows.index_select(0, order), grouped, per_expert)
-        return torch.zeros_like(out).index_copy(0, order, out)  # back to the received order
-    # otherwise batched on (E_local, C, H) slots, C = the most rows one local expert got
-    capacity = int(per_expert.max()) if rows.size(0) else 0
-    starts = torch.cumsum(per_expert, 0) - per_expert
-    slot = grouped * capacity + torch.arange(rows.size(0), device=rows.device) - starts[grouped]
-    buffer = rows.new_zeros(local * capacity, rows.size(-1)).index_copy(0, slot, rows.index_select(0, order))
-    hidden = rows.size(-1)  # explicit: capacity may be 0
-    out = experts(buffer.view(local, capacity, hidden)).reshape(local * capacity, hidden).index_select(0, slot)
+    out = run_local(rows.index_select(0, order), counts.sum(0))
     return torch.zeros_like(out).index_copy(0, order, out)  # back to the received order
 
 

@@ -1,12 +1,14 @@
 """Zero-shot in-context evaluation of a fairseq language-model checkpoint.
 
     fairseq-smlp-zeroshot --path checkpoints/checkpoint_best.pt \\
-        --tasks copa,piqa,storycloze,winogrande,hellaswag,record --output results.json
+        --tasks copa,piqa,storycloze,winogrande,hellaswag,record --output results.json \\
+        [--task-file mytask=my.jsonl] [--predictions predictions.jsonl]
 
 (or ``python -m fairseq_smlp.eval.zeroshot ...``). Works with fairseq's transformer_lm and
-every architecture of the fairseq_smlp plugin. Prints accuracy per task and writes a
-results JSON; see zeroshot_tasks.py for the prompt of each task and scoring.py for the
-scoring.
+every architecture of the fairseq_smlp plugin. Prints accuracy per task under every rule
+(acc, acc_norm, acc_per_token), writes a results JSON and, with --predictions, one line
+per example with every candidate's score and lengths. See zeroshot_tasks.py for the
+prompt of each task, text.py for text -> tokens and scoring.py for the scoring.
 """
 import argparse
 import json
@@ -18,13 +20,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from .scoring import CandidateBuilder, TextEncoder, evaluate_task
-from .zeroshot_tasks import TASKS, TaskFileError, find_task_file
+from .scoring import CandidateBuilder, encode_examples, evaluate_task
+from .text import NORMALIZATIONS, TextEncoder
+from .zeroshot_tasks import TASKS, TaskFileError, find_task_file, task_from_file
 
 logger = logging.getLogger("fairseq_smlp.eval.zeroshot")
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # .../fairseq_smlp, the --user-dir
 REPO_ROOT = PACKAGE_DIR.parent
+UNK_WARNING_RATE = 0.10  # above this share of <unk> among scored tokens the text does not fit the dictionary
 
 
 class FlagError(ValueError):
@@ -46,19 +50,33 @@ def get_parser() -> argparse.ArgumentParser:
                         "(default: $SMLP_ZEROSHOT_DIR or ../shared/data/zeroshot)")
     p.add_argument("--tasks", default=None,
                    help=f"comma-separated subset of {','.join(TASKS)} "
-                        "(default: every task whose file is in --data-dir)")
+                        "(default: every task whose file is in --data-dir, unless --task-file is given)")
+    p.add_argument("--task-file", action="append", default=[], metavar="NAME=PATH",
+                   help="a multiple-choice set in the generic JSON-lines schema (see README: "
+                        "context + choices + label, or contexts + continuation + label); repeatable")
     p.add_argument("--max-examples", type=int, default=None,
                    help="score only the first N examples of each task")
     p.add_argument("--batch-size", type=int, default=8,
                    help="examples per forward (all their candidates in one batch)")
     p.add_argument("--cpu", action="store_true", help="run on CPU even if CUDA is available")
+    p.add_argument("--bf16", action="store_true",
+                   help="score under bf16 autocast (fp32 weights; routers and log-softmax stay fp32), "
+                        "as fairseq-train/fairseq-eval-lm --bf16 do")
     p.add_argument("--output", default=None, help="write results to this JSON file")
+    p.add_argument("--predictions", default=None, metavar="FILE.jsonl",
+                   help="write one line per example: task, index, line, gold, prediction under each "
+                        "rule, and each candidate's log-prob, scored tokens, characters and bytes")
     p.add_argument("--user-dir", default=str(PACKAGE_DIR),
                    help="fairseq --user-dir to import before loading (default: the installed "
                         "fairseq_smlp package)")
     p.add_argument("--spm-model", default=None,
                    help="sentencepiece model applied to text before the fairseq dictionary "
-                        "(default: split text into words and punctuation)")
+                        "(default: --normalize)")
+    p.add_argument("--normalize", default="auto", choices=NORMALIZATIONS,
+                   help="text -> dictionary symbols without --spm-model: 'none' = words and punctuation "
+                        "as written; 'ptb' = the Penn Treebank LM corpus' conventions (lower case, "
+                        "numbers -> N, clitics split, punctuation dropped); 'auto' (default) = ptb for a "
+                        "word-level, lower-case dictionary with an N symbol, else none")
     p.add_argument("--dict", default=None,
                    help="fairseq dictionary (default: dict.txt in the checkpoint's cfg.task.data)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -180,8 +198,25 @@ def max_positions_of(model):
 # ----------------------------------------------------------------------------- running
 
 
-def select_tasks(tasks_arg, data_dir):
-    """[(TaskSpec, file)] for --tasks, or for every task whose file is in data_dir."""
+def select_tasks(tasks_arg, data_dir, task_files=()):
+    """[(TaskSpec, file)] for --tasks and --task-file, or for every task whose file is in
+    data_dir when neither is given."""
+    extra = []
+    for argument in task_files:
+        try:
+            extra.append(task_from_file(argument))
+        except ValueError as e:
+            raise FlagError(str(e)) from None
+    names = [spec.name for spec, _ in extra]
+    clash = sorted({n for n in names if names.count(n) > 1 or n in TASKS})
+    if clash:
+        raise FlagError(f"--task-file: name(s) {clash} used twice or by a built-in task")
+    if tasks_arg is None and extra:
+        return extra
+    return select_builtin_tasks(tasks_arg, data_dir) + extra
+
+
+def select_builtin_tasks(tasks_arg, data_dir):
     if tasks_arg is None:
         found = []
         for spec in TASKS.values():
@@ -199,22 +234,55 @@ def select_tasks(tasks_arg, data_dir):
     return [(TASKS[n], find_task_file(TASKS[n], data_dir)) for n in names]
 
 
+SHORT = {"acc": "acc", "acc_per_token": "acc_tok"}
+
+
 def format_table(results) -> str:
-    rows = [f"{'task':<12}{'examples':>10}{'truncated':>11}{'accuracy':>10}{'EM':>8}{'F1':>8}{'s/1k ex':>10}"]
+    def cell(value, width=9):
+        return f"{value:{width}.4f}" if value is not None else f"{'-':>{width}}"
+
+    rows = [f"{'task':<12}{'examples':>9}{'truncated':>10}{'acc':>9}{'acc_norm':>9}{'acc_tok':>9}"
+            f"{'accuracy':>10} {'(rule)':<10}{'EM':>8}{'F1':>8}{'s/1k ex':>9}"]
     for r in results:
-        em = f"{r.exact_match:8.4f}" if r.exact_match is not None else f"{'-':>8}"
-        f1 = f"{r.f1:8.4f}" if r.f1 is not None else f"{'-':>8}"
         per_k = 1000 * r.seconds / max(r.examples, 1)
-        rows.append(f"{r.task:<12}{r.examples:>10}{r.truncated:>11}{r.accuracy:>10.4f}{em}{f1}{per_k:>10.2f}")
+        rows.append(f"{r.task:<12}{r.examples:>9}{r.truncated:>10}{cell(r.rule_accuracy['acc'])}"
+                    f"{cell(r.rule_accuracy['acc_norm'])}{cell(r.rule_accuracy.get('acc_per_token'))}"
+                    f"{r.accuracy:>10.4f} {'(' + SHORT[r.metric] + ')':<10}{cell(r.exact_match, 8)}"
+                    f"{cell(r.f1, 8)}{per_k:>9.2f}")
+    rows.append("acc: sum of log-probs; acc_norm: per character of the continuation "
+                "(lm-evaluation-harness); acc_tok: mean per token; accuracy: the task's paper-style rule")
     return "\n".join(rows)
+
+
+def check_output_paths(args):
+    """Fail on an unwritable --output / --predictions before minutes of scoring."""
+    for flag, value in (("--output", args.output), ("--predictions", args.predictions)):
+        if value is not None and not Path(value).resolve().parent.is_dir():
+            raise FlagError(f"{flag} {value}: folder {Path(value).resolve().parent} does not exist")
+        if value is not None and Path(value).is_dir():
+            raise FlagError(f"{flag} {value}: is a folder")
+
+
+def warn_unknown_tokens(name, encoded, unk: int) -> float:
+    """Share of scored tokens that are <unk>; a warning above UNK_WARNING_RATE."""
+    scored = [t for cands in encoded for c in cands for t in c.tokens[len(c.tokens) - c.n_cont:]]
+    rate = sum(t == unk for t in scored) / max(len(scored), 1)
+    if rate > UNK_WARNING_RATE:
+        logger.warning(f"{name}: {rate:.1%} of scored tokens are <unk> (above {UNK_WARNING_RATE:.0%}): the "
+                       "dictionary does not cover this text; check that --normalize / --spm-model match how the "
+                       "training data was written (a 10k-word vocabulary like PTB's leaves 10-19% of these tasks' "
+                       "words unknown even then)")
+    return rate
 
 
 def main(args) -> dict:
     import torch
 
-    # Read every task file first: a bad flag or file fails before minutes of scoring.
+    # Read and encode every task file first: a bad flag or file fails before minutes of
+    # scoring, and nothing is written.
+    check_output_paths(args)
     selected = [(spec, file, spec.load(file)[:args.max_examples])
-                for spec, file in select_tasks(args.tasks, args.data_dir)]
+                for spec, file in select_tasks(args.tasks, args.data_dir, args.task_file)]
     if args.spm_model is not None and not Path(args.spm_model).is_file():
         raise FileNotFoundError(f"--spm-model {args.spm_model}: no such file")
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
@@ -223,24 +291,31 @@ def main(args) -> dict:
     max_positions = max_positions_of(model)
     # Partial-prediction sMLP routes from the first score_from positions (see make_candidate).
     routing_prefix = int(getattr(getattr(model, "decoder", None), "score_from", 0) or 0)
-    build = CandidateBuilder(TextEncoder(dictionary, args.spm_model), dictionary.eos(),
-                             max_positions, routing_prefix)
+    encoder = TextEncoder(dictionary, args.spm_model, args.normalize)
+    logger.info(f"text -> tokens: {'sentencepiece ' + args.spm_model if args.spm_model else 'normalize ' + encoder.normalize}")
+    build = CandidateBuilder(encoder, dictionary.eos(), max_positions, routing_prefix)
+    encoded = [encode_examples(examples, build, file) for _, file, examples in selected]
+    for (spec, _, _), enc in zip(selected, encoded):
+        warn_unknown_tokens(spec.name, enc, dictionary.unk())
 
     results = []
-    for spec, _, examples in selected:
-        results.append(evaluate_task(
-            model, spec, examples, build, dictionary.pad(), args.batch_size, device,
-            show_progress=not args.no_progress))
+    with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=args.bf16):
+        for (spec, _, examples), enc in zip(selected, encoded):
+            results.append(evaluate_task(
+                model, spec, examples, build, dictionary.pad(), args.batch_size, device,
+                show_progress=not args.no_progress, encoded=enc, unk=dictionary.unk()))
 
     print(format_table(results))
     report = {
         "checkpoint": str(Path(args.path).resolve()),
         "dict": str(dict_path.resolve()),
         "spm_model": args.spm_model,
+        "normalize": encoder.normalize,
         "data_dir": str(args.data_dir),
         "max_positions": max_positions,
         "routing_prefix": routing_prefix,
         "device": device,
+        "precision": "bf16 autocast" if args.bf16 else "fp32",
         "batch_size": args.batch_size,
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "tasks": {r.task: {**r.to_json(), "file": str(file)}
@@ -248,6 +323,11 @@ def main(args) -> dict:
     }
     if args.output:
         Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
+    if args.predictions:
+        with open(args.predictions, "w") as f:
+            for r in results:
+                for record in r.prediction_records():
+                    f.write(json.dumps(record) + "\n")
     return report
 
 

@@ -6,20 +6,31 @@ prompt convention) lives here; how the text is scored lives in scoring.py.
 
 Conventions follow GPT-3 (Brown et al. 2020) and fairseq's few-shot evaluation of the MoE
 work (Artetxe et al. 2021); each one is stated in one comment line in its loader.
+
+Any other multiple-choice set comes in the generic JSON-lines schema of
+``load_multiple_choice`` (``--task-file NAME=PATH``); every built-in task is a reader of
+its public format that produces the same Examples, and ``export`` writes a built-in task
+in the generic schema:
+
+    python -m fairseq_smlp.eval.zeroshot_tasks export copa copa.validation.jsonl copa.mc.jsonl
 """
+import argparse
 import csv
+import io
 import json
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 
 class TaskFileError(ValueError):
-    """A malformed task file: the message starts with 'file:line:'."""
+    """A malformed task file: the message starts with 'file:line:' ('file:' when the
+    problem is the whole file)."""
 
-    def __init__(self, path, lineno: int, message: str):
-        super().__init__(f"{path}:{lineno}: {message}")
+    def __init__(self, path, lineno: Optional[int], message: str):
+        super().__init__(f"{path}:{lineno}: {message}" if lineno else f"{path}: {message}")
 
 
 @dataclass
@@ -36,27 +47,61 @@ class Example:
     label: int
     choices: List[str] = field(default_factory=list)
     answers: List[str] = field(default_factory=list)
+    lineno: int = 0  # line of the task file it came from (0: not from a file)
 
     def __post_init__(self):
         assert len(self.contexts) == len(self.continuations) > 0
+
+    def to_record(self) -> dict:
+        """This example in the generic schema of load_multiple_choice."""
+        if len(set(self.contexts)) == 1:
+            return {"context": self.contexts[0], "choices": list(self.continuations), "label": self.label}
+        if len(set(self.continuations)) == 1:
+            return {"contexts": list(self.contexts), "continuation": self.continuations[0], "label": self.label}
+        raise ValueError("contexts and continuations both differ between candidates: no generic form")
 
 
 # ----------------------------------------------------------------------------- file readers
 
 
+def read_text(path) -> str:
+    """The whole file as text; an error naming the file (and the line and byte offset of
+    the first byte that is not UTF-8) if it is missing, not UTF-8 or empty."""
+    path = Path(path)
+    if not path.is_file():
+        raise TaskFileError(path, None, "no such file" if not path.exists() else "not a file")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")  # a leading byte-order mark is not part of the text
+    except UnicodeDecodeError as e:
+        offset = e.start + (3 if data.startswith(b"\xef\xbb\xbf") else 0)
+        lineno = data[:offset].count(b"\n") + 1
+        raise TaskFileError(path, lineno, f"not UTF-8: byte {data[offset:offset + 1]!r} at byte offset "
+                                          f"{offset} ({e.reason})") from None
+    if not text.strip():
+        raise TaskFileError(path, None, "empty file: no examples")
+    return text
+
+
+def nonempty(examples: List[Example], path) -> List[Example]:
+    if not examples:
+        raise TaskFileError(path, None, "no examples in the file")
+    return examples
+
+
 def read_jsonl(path) -> Iterator[Tuple[int, dict]]:
     """Yield (line number, object) for each non-blank line of a JSON-lines file."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TaskFileError(path, lineno, f"not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise TaskFileError(path, lineno, "expected a JSON object")
-            yield lineno, obj
+    # split on \n only: JSON strings may hold U+2028 and other characters splitlines() cuts at
+    for lineno, line in enumerate(read_text(path).split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise TaskFileError(path, lineno, f"not valid JSON ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise TaskFileError(path, lineno, "expected a JSON object")
+        yield lineno, obj
 
 
 def get(obj: dict, key: str, path, lineno: int, kind=str):
@@ -106,8 +151,9 @@ def load_copa(path) -> List[Example]:
             contexts=[context] * 2,
             continuations=[" " + lower_first(c) for c in choices],
             label=get_label(obj, "label", path, lineno, labels(0, 1)),
+            lineno=lineno,
         ))
-    return examples
+    return nonempty(examples, path)
 
 
 def load_piqa(path) -> List[Example]:
@@ -121,8 +167,9 @@ def load_piqa(path) -> List[Example]:
             contexts=[goal] * 2,
             continuations=[" " + s for s in sols],
             label=get_label(obj, "label", path, lineno, labels(0, 1)),
+            lineno=lineno,
         ))
-    return examples
+    return nonempty(examples, path)
 
 
 STORYCLOZE_COLUMNS = [f"InputSentence{i}" for i in range(1, 5)] + [
@@ -133,24 +180,24 @@ def load_storycloze(path) -> List[Example]:
     """StoryCloze 2016 csv: InputStoryid, InputSentence1..4, RandomFifthSentenceQuiz1/2,
     AnswerRightEnding (1/2)."""
     examples = []
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in STORYCLOZE_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise TaskFileError(path, 1, f"csv header lacks column(s) {missing}")
-        for row in reader:
-            lineno = reader.line_num
-            if None in row or any(row[c] is None for c in STORYCLOZE_COLUMNS):
-                raise TaskFileError(path, lineno, f"expected {len(reader.fieldnames)} columns")
-            story = " ".join(row[f"InputSentence{i}"].strip() for i in range(1, 5))
-            endings = [row[f"RandomFifthSentenceQuiz{i}"].strip() for i in (1, 2)]
-            # StoryCloze: context = the four story sentences, score " " + fifth-sentence ending.
-            examples.append(Example(
-                contexts=[story] * 2,
-                continuations=[" " + e for e in endings],
-                label=get_label(row, "AnswerRightEnding", path, lineno, {"1": 0, "2": 1}),
-            ))
-    return examples
+    reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
+    missing = [c for c in STORYCLOZE_COLUMNS if c not in (reader.fieldnames or [])]
+    if missing:
+        raise TaskFileError(path, 1, f"csv header lacks column(s) {missing}")
+    for row in reader:
+        lineno = reader.line_num
+        if None in row or any(row[c] is None for c in STORYCLOZE_COLUMNS):
+            raise TaskFileError(path, lineno, f"expected {len(reader.fieldnames)} columns")
+        story = " ".join(row[f"InputSentence{i}"].strip() for i in range(1, 5))
+        endings = [row[f"RandomFifthSentenceQuiz{i}"].strip() for i in (1, 2)]
+        # StoryCloze: context = the four story sentences, score " " + fifth-sentence ending.
+        examples.append(Example(
+            contexts=[story] * 2,
+            continuations=[" " + e for e in endings],
+            label=get_label(row, "AnswerRightEnding", path, lineno, {"1": 0, "2": 1}),
+            lineno=lineno,
+        ))
+    return nonempty(examples, path)
 
 
 def load_winogrande(path) -> List[Example]:
@@ -167,8 +214,9 @@ def load_winogrande(path) -> List[Example]:
             contexts=[sentence[:blank] + o for o in options],
             continuations=[" " + sentence[blank + 1:].strip()] * 2,
             label=get_label(obj, "answer", path, lineno, labels(1, 2)),
+            lineno=lineno,
         ))
-    return examples
+    return nonempty(examples, path)
 
 
 def clean_hellaswag(text: str) -> str:
@@ -179,7 +227,13 @@ def clean_hellaswag(text: str) -> str:
 
 
 def load_hellaswag(path) -> List[Example]:
-    """HellaSwag jsonl: ctx (or ctx_a + ctx_b), endings (4), label ("0".."3")."""
+    """HellaSwag jsonl: ctx_a, ctx_b, endings (4), label ("0".."3"); ``ctx`` where ctx_a and
+    ctx_b are absent.
+
+    Context = ctx_a + " " + ctx_b with its first letter upper-cased (the rest kept), then
+    cleaned of WikiHow markers (clean_hellaswag): lm-evaluation-harness's hellaswag
+    context without its "activity_label: " prefix. Candidate i = " " + cleaned ending i.
+    """
     examples = []
     for lineno, obj in read_jsonl(path):
         if "ctx_a" in obj and "ctx_b" in obj:
@@ -195,8 +249,9 @@ def load_hellaswag(path) -> List[Example]:
             contexts=[clean_hellaswag(context)] * 4,
             continuations=[" " + clean_hellaswag(e) for e in endings],
             label=get_label(obj, "label", path, lineno, labels(0, 1, 2, 3)),
+            lineno=lineno,
         ))
-    return examples
+    return nonempty(examples, path)
 
 
 def record_entities(passage: dict, path, lineno: int) -> List[str]:
@@ -242,8 +297,53 @@ def load_record(path) -> List[Example]:
                 label=next((i for i, e in enumerate(entities) if e in answers), -1),
                 choices=list(entities),
                 answers=answers,
+                lineno=lineno,
             ))
-    return examples
+    return nonempty(examples, path)
+
+
+def load_multiple_choice(path) -> List[Example]:
+    """The generic multiple-choice schema (``--task-file NAME=PATH``): JSON lines, one
+    question per line, in one of two forms:
+
+        {"context": "The man turned on the faucet therefore",
+         "choices": [" the toilet filled with water.", " water flowed from the spout."],
+         "label": 1}
+        {"contexts": ["Sarah was a better surgeon than Maria so Sarah",
+                      "Sarah was a better surgeon than Maria so Maria"],
+         "continuation": " always got the easier cases.", "label": 1}
+
+    Full scoring: candidate i = context + choices[i], and choices[i] is scored. Partial
+    scoring (Winogrande's): candidate i = contexts[i] + continuation, and the shared
+    continuation is scored. Texts are joined exactly as written (put the space in the
+    choice: " Paris"). Two or more choices; label = 0-based index of the right one. Other
+    fields (an "id") are ignored.
+    """
+    examples = []
+    for lineno, obj in read_jsonl(path):
+        if ("context" in obj) == ("contexts" in obj):
+            raise TaskFileError(path, lineno, "expected either 'context' + 'choices' (full scoring) "
+                                              "or 'contexts' + 'continuation' (partial scoring)")
+        if "context" in obj:
+            context = get(obj, "context", path, lineno)
+            choices = get_strings(obj, "choices", path, lineno)
+            contexts, continuations = [context] * len(choices), choices
+        else:
+            contexts = get_strings(obj, "contexts", path, lineno)
+            continuations = [get(obj, "continuation", path, lineno)] * len(contexts)
+        label = get(obj, "label", path, lineno, int)
+        if not 0 <= label < len(contexts):
+            raise TaskFileError(path, lineno, f"field 'label' should be a choice index 0..{len(contexts) - 1}, got {label}")
+        examples.append(Example(contexts, continuations, label, lineno=lineno))
+    return nonempty(examples, path)
+
+
+def get_strings(obj: dict, key: str, path, lineno: int) -> List[str]:
+    """obj[key] checked to be a list of two or more strings."""
+    value = get(obj, key, path, lineno, list)
+    if len(value) < 2 or not all(isinstance(v, str) for v in value):
+        raise TaskFileError(path, lineno, f"field '{key}' should be a list of 2 or more strings, got {value!r}")
+    return value
 
 
 # ----------------------------------------------------------------------------- registry
@@ -256,7 +356,7 @@ class TaskSpec:
     name: str
     files: Tuple[str, ...]  # file names tried in --data-dir, first found wins
     load: Callable[[Path], List[Example]]
-    length_normalized: bool  # True: choose by mean log-prob per continuation token
+    length_normalized: bool  # True: `accuracy` chooses by mean log-prob per continuation token
     scoring: str  # the convention, written to the results JSON
 
 
@@ -277,6 +377,20 @@ TASKS: Dict[str, TaskSpec] = {t.name: t for t in [
 ]}
 
 
+GENERIC_SCORING = "sum log-prob of each choice (or of the shared continuation) as written in the file"
+
+
+def task_from_file(argument: str) -> Tuple[TaskSpec, Path]:
+    """--task-file NAME=PATH -> (a TaskSpec in the generic schema, PATH)."""
+    name, sep, path = argument.partition("=")
+    name = name.strip().lower()
+    if not sep or not name or not path:
+        raise ValueError(f"--task-file {argument!r}: expected NAME=PATH")
+    if not re.fullmatch(r"[\w.-]+", name):
+        raise ValueError(f"--task-file {argument!r}: NAME may hold letters, digits, '_', '-' and '.' only")
+    return TaskSpec(name, (), load_multiple_choice, False, GENERIC_SCORING), Path(path)
+
+
 def find_task_file(task: TaskSpec, data_dir) -> Path:
     """The first of the task's known file names present in data_dir."""
     for name in task.files:
@@ -284,3 +398,25 @@ def find_task_file(task: TaskSpec, data_dir) -> Path:
             return Path(data_dir) / name
     raise FileNotFoundError(
         f"--tasks {task.name}: none of {list(task.files)} found in --data-dir {data_dir}")
+
+
+def export_main(argv=None):
+    """Write a built-in task file in the generic schema (--task-file reads it back)."""
+    p = argparse.ArgumentParser(prog="python -m fairseq_smlp.eval.zeroshot_tasks export",
+                                description=export_main.__doc__)
+    p.add_argument("task", choices=[t for t in TASKS if t != "record"])
+    p.add_argument("input", help="the task file in its public format")
+    p.add_argument("output", help="JSON-lines file to write")
+    args = p.parse_args(argv)
+    try:
+        examples = TASKS[args.task].load(args.input)
+    except TaskFileError as e:
+        p.exit(2, f"{p.prog}: error: {e}\n")
+    Path(args.output).write_text("".join(json.dumps(ex.to_record()) + "\n" for ex in examples))
+    print(f"{len(examples)} examples -> {args.output}")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] != ["export"]:
+        sys.exit("usage: python -m fairseq_smlp.eval.zeroshot_tasks export TASK INPUT OUTPUT")
+    export_main(sys.argv[2:])

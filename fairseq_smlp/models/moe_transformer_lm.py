@@ -10,7 +10,7 @@ One model, `moe_transformer_lm`, a subclass of fairseq's `transformer_lm`: every
     --moe-router none   no token MoE; with --base-layers N: Base Layers (Lewis et al.
                         2021) with --base-experts E experts   archs base_lm_*
 
-Base layers: in one process, BaseExpertsLayer (modules/base_experts.py) holds all E experts;
+Base layers: in one process, BaseExpertsLayer (moe/base_experts.py) holds all E experts;
 with several data-parallel workers, fairseq's own BaseLayer (one expert per worker, E = W).
 
 The dense baselines `transformer_lm_*` are fairseq's `transformer_lm` with matched sizes.
@@ -36,17 +36,10 @@ from fairseq.modules import base_layer
 from fairseq.modules.checkpoint_activations import checkpoint_wrapper
 from fairseq.modules.transformer_layer import TransformerDecoderLayerBase
 
-from ..modules.base_experts import BaseExpertsLayer
-from ..modules.experts import ExpertFFN
-from ..modules.routing import RoutingStats, check_finite
-from ..modules.token_routers import (
-    HashRouter,
-    Top1Router,
-    Top2Router,
-    TokenMoE,
-    balanced_hash_table,
-    random_hash_table,
-)
+from ..moe.base_experts import BaseExpertsLayer
+from ..moe.router import HashRouter, RoutingStats, balanced_hash_table, check_expert_count, check_finite, name_routers, random_hash_table
+from ..moe.token_moe import MoEArgs, TokenMoE
+from .archs import register_archs
 from .vocabulary import VocabularyCheck
 
 
@@ -99,17 +92,14 @@ def check_moe_args(args) -> None:
     if args.moe_freq < 0:
         raise ValueError(f"--moe-freq must be >= 0, got {args.moe_freq}")
     if args.moe_router != "none" and args.moe_freq > 0:
-        if args.moe_experts < 1:
-            raise ValueError(f"--moe-experts must be >= 1, got {args.moe_experts}")
-        if args.moe_router == "top2" and args.moe_experts < 2:
-            raise ValueError(f"--moe-router top2 needs --moe-experts >= 2, got {args.moe_experts}")
-        if getattr(args, "scale_fc", False):
+        check_expert_count(args.moe_experts, "--moe-experts", per_item=2 if args.moe_router == "top2" else 1)
+        if args.scale_fc:
             raise ValueError("--scale-fc (a LayerNorm inside the FFN) is not supported in MoE layers")
-        if (getattr(args, "activation_dropout", 0) or 0) > 0 or (getattr(args, "relu_dropout", 0) or 0) > 0:
+        if (args.activation_dropout or 0) > 0 or (args.relu_dropout or 0) > 0:
             raise ValueError("--activation-dropout / --relu-dropout (dropout inside the FFN) is not supported in MoE layers; use --expert-dropout")
-        if (getattr(args, "quant_noise_pq", 0) or 0) > 0:
+        if (args.quant_noise_pq or 0) > 0:
             raise ValueError("--quant-noise-pq is not supported in MoE layers")
-    if getattr(args, "character_embeddings", False) or getattr(args, "adaptive_input", False):
+    if args.character_embeddings or args.adaptive_input:
         raise ValueError("moe_transformer_lm supports plain token embeddings only (no --character-embeddings / --adaptive-input)")
 
 
@@ -126,35 +116,23 @@ class MoEFeedForward(TokenMoE):
         return out
 
 
-def build_router(args, dictionary):
-    experts, router = args.moe_experts, str(args.moe_router)
-    if router == "top1":
-        return Top1Router(args.decoder_embed_dim, experts, args.moe_train_capacity_factor, args.moe_eval_capacity_factor, args.moe_router_z_loss)
-    if router == "top2":
-        return Top2Router(
-            args.decoder_embed_dim, experts, args.moe_train_capacity_factor, args.moe_eval_capacity_factor,
-            args.moe_router_z_loss, second_expert_policy=str(args.moe_second_expert_policy),
-        )
-    if router == "hash":
-        if str(args.hash_type) == "balanced":
-            table = balanced_hash_table(dictionary.count, experts)
-        else:
-            table = random_hash_table(len(dictionary), experts, args.hash_seed)
-        return HashRouter(table, experts)
-    raise ValueError(f"--moe-router {router!r} has no token router")
-
-
 def build_moe_ffn(args, dictionary) -> MoEFeedForward:
-    ffn_dim = args.moe_expert_ffn_dim or args.decoder_ffn_embed_dim
     activation = str(args.activation_fn)
     if not hasattr(torch.nn.functional, activation):
         raise ValueError(f"--activation-fn {activation} is not available for expert FFNs (use relu, gelu, silu or tanh)")
-    # pre_norm=False: the layer's own final_layer_norm already normalises the FFN input
-    experts = ExpertFFN(
-        args.moe_experts, args.decoder_embed_dim, ffn_dim, pre_norm=False, activation=activation,
-        init=str(getattr(args, "expert_init", "dense")), dropout=getattr(args, "expert_dropout", 0.0) or 0.0,
-    )
-    return MoEFeedForward(build_router(args, dictionary), experts)
+    router, num_experts = str(args.moe_router), args.moe_experts
+    table = None
+    if router == "hash":
+        balanced = str(args.hash_type) == "balanced"
+        table = balanced_hash_table(dictionary.count, num_experts) if balanced else random_hash_table(len(dictionary), num_experts, args.hash_seed)
+    return MoEFeedForward(MoEArgs(
+        router, num_experts, args.decoder_embed_dim, args.moe_expert_ffn_dim or args.decoder_ffn_embed_dim,
+        expert_norm=False,  # the layer's own final_layer_norm already normalises the FFN input
+        activation=activation, train_capacity_factor=args.moe_train_capacity_factor,
+        eval_capacity_factor=args.moe_eval_capacity_factor, z_loss_weight=args.moe_router_z_loss,
+        second_expert_policy=str(args.moe_second_expert_policy), hash_table=table,
+        expert_init=str(args.expert_init), expert_dropout=args.expert_dropout or 0.0,
+    ))
 
 
 class MoETransformerDecoderLayer(TransformerDecoderLayerBase):
@@ -167,16 +145,13 @@ class MoETransformerDecoderLayer(TransformerDecoderLayerBase):
     """
 
     def __init__(self, cfg: TransformerConfig, moe_ffn: MoEFeedForward, no_encoder_attn: bool = True):
-        # build_fc1 hands this over during the parent's __init__ (no dense FFN is ever allocated);
-        # object.__setattr__: nn.Module refuses submodules before its own __init__
-        object.__setattr__(self, "_moe_ffn", moe_ffn)
-        super().__init__(cfg, no_encoder_attn=no_encoder_attn)
-        object.__delattr__(self, "_moe_ffn")
+        super().__init__(cfg, no_encoder_attn=no_encoder_attn)  # fc1, fc2: placeholders, see below
+        self.fc1 = moe_ffn
         self.activation_fn = _identity
         self.activation_dropout_module = nn.Identity()
 
     def build_fc1(self, input_dim, output_dim, q_noise, qn_block_size):
-        return self._moe_ffn
+        return nn.Identity()  # no dense FFN is ever allocated; the MoE takes its place
 
     def build_fc2(self, input_dim, output_dim, q_noise, qn_block_size):
         return nn.Identity()
@@ -222,7 +197,6 @@ class SingleProcessBaseLayer(base_layer.BaseLayer):
     def __init__(self, args):
         with _single_worker():
             super().__init__(args)
-        self.register_buffer("expert_load", torch.zeros(self.num_workers), persistent=False)
         self.name = "base_layer"
         self.last_stats = None
 
@@ -257,7 +231,6 @@ class SingleProcessBaseLayer(base_layer.BaseLayer):
 
     def _record(self, counts: torch.Tensor) -> None:
         """counts: (workers,) tokens this worker sends to each expert."""
-        self.expert_load.copy_(counts)
         self.last_stats = RoutingStats(layer=self.name, expert_counts=counts)
 
 
@@ -265,12 +238,12 @@ def build_base_layer(cfg, args):
     """The Base layer for this run: all E experts in this process when it is the only
     worker, fairseq's BaseLayer (one expert per worker) with several workers.
     cfg: fairseq's TransformerConfig; args: the model's arguments (our own fields)."""
-    experts = getattr(args, "base_experts", 0) or 0
+    experts = args.base_experts or 0
     workers = distributed_utils.get_data_parallel_world_size()
     if workers == 1 and experts >= 1:
         return BaseExpertsLayer(
             cfg.decoder.embed_dim, cfg.decoder.ffn_embed_dim, experts, cfg.base_sublayers,
-            activation=str(cfg.activation_fn), dropout=getattr(args, "expert_dropout", 0.0) or 0.0,
+            activation=str(cfg.activation_fn), dropout=args.expert_dropout or 0.0,
         )
     if experts not in (0, workers):
         raise ValueError(
@@ -289,13 +262,11 @@ class MoETransformerDecoder(TransformerDecoder):
     def __init__(self, args, dictionary, embed_tokens, no_encoder_attn=True):
         self._layers_built = 0  # build_decoder_layer is called once per layer, in order
         super().__init__(args, dictionary, embed_tokens, no_encoder_attn=no_encoder_attn)
+        name_routers(self)  # routers label their statistics with their place
         for name, module in self.named_modules():
             if isinstance(module, SingleProcessBaseLayer):
-                module.name = f"{name}.base_layer"  # routers label their statistics with their place
-            elif hasattr(module, "expert_load"):
-                module.name = name
-        for name, module in self.named_modules():
-            if isinstance(module, BaseExpertsLayer):  # logged as moe_L<i>_base_layer_*, as fairseq's
+                module.name = f"{name}.base_layer"
+            elif isinstance(module, BaseExpertsLayer):  # logged as moe_L<i>_base_layer_*, as fairseq's
                 module.router.name = f"{name}.base_layer"
         self.moe_modules = [m for m in self.modules() if isinstance(m, (MoEFeedForward, SingleProcessBaseLayer, BaseExpertsLayer))]
         self.hash_routers = [m for m in self.modules() if isinstance(m, HashRouter)]
@@ -345,7 +316,7 @@ class MoETransformerLanguageModel(VocabularyCheck, TransformerLanguageModel):
         check_moe_args(args)
         if args.decoder_layers_to_keep:
             raise ValueError("--decoder-layers-to-keep is not supported by moe_transformer_lm (MoE layers sit at fixed places)")
-        if getattr(args, "max_target_positions", None) is None:
+        if args.max_target_positions is None:
             args.max_target_positions = args.tokens_per_sample
         embed_tokens = cls.build_embedding(args, task.source_dictionary, args.decoder_input_dim)
         return cls(MoETransformerDecoder(args, task.target_dictionary, embed_tokens, no_encoder_attn=True))
@@ -364,36 +335,27 @@ SIZES = {
 }
 
 
-def _set_defaults(args, **defaults):
-    """Arch defaults: only where the command line left a value unset."""
-    for name, value in defaults.items():
-        if getattr(args, name, None) is None:
-            setattr(args, name, value)
-
-
 def _register(model: str, family: str, doc: str, **family_defaults):
-    """Register {family}_tiny/base/large on `model`; a default may be a {size: value} dict."""
-    for size in SIZES:
-        def arch(args, size=size):
-            embed_dim, heads, layers, ffn_dim, experts = SIZES[size]
-            defaults = dict(
-                decoder_embed_dim=embed_dim, decoder_input_dim=embed_dim, decoder_output_dim=embed_dim,
-                decoder_attention_heads=heads, decoder_layers=layers, decoder_ffn_embed_dim=ffn_dim,
-                share_decoder_input_output_embed=True,
-            )
-            if model == "moe_transformer_lm":
-                defaults["moe_experts"] = experts
-            for name, value in family_defaults.items():  # a {size: value} dict may leave sizes out
-                if not isinstance(value, dict):
-                    defaults[name] = value
-                elif size in value:
-                    defaults[name] = value[size]
-            _set_defaults(args, **defaults)
-            base_lm_architecture(args)  # fairseq's transformer_lm defaults (pre-norm, ...)
-
-        arch.__doc__ = f"{doc} ({size})"
-        arch.__name__ = f"{family}_{size}"
-        register_model_architecture(model, f"{family}_{size}")(arch)
+    """Register {family}_tiny/base/large/9b on `model`; a default may be a {size: value} dict
+    (sizes it leaves out keep fairseq's default)."""
+    sizes = {}
+    for size, (embed_dim, heads, layers, ffn_dim, experts) in SIZES.items():
+        defaults = dict(
+            decoder_embed_dim=embed_dim, decoder_input_dim=embed_dim, decoder_output_dim=embed_dim,
+            decoder_attention_heads=heads, decoder_layers=layers, decoder_ffn_embed_dim=ffn_dim,
+            share_decoder_input_output_embed=True,
+        )
+        if model == "moe_transformer_lm":
+            defaults["moe_experts"] = experts
+        for name, value in family_defaults.items():
+            if not isinstance(value, dict):
+                defaults[name] = value
+            elif size in value:
+                defaults[name] = value[size]
+        sizes[size] = defaults
+    describe = lambda d: f"{doc}: {d['decoder_layers']} layers of width {d['decoder_embed_dim']}"  # noqa: E731
+    # base_lm_architecture: fairseq's transformer_lm defaults for the rest (pre-norm, ...)
+    register_archs(model, family, sizes, describe, finish=base_lm_architecture)
 
 
 _register("transformer_lm", "transformer_lm", "dense Transformer LM, FLOP-matched to smlp_lm")

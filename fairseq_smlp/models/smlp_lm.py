@@ -24,10 +24,10 @@ from omegaconf import II
 from torch import Tensor
 
 from ..modules.blocks import GatedMLPBlock, SparseBlock
-from ..modules.channel_router import PrefixChannelRouter
-from ..modules.experts import ExpertFFN
-from ..modules.spatial_gating import SpatialGatingUnit
-from ..modules.token_routers import BaseRouter, TokenMoE
+from ..modules.spatial_gating import SpatialGateArgs, SpatialGatingUnit
+from ..moe.router import check_expert_count, name_routers
+from ..moe.token_moe import MoEArgs, TokenMoE
+from .archs import register_archs
 from .vocabulary import VocabularyCheck
 
 
@@ -114,9 +114,7 @@ class SmlpDecoder(FairseqIncrementalDecoder):
             self.output_projection.weight = embed_tokens.weight
         else:
             nn.init.normal_(self.output_projection.weight, std=cfg.decoder_embed_dim ** -0.5)
-        for name, module in self.named_modules():
-            if hasattr(module, "expert_load"):
-                module.name = name  # routers label their statistics with their place
+        name_routers(self)  # routers label their statistics with their place
         # positions before score_from were read by a partial-prediction router: not scored
         self.score_from = max((m.prefix_length for m in self.modules() if isinstance(m, SpatialGatingUnit)), default=0)
 
@@ -155,69 +153,44 @@ class SmlpDecoder(FairseqIncrementalDecoder):
 
 
 def build_dense_block(cfg) -> GatedMLPBlock:
-    gate = SpatialGatingUnit(cfg.decoder_ffn_embed_dim // 2, cfg.max_target_positions, 1, None, cfg.spatial_init_eps)
+    gate = SpatialGatingUnit(SpatialGateArgs(cfg.decoder_ffn_embed_dim // 2, cfg.max_target_positions, init_eps=cfg.spatial_init_eps))
     return GatedMLPBlock(cfg.decoder_embed_dim, cfg.decoder_ffn_embed_dim, gate, split_gate=True, dropout=cfg.dropout)
 
 
 def build_sparse_block(cfg) -> SparseBlock:
+    check_expert_count(cfg.smoe_experts, "--smoe-experts")
+    check_expert_count(cfg.tmoe_experts, "--tmoe-experts")
     split_gate = cfg.smoe_chunk == "gate"
-    channels = cfg.decoder_ffn_embed_dim // 2 if split_gate else cfg.decoder_ffn_embed_dim
-    if cfg.smoe_experts < 1 or cfg.tmoe_experts < 1:
-        raise ValueError(f"--smoe-experts ({cfg.smoe_experts}) and --tmoe-experts ({cfg.tmoe_experts}) must be >= 1")
-    router = None
-    solver = str(getattr(cfg, "balanced_assignment", "torch"))
-    if cfg.smoe_routing == "partial":
-        router = PrefixChannelRouter(cfg.max_target_positions, cfg.partial_prefix_ratio, cfg.smoe_experts, cfg.partial_balance, solver)
-    gate = SpatialGatingUnit(channels, cfg.max_target_positions, cfg.smoe_experts, router, cfg.spatial_init_eps, getattr(cfg, "smoe_expert_parallel", False))
+    gate = SpatialGatingUnit(SpatialGateArgs(
+        channels=cfg.decoder_ffn_embed_dim // 2 if split_gate else cfg.decoder_ffn_embed_dim,
+        max_positions=cfg.max_target_positions, num_experts=cfg.smoe_experts, routing=str(cfg.smoe_routing),
+        prefix_ratio=cfg.partial_prefix_ratio, balance=str(cfg.partial_balance), solver=str(cfg.balanced_assignment),
+        init_eps=cfg.spatial_init_eps, expert_parallel=cfg.smoe_expert_parallel,
+    ))
     token_mixing = GatedMLPBlock(cfg.decoder_embed_dim, cfg.decoder_ffn_embed_dim, gate, split_gate, cfg.dropout)
-    experts = ExpertFFN(
-        cfg.tmoe_experts, cfg.decoder_embed_dim, cfg.tmoe_ffn_embed_dim, pre_norm=True,
-        init=str(getattr(cfg, "expert_init", "dense")), dropout=getattr(cfg, "expert_dropout", 0.0) or 0.0,
+    tmoe = MoEArgs(
+        "base", cfg.tmoe_experts, cfg.decoder_embed_dim, cfg.tmoe_ffn_embed_dim, solver=str(cfg.balanced_assignment),
+        expert_init=str(cfg.expert_init), expert_dropout=cfg.expert_dropout,
     )
-    feature_moe = TokenMoE(BaseRouter(cfg.decoder_embed_dim, cfg.tmoe_experts, solver), experts)
-    return SparseBlock(token_mixing, feature_moe, cfg.dropout)
+    return SparseBlock(token_mixing, TokenMoE(tmoe), cfg.dropout)
 
 
 # ---------------------------------------------------------------- architectures
-def _set_defaults(args, **defaults):
-    for name, value in defaults.items():
-        if getattr(args, name, None) is None:
-            setattr(args, name, value)
+# blocks 1, 3, ... sparse (--sparse-every 2); a tMoE expert per GPU at large/9b scale
+SIZES = {
+    "tiny": dict(decoder_embed_dim=128, decoder_ffn_embed_dim=512, decoder_layers=4, smoe_experts=4, tmoe_experts=4, tmoe_ffn_embed_dim=256),
+    "base": dict(decoder_embed_dim=768, decoder_ffn_embed_dim=3072, decoder_layers=12, smoe_experts=16, tmoe_experts=16, tmoe_ffn_embed_dim=3072),
+    "large": dict(decoder_embed_dim=1024, decoder_ffn_embed_dim=4096, decoder_layers=24, smoe_experts=32, tmoe_experts=32, tmoe_ffn_embed_dim=4096),
+    # the paper's scaled deterministic sMLP, about 9.4B parameters at 1,024 tokens and a 51k
+    # vocabulary: 64 tMoE experts, one per GPU of a 64-GPU run
+    "9b": dict(decoder_embed_dim=1024, decoder_ffn_embed_dim=4096, decoder_layers=32, smoe_experts=32, tmoe_experts=64, tmoe_ffn_embed_dim=4096, smoe_routing="deterministic"),
+}
 
 
-@register_model_architecture("smlp_lm", "smlp_lm_tiny")
-def smlp_lm_tiny(args):
-    """CPU-sized sMLP: 4 blocks, blocks 1 and 3 sparse with 4 spatial and 4 feature experts."""
-    _set_defaults(
-        args, decoder_embed_dim=128, decoder_ffn_embed_dim=512, decoder_layers=4, sparse_every=2,
-        smoe_experts=4, tmoe_experts=4, tmoe_ffn_embed_dim=256,
-    )
+def _describe(d: dict) -> str:
+    sparse = d["decoder_layers"] // 2
+    return (f"{d['decoder_layers']} blocks of width {d['decoder_embed_dim']} (FFN {d['decoder_ffn_embed_dim']}), {sparse} sparse "
+            f"with {d['smoe_experts']} spatial and {d['tmoe_experts']} feature experts")
 
 
-@register_model_architecture("smlp_lm", "smlp_lm_base")
-def smlp_lm_base(args):
-    """GPU comparison scale: 12 blocks of width 768, 6 sparse with 16 + 16 experts."""
-    _set_defaults(
-        args, decoder_embed_dim=768, decoder_ffn_embed_dim=3072, decoder_layers=12, sparse_every=2,
-        smoe_experts=16, tmoe_experts=16, tmoe_ffn_embed_dim=3072,
-    )
-
-
-@register_model_architecture("smlp_lm", "smlp_lm_large")
-def smlp_lm_large(args):
-    """24 blocks of width 1024, 12 sparse with 32 + 32 experts (32 GPUs, one tMoE expert each)."""
-    _set_defaults(
-        args, decoder_embed_dim=1024, decoder_ffn_embed_dim=4096, decoder_layers=24, sparse_every=2,
-        smoe_experts=32, tmoe_experts=32, tmoe_ffn_embed_dim=4096,
-    )
-
-
-@register_model_architecture("smlp_lm", "smlp_lm_9b")
-def smlp_lm_9b(args):
-    """The paper's scaled deterministic sMLP, about 9.4B parameters at 1,024 tokens and a
-    51k vocabulary: 32 blocks of width 1024, 16 sparse, 64 tMoE experts (one per GPU of a
-    64-GPU run) and 32 spatial experts per sparse block."""
-    _set_defaults(
-        args, decoder_embed_dim=1024, decoder_ffn_embed_dim=4096, decoder_layers=32, sparse_every=2,
-        smoe_experts=32, tmoe_experts=64, tmoe_ffn_embed_dim=4096, smoe_routing="deterministic",
-    )
+register_archs("smlp_lm", "smlp_lm", {size: dict(d, sparse_every=2) for size, d in SIZES.items()}, describe=_describe)

@@ -6,9 +6,9 @@ import torch.nn.functional as F
 from fairseq.modules import LayerNorm
 from torch import Tensor
 
-from .routing import RoutingStats
+from ..moe.router import RoutingStats
+from ..moe.token_moe import TokenMoE
 from .spatial_gating import SpatialGatingUnit
-from .token_routers import TokenMoE
 
 
 class GatedMLPBlock(nn.Module):

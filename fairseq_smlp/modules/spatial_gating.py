@@ -6,8 +6,9 @@ owns its own spatial matrix:
   - deterministic routing: chunk e -> expert e (a multi-head SGU; exactly balanced,
     cannot leak the future);
   - partial-prediction routing: channels are assigned per sequence by a router that
-    reads only the prefix (see channel_router.py).
+    reads only the prefix (moe/router.py, PrefixChannelRouter).
 """
+from dataclasses import dataclass
 from typing import Dict, Optional
 
 import torch
@@ -17,58 +18,53 @@ from fairseq.modules import LayerNorm
 from torch import Tensor
 
 from ..distributed import expert_parallel
+from ..moe.router import PrefixChannelRouter
+from ..moe.sharding import shard_experts
 from .causal_mixing import CausalTokenMixing
-from .routing import RoutingStats
+
+
+@dataclass
+class SpatialGateArgs:
+    channels: int  # C, the channels the gate mixes (F/2, or F with --smoe-chunk all)
+    max_positions: int  # T_max: size of the causal spatial matrices
+    num_experts: int = 1  # 1: gMLP's SGU; E: sMoE with E spatial experts of C/E channels
+    routing: str = "deterministic"  # sMoE: "deterministic" (chunk e -> expert e) or "partial"
+    prefix_ratio: float = 0.2  # partial: share of the T_max positions the router reads
+    balance: str = "assignment"  # partial: "assignment" or "aux_loss" (PrefixChannelRouter)
+    solver: str = "torch"  # partial, assignment: balanced-assignment solver
+    init_eps: float = 1e-3  # spatial matrices start uniform in +-init_eps/T_max (bias 1)
+    expert_parallel: bool = False  # shard the spatial experts over the data-parallel workers
 
 
 @with_incremental_state
 class SpatialGatingUnit(nn.Module):
     """u: (B, n, C) -> gate (B, n, C), RoutingStats or None.
 
-    num_experts = 1 is gMLP's SGU; num_experts = E splits the C channels into E experts
-    of C/E channels; router (a PrefixChannelRouter) chooses which channels each expert gets.
+    One expert is gMLP's SGU; E experts split the C channels into E chunks of C/E, each
+    mixed by its own spatial matrix, assigned deterministically or by a PrefixChannelRouter.
     """
 
-    def __init__(self, channels: int, max_positions: int, num_experts: int = 1, router: Optional[nn.Module] = None, init_eps: float = 1e-3, expert_parallel_mode: bool = False):
+    def __init__(self, args: SpatialGateArgs):
         super().__init__()
-        if channels % num_experts != 0:
+        if args.channels % args.num_experts != 0:
             raise ValueError(
-                f"--smoe-experts {num_experts} must divide the {channels} channels that sMoE chunks "
+                f"--smoe-experts {args.num_experts} must divide the {args.channels} channels that sMoE chunks "
                 f"(set by --decoder-ffn-embed-dim and --smoe-chunk)"
             )
-        self.num_experts = num_experts
-        self.norm = LayerNorm(channels)
-        self.mixing = CausalTokenMixing(num_experts, max_positions, init_eps)
+        router = None
+        if args.routing == "partial":  # built first: the order of random initialisation
+            router = PrefixChannelRouter(args.max_positions, args.prefix_ratio, args.num_experts, args.balance, args.solver)
+        self.num_experts = args.num_experts
+        self.norm = LayerNorm(args.channels)
+        self.mixing = CausalTokenMixing(args.num_experts, args.max_positions, args.init_eps)
+        self.router = router
         # Default: spatial experts are replicated on every worker (not marked `expert`): their
         # gradients are averaged like any shared parameter. --smoe-expert-parallel shards them.
-        self.router = router
         self.world_size = 1
-        if expert_parallel_mode:
-            self._shard_experts(router)
-
-    def _shard_experts(self, router) -> None:
-        """Keep this rank's E / W spatial matrices (sliced from the full init: same start as one process)."""
-        world, rank = expert_parallel.world_size(), expert_parallel.rank()
-        if router is not None:
-            raise ValueError("--smoe-expert-parallel needs --smoe-routing deterministic (partial routing is per sequence)")
-        if self.num_experts % world != 0:
-            raise ValueError(
-                f"--smoe-experts {self.num_experts} must be a multiple of the number of data-parallel workers "
-                f"({world}, --distributed-world-size) with --smoe-expert-parallel"
-            )
-        if world == 1:
-            return
-        local = self.num_experts // world
-        mine = slice(rank * local, (rank + 1) * local)
-        self.mixing.weight = nn.Parameter(self.mixing.weight.data[mine].clone())
-        self.mixing.bias = nn.Parameter(self.mixing.bias.data[mine].clone())
-        self.mixing.num_experts, self.world_size, self.num_local_experts = local, world, local
-        for p in self.mixing.parameters():
-            p.expert, p.expert_sharded = True, True
-        expert_parallel.scale_expert_grads(self.mixing.parameters(), world)
-        from ..distributed import checkpointing
-
-        checkpointing.install()
+        if args.expert_parallel:
+            if router is not None:
+                raise ValueError("--smoe-expert-parallel needs --smoe-routing deterministic (partial routing is per sequence)")
+            self.world_size, self.mixing.num_experts = shard_experts(self.mixing, args.num_experts, "--smoe-experts with --smoe-expert-parallel")
 
     @property
     def prefix_length(self) -> int:

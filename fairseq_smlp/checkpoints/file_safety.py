@@ -3,14 +3,11 @@
 fairseq 0.12 writes the first checkpoint of a save atomically (a .tmp file, then a rename),
 but then COPIES it onto the other names (checkpoint_last.pt, checkpoint_best.pt) in place:
 a crash or `kill -9` during that copy leaves a truncated checkpoint_last.pt, the very file a
-restart loads. `install()` (run when the plugin is imported) makes that copy atomic too, and
-makes every checkpoint load name the file it could not read.
+restart loads. fairseq_patches.py routes that copy through `atomic_copy` and every
+checkpoint load through `load_or_explain`.
 """
-import functools
 import os
 import shutil
-
-_INSTALLED = False
 
 
 class CorruptCheckpointError(RuntimeError):
@@ -44,27 +41,3 @@ def load_or_explain(load, path, *args, **kwargs):
             "(checkpoint_<epoch>_<updates>.pt / the last complete checkpoint_*.pt) is intact: "
             "pass it with --restore-file (training) or --path (evaluation)."
         ) from e
-
-
-def install() -> None:
-    """Patch fairseq's checkpoint copy (atomic) and checkpoint load (names a corrupt file)."""
-    global _INSTALLED
-    if _INSTALLED:
-        return
-    from fairseq import checkpoint_utils
-    from fairseq.file_io import PathManager
-
-    original_copy = PathManager.copy
-
-    def copy(src_path, dst_path, overwrite=False):
-        if "://" in src_path or "://" in dst_path:  # remote (iopath) paths: fairseq's own copy
-            return original_copy(src_path, dst_path, overwrite=overwrite)
-        if os.path.exists(dst_path) and not overwrite:
-            return False
-        atomic_copy(src_path, dst_path)
-        return True
-
-    PathManager.copy = staticmethod(copy)
-    load = checkpoint_utils.load_checkpoint_to_cpu
-    checkpoint_utils.load_checkpoint_to_cpu = functools.wraps(load)(functools.partial(load_or_explain, load))
-    _INSTALLED = True

@@ -6,7 +6,7 @@ CKPT: the rank files of one checkpoint (checkpoint_last-rank-0.pt checkpoint_las
 or their common name (checkpoint_last.pt: the -rank-R files next to it are found), or one
 plain single-process checkpoint. Writes OUT.pt for N = 1 (what fairseq-eval-lm, the zero-shot
 evaluator and single-process training load) or OUT-rank-R.pt for N > 1 (the layout of
-fairseq_smlp/distributed/checkpointing.py: pass --save-dir/--restore-file OUT.pt to resume on N workers).
+checkpoints/rank_files.py: pass --save-dir/--restore-file OUT.pt to resume on N workers).
 
 Expert tensors (stacked (E_local, ...)) are concatenated over the M input ranks and split
 into N; shared tensors are taken from rank 0 (and checked equal on all ranks). Optimizer
@@ -21,7 +21,7 @@ import sys
 
 import torch
 
-from .checkpoint_io import CorruptCheckpointError, load_or_explain
+from .file_safety import CorruptCheckpointError, load_or_explain
 
 EXPERT_SUFFIXES = ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias", "norm_weight", "norm_bias")
 

@@ -10,15 +10,16 @@ dense layer. This is the same layer with all E experts in the process:
     output      = sigmoid(x . c_e) expert_e(x) + (1 - sigmoid(x . c_e)) x   (fairseq's mixing)
 
 The experts are S stacked ExpertFFNs (E experts each) and run on the shared dispatch path
-(experts.dispatch_to_experts); the mixing is written as x + alpha (expert_e(x) - x), the
+(dispatch.dispatch_to_experts); the mixing is written as x + alpha (expert_e(x) - x), the
 same value. fairseq's BaseLayer is kept for multi-worker runs (models/moe_transformer_lm.py);
 with one expert the two compute the same function (tests/test_baselines.py).
 """
 import torch
 import torch.nn as nn
 
-from .experts import ExpertFFN, dispatch_to_experts
-from .token_routers import BaseRouter, TokenMoE
+from .dispatch import dispatch_to_experts
+from .experts import ExpertFFN
+from .router import BaseRouter
 
 
 class ResidualExpertStack(nn.Module):
@@ -57,19 +58,18 @@ class ResidualExpertStack(nn.Module):
         return h - x
 
 
-class BaseExpertsLayer(TokenMoE):
+class BaseExpertsLayer(nn.Module):
     """A whole Base layer, in place of a decoder layer: (T, B, H) -> ((T, B, H), None, None),
     fairseq's BaseLayer's signature. Its RoutingStats are kept in `last_stats`."""
 
     last_stats = None
 
     def __init__(self, embed_dim: int, ffn_dim: int, num_experts: int, sublayers: int, activation: str = "relu", solver: str = "torch", dropout: float = 0.0):
+        super().__init__()
         if num_experts < 1:
             raise ValueError(f"--base-experts must be >= 1, got {num_experts}")
-        super().__init__(
-            BaseRouter(embed_dim, num_experts, solver),
-            ResidualExpertStack(num_experts, embed_dim, ffn_dim, sublayers, activation, dropout),
-        )
+        self.router = BaseRouter(embed_dim, num_experts, solver)
+        self.experts = ResidualExpertStack(num_experts, embed_dim, ffn_dim, sublayers, activation, dropout)
 
     def forward(self, input_features: torch.Tensor, *args, **kwargs):
         x = input_features.reshape(-1, input_features.size(-1))

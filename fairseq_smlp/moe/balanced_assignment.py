@@ -1,23 +1,11 @@
-"""What every router hands back, and the balanced assignment they share.
+"""Balanced assignment: N items to E experts, N/E each, maximising the total score.
 
-Routers compute in fp32 whatever the model's dtype: small logit differences decide
-the expert, and fp16 rounding would flip them.
+Base Layers routing (sMLP's tMoE in training, and the partial-prediction channel router)
+assigns every expert the same number of items, none dropped, no auxiliary loss. Two solvers:
+"torch" (default; vectorised dual prices, on the scores' device) and "libbase" (fairseq's
+compiled auction algorithm, on the CPU).
 """
-from dataclasses import dataclass
-from typing import Optional
-
 import torch
-
-
-@dataclass
-class RoutingStats:
-    """Expert load of one MoE layer on one batch, read by the criterion for the log."""
-
-    layer: str  # module name of the router within the decoder, e.g. "layers.1.feature_moe.router"
-    expert_counts: torch.Tensor  # (E,) items (tokens or channels) each expert processed
-    aux_loss: Optional[torch.Tensor] = None  # scalar load-balancing loss (1.0 = balanced)
-    dropped: Optional[torch.Tensor] = None  # scalar: items that no expert processed
-    total: Optional[torch.Tensor] = None  # scalar: items routed (for the dropped fraction)
 
 
 def load_libbase():
@@ -157,29 +145,3 @@ def _fill_by_preference(adjusted: torch.Tensor, capacity: torch.Tensor) -> torch
         expert[asking[taken]] = choice[taken]
         free -= torch.bincount(choice[taken], minlength=num_experts)
     return expert
-
-
-def fp32(device: torch.device):
-    """Autocast would run router matmuls in half precision: switch it off around routing."""
-    return torch.autocast(device_type=device.type, enabled=False)
-
-
-def check_finite(logits: torch.Tensor, layer: str) -> None:
-    """Stop at the router that produced NaN/inf instead of letting it spread."""
-    if not torch.isfinite(logits).all():
-        raise FloatingPointError(
-            f"non-finite router logits in {layer}: NaN/inf reached this router (training diverged, or a bad input "
-            "or checkpoint); stopped here rather than routing on garbage. Try a lower --lr or --clip-norm"
-        )
-
-
-def switch_aux_loss(probs: torch.Tensor, top1: torch.Tensor) -> torch.Tensor:
-    """Load-balancing loss of Switch / GShard: E * sum_e f_e * P_e.
-
-    probs: (N, E) router probabilities; top1: (N,) first-choice expert.
-    f_e = fraction of items whose first choice is e, P_e = mean probability of e.
-    Equals 1.0 when routing is uniform, so a weight of 0.01 means what it does in the papers.
-    """
-    num_experts = probs.size(-1)
-    fraction = torch.bincount(top1, minlength=num_experts).float() / top1.numel()
-    return num_experts * torch.sum(fraction * probs.float().mean(0))

@@ -1,0 +1,9 @@
+"""Mixture-of-experts machinery shared by sMLP and the Transformer-MoE baselines.
+
+    router.py               every router (Base, Top-1, Top-2, Hash, the prefix channel router), fp32
+    balanced_assignment.py  the balanced-assignment solvers (torch price search; fairseq's libbase)
+    experts.py              E expert FFNs with stacked weights, batched
+    dispatch.py             group tokens by expert, run the experts, combine (one process or sharded)
+    token_moe.py            MoEArgs -> TokenMoE (a router and its experts)
+    sharding.py             keep this rank's experts (expert parallelism, module side)
+"""

@@ -1,0 +1,105 @@
+"""E feed-forward experts with stacked weights, computed as batched matmuls.
+
+Written by hand rather than with fairscale's MOELayer: MOELayer needs a process group
+and a fixed capacity; tMoE's balanced assignment needs neither, and evaluation-time
+greedy routing has uneven loads that a capacity would drop.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .sharding import shard_experts
+
+
+class ExpertFFN(nn.Module):
+    """expert_e(x) = W2_e act(W1_e LN_e(x) + b1_e) + b2_e, for E experts at once.
+
+    Weights are stacked (E_local, ...): E_local = E / data-parallel world size (all E in
+    one process; rank r holds experts r*E_local .. (r+1)*E_local - 1, see sharding.py).
+    The per-expert LayerNorm (pre_norm) is Base Layers' (the expert owns its norm).
+    `dropout`: expert dropout on the hidden activations (--expert-dropout).
+
+    init (--expert-init): "dense" (default) starts every expert as torch's nn.Linear starts a
+    dense FFN (weights and biases uniform in +-1/sqrt(fan_in)): Switch, GShard, HASH and
+    fairseq's MoE experts start like the FFN they replace. "zero_output": the same with W2 = 0,
+    fairseq's BaseSublayer (Base Layers): the expert starts as the zero function (plus its
+    bias), so a residual sublayer starts as the identity.
+    """
+
+    INITS = ("dense", "zero_output")
+
+    def __init__(
+        self, num_experts: int, embed_dim: int, ffn_dim: int, pre_norm: bool = True, activation: str = "gelu",
+        init: str = "dense", dropout: float = 0.0,
+    ):
+        super().__init__()
+        if init not in self.INITS:
+            raise ValueError(f"--expert-init must be one of {self.INITS}, got {init!r}")
+        if not 0 <= dropout < 1:
+            raise ValueError(f"--expert-dropout must be in [0, 1), got {dropout}")
+        self.num_experts, self.embed_dim = num_experts, embed_dim  # num_experts: all ranks together
+        self.norm_weight = nn.Parameter(torch.ones(num_experts, 1, embed_dim)) if pre_norm else None
+        self.norm_bias = nn.Parameter(torch.zeros(num_experts, 1, embed_dim)) if pre_norm else None
+
+        def uniform(shape, fan_in):  # nn.Linear's init of weight and bias: U(+-1/sqrt(fan_in))
+            return nn.Parameter(torch.empty(num_experts, *shape).uniform_(-fan_in ** -0.5, fan_in ** -0.5))
+
+        self.fc1_weight = uniform((embed_dim, ffn_dim), embed_dim)
+        self.fc1_bias = uniform((1, ffn_dim), embed_dim)
+        self.fc2_weight = uniform((ffn_dim, embed_dim), ffn_dim)
+        self.fc2_bias = uniform((1, embed_dim), ffn_dim)
+        if init == "zero_output":
+            nn.init.zeros_(self.fc2_weight)
+        self.init, self.dropout = init, dropout
+        self.activation = getattr(F, activation)
+        for p in self.parameters():
+            p.expert = True  # fairseq's legacy_ddp skips these in the gradient all-reduce
+        # with W > 1 workers keep this rank's E / W experts (initialised for all E above:
+        # a sharded model starts with exactly the experts of the unsharded one)
+        self.world_size, self.num_local_experts = shard_experts(self, num_experts, "--tmoe-experts / --moe-experts")
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Refuse, with the fix, a checkpoint whose experts were sharded differently."""
+        saved = state_dict.get(prefix + "fc1_weight")
+        if saved is not None and saved.size(0) != self.num_local_experts:
+            raise ValueError(
+                f"{prefix}fc1_weight holds {saved.size(0)} experts but this process needs {self.num_local_experts} "
+                f"({self.num_experts} experts over {self.world_size} workers): the checkpoint was saved by an "
+                "expert-parallel run with another world size; convert it with "
+                f"`python -m fairseq_smlp.checkpoints reshard CKPT --to-world-size {self.world_size} --out NEW.pt`"
+            )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (E_local, C, H) C rows per expert -> (E_local, C, H)."""
+        if self.norm_weight is not None:
+            x = F.layer_norm(x, (self.embed_dim,)) * self.norm_weight + self.norm_bias
+        h = self.activation(torch.baddbmm(self.fc1_bias, x, self.fc1_weight))
+        h = F.dropout(h, self.dropout, self.training)
+        return torch.baddbmm(self.fc2_bias, h, self.fc2_weight)
+
+    def can_run_grouped(self, x: torch.Tensor) -> bool:
+        """torch's grouped_mm runs on CPU (fp32/bf16) for rows whose byte strides are multiples
+        of 16; on CUDA it needs bf16 and SM >= 80, and it is not in autocast's cast lists."""
+        grouped_mm = getattr(F, "grouped_mm", None)
+        aligned = all(d * x.element_size() % 16 == 0 for d in (self.embed_dim, self.fc1_weight.size(-1)))
+        return (
+            grouped_mm is not None and x.device.type == "cpu" and aligned and x.dtype == self.fc1_weight.dtype
+            and not torch.is_autocast_enabled("cpu")
+        )
+
+    def forward_grouped(self, x: torch.Tensor, row_expert: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x: (M, H) rows grouped by local expert (row_expert: (M,) sorted; counts: (E_local,)) -> (M, H).
+
+        forward() on exactly the routed rows: each expert multiplies only its own rows, so
+        an uneven load costs no FLOPs on padding slots."""
+        offs = torch.cumsum(counts, 0).to(torch.int32)
+
+        def per_row(p):  # (E, 1, D) -> (M, D): each row's expert's vector
+            return p.squeeze(1).index_select(0, row_expert)
+
+        if self.norm_weight is not None:
+            x = F.layer_norm(x, (self.embed_dim,)) * per_row(self.norm_weight) + per_row(self.norm_bias)
+        h = self.activation(F.grouped_mm(x, self.fc1_weight, offs=offs) + per_row(self.fc1_bias))
+        h = F.dropout(h, self.dropout, self.training)
+        return F.grouped_mm(h, self.fc2_weight, offs=offs) + per_row(self.fc2_bias)

@@ -1,0 +1,396 @@
+"""Routers: which expert(s) each item goes to, and with what weight, decided in fp32.
+
+Token routers (sMLP's tMoE and the Transformer-MoE baselines), x: (N, H) ->
+    expert_index (N, k) long, -1 where an assignment was dropped; weight (N, k) fp32; RoutingStats
+    BaseRouter    Base Layers (Lewis et al. 2021), sMLP's tMoE: balanced assignment / greedy
+    Top1Router    Switch (Fedus et al. 2021): softmax gate, capacity, load-balancing loss
+    Top2Router    GShard (Lepikhin et al. 2020): first and second choice, capacity, loss
+    HashRouter    HASH Layers (Roller et al. 2021): a fixed token-id -> expert table
+The channel router of sMoE's partial prediction, z: (B, n, C) -> channel order and weights:
+    PrefixChannelRouter  reads the first P positions only (sMLP paper, section 3.3)
+
+Routers never move data: grouping tokens by expert and running the experts is dispatch.py.
+"""
+import heapq
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .balanced_assignment import balanced_assignment
+
+
+@dataclass
+class RoutingStats:
+    """Expert load of one router on one batch, read by the criterion for the log."""
+
+    layer: str  # the router's place in the decoder, e.g. "layers.1.feature_moe.router"
+    expert_counts: torch.Tensor  # (E,) items (tokens or channels) each expert processed
+    aux_loss: Optional[torch.Tensor] = None  # scalar load-balancing loss (1.0 = balanced)
+    dropped: Optional[torch.Tensor] = None  # scalar: items that no expert processed
+    total: Optional[torch.Tensor] = None  # scalar: items routed (for the dropped fraction)
+
+
+def check_finite(logits: torch.Tensor, layer: str) -> None:
+    """Stop at the router that produced NaN/inf instead of letting it spread."""
+    if not torch.isfinite(logits).all():
+        raise FloatingPointError(
+            f"non-finite router logits in {layer}: NaN/inf reached this router (training diverged, or a bad input "
+            "or checkpoint); stopped here rather than routing on garbage. Try a lower --lr or --clip-norm"
+        )
+
+
+def check_expert_count(num_experts: int, flag: str, per_item: int = 1) -> None:
+    """A router needs at least one expert, and at least as many as each item is sent to."""
+    if num_experts < max(1, per_item):
+        need = f"at least {per_item} (each token goes to {per_item} experts)" if per_item > 1 else ">= 1"
+        raise ValueError(f"{flag} must be {need}, got {num_experts}")
+
+
+class Router(nn.Module):
+    """What every router shares: its expert count, a name for its statistics (the decoder
+    sets it to the router's place), and routing in fp32 with autocast off — small logit
+    differences decide the expert, and half-precision rounding would flip them."""
+
+    top_k = 1  # experts each item is sent to
+
+    def __init__(self, num_experts: int):
+        super().__init__()
+        self.num_experts = num_experts
+        self.name = type(self).__name__
+
+    def forward(self, x: torch.Tensor):
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return self.route(x)
+
+    def route(self, x: torch.Tensor):
+        raise NotImplementedError
+
+    def score(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """x (N, H), weight (E, H) -> (N, E) fp32 logits, checked for NaN/inf."""
+        logits = F.linear(x.float(), weight.float())
+        check_finite(logits, self.name)
+        return logits
+
+    def stats(self, expert_index: torch.Tensor, aux: Optional[torch.Tensor] = None) -> RoutingStats:
+        """expert_index: (N, k), -1 = dropped. A token is dropped when no expert kept it."""
+        kept = expert_index >= 0
+        counts = torch.bincount(expert_index[kept], minlength=self.num_experts).float()
+        dropped = (~kept.any(dim=1)).sum()
+        total = torch.tensor(expert_index.size(0), device=expert_index.device)
+        return RoutingStats(layer=self.name, expert_counts=counts, aux_loss=aux, dropped=dropped, total=total)
+
+
+def name_routers(root: nn.Module) -> None:
+    """Label every router's statistics with its place, e.g. "layers.1.feature_moe.router"."""
+    for name, module in root.named_modules():
+        if isinstance(module, Router):
+            module.name = name
+
+
+def switch_aux_loss(probs: torch.Tensor, top1: torch.Tensor) -> torch.Tensor:
+    """Load-balancing loss of Switch / GShard: E * sum_e f_e * P_e.
+
+    probs: (N, E) router probabilities; top1: (N,) first-choice expert.
+    f_e = fraction of items whose first choice is e, P_e = mean probability of e.
+    Equals 1.0 when routing is uniform, so a weight of 0.01 means what it does in the papers.
+    """
+    num_experts = probs.size(-1)
+    fraction = torch.bincount(top1, minlength=num_experts).float() / top1.numel()
+    return num_experts * torch.sum(fraction * probs.float().mean(0))
+
+
+# ------------------------------------------------------------------- Base Layers (tMoE)
+class BaseRouter(Router):
+    """Base Layers routing (Lewis et al. 2021), the tMoE routing of sMLP.
+
+    Each expert has a centroid; a token's affinity to expert e is x . c_e. Training:
+    balanced assignment (every expert gets N/E tokens, no token dropped, no auxiliary
+    loss). Evaluation: greedy top-1. The expert output is mixed in with weight
+    sigmoid(x . c_e), which is what trains the centroids.
+    """
+
+    def __init__(self, embed_dim: int, num_experts: int, solver: str = "torch"):
+        super().__init__(num_experts)
+        self.solver = solver  # balanced_assignment.SOLVERS
+        centroids = torch.empty(num_experts, embed_dim)
+        nn.init.orthogonal_(centroids, gain=0.1)
+        self.centroids = nn.Parameter(centroids)
+
+    def route(self, x: torch.Tensor):
+        """x: (N, H) -> expert_index (N, 1), weight (N, 1), RoutingStats."""
+        scores = self.score(x, self.centroids)  # (N, E)
+        with torch.no_grad():
+            expert = balanced_assignment(scores, self.solver) if self.training else scores.argmax(-1)
+        alpha = torch.sigmoid(scores.gather(1, expert.unsqueeze(1)))
+        counts = torch.bincount(expert, minlength=self.num_experts).float()
+        return expert.unsqueeze(1), alpha, RoutingStats(layer=self.name, expert_counts=counts)
+
+
+# ------------------------------------------------------------------- Switch, GShard
+def expert_capacity(num_tokens: int, num_experts: int, capacity_factor: float) -> int:
+    """Slots per expert: ceil(capacity_factor * ceil(tokens / experts)).
+
+    Switch: capacity_factor * tokens / experts (exact when experts divide tokens);
+    GShard with factor 2: 2 * ceil(S / E). A factor <= 0 means no limit (nothing dropped).
+    """
+    if capacity_factor <= 0:
+        return num_tokens  # a token's k assignments go to k distinct experts: all fit
+    return int(math.ceil(capacity_factor * math.ceil(num_tokens / num_experts)))
+
+
+def within_capacity(expert: torch.Tensor, capacity: int, num_experts: int, active=None, offset=None) -> torch.Tensor:
+    """First come, first served: which assignments get one of their expert's slots.
+
+    expert: (N,) expert of each assignment, in priority order; active: (N,) bool, the
+    assignments that compete (default all); offset: (E,) slots already taken.
+    Returns kept (N,) bool. Priority is the order of the tokens, which fairseq's layers
+    flatten time-major: a token only competes with tokens at earlier or equal positions.
+    """
+    one_hot = F.one_hot(expert, num_experts)  # (N, E)
+    if active is not None:
+        one_hot = one_hot * active.unsqueeze(1)
+    position = (torch.cumsum(one_hot, dim=0) - 1).gather(1, expert.unsqueeze(1)).squeeze(1)  # (N,)
+    if offset is not None:
+        position = position + offset[expert]
+    kept = position < capacity
+    return kept if active is None else kept & active
+
+
+class LearnedGateRouter(Router):
+    """What Switch (top-1) and GShard (top-2) share: a linear gate, a capacity per expert
+    (train / eval factors), and the load-balancing loss.
+
+    aux_loss = E * sum_e f_e * P_e (switch_aux_loss; 1.0 when uniform) + z_loss_weight *
+    mean_n logsumexp(logits_n)^2 (router z-loss, ST-MoE; 0 disables it). The criterion
+    multiplies the sum by --moe-aux-loss-weight.
+    """
+
+    def __init__(self, embed_dim: int, num_experts: int, train_capacity_factor: float, eval_capacity_factor: float, z_loss_weight: float = 0.0):
+        check_expert_count(num_experts, "--moe-experts", per_item=self.top_k)
+        super().__init__(num_experts)
+        self.train_capacity_factor, self.eval_capacity_factor = train_capacity_factor, eval_capacity_factor
+        self.z_loss_weight = z_loss_weight
+        # small init: near-uniform probabilities at the start (Switch, section 2.4)
+        self.gate = nn.Linear(embed_dim, num_experts, bias=False)
+        nn.init.normal_(self.gate.weight, std=0.1 * embed_dim ** -0.5)
+
+    def capacity(self, num_tokens: int) -> int:
+        factor = self.train_capacity_factor if self.training else self.eval_capacity_factor
+        return expert_capacity(num_tokens, self.num_experts, factor)
+
+    def aux_loss(self, logits: torch.Tensor, probs: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+        loss = switch_aux_loss(probs, first)
+        if self.z_loss_weight > 0:
+            loss = loss + self.z_loss_weight * torch.logsumexp(logits, dim=-1).pow(2).mean()
+        return loss
+
+
+class Top1Router(LearnedGateRouter):
+    """Switch Transformer routing: each token goes to its most probable expert, weighted by
+    that probability; tokens beyond the expert's capacity are dropped (the layer then adds
+    nothing: the token passes through the residual)."""
+
+    top_k = 1
+
+    def route(self, x: torch.Tensor):
+        """x: (N, H) -> expert_index (N, 1) (-1 = dropped), weight (N, 1) fp32, RoutingStats."""
+        logits = self.score(x, self.gate.weight)
+        probs = torch.softmax(logits, dim=-1)
+        gate, first = probs.max(dim=-1)  # (N,)
+        kept = within_capacity(first, self.capacity(x.size(0)), self.num_experts)
+        expert_index = torch.where(kept, first, torch.full_like(first, -1)).unsqueeze(1)
+        weight = (gate * kept).unsqueeze(1)
+        return expert_index, weight, self.stats(expert_index, self.aux_loss(logits, probs, first))
+
+
+class Top2Router(LearnedGateRouter):
+    """GShard routing: first and second most probable experts.
+
+    Second expert in training, by --moe-second-expert-policy: "all" the runner-up,
+    "sampling" drawn from the remaining experts' softmax (Gumbel-max), "random" the
+    runner-up kept with probability 2 * g2 / (g1 + g2) (GShard's own policy). In
+    evaluation always the runner-up. Capacity: all first choices queue before any second
+    choice (GShard's order), so in training a later token's first choice can take an
+    earlier token's second slot. Combine weights are the gate probabilities renormalised
+    over the kept experts.
+    """
+
+    top_k = 2
+    policies = ("sampling", "all", "random")
+
+    def __init__(self, *args, second_expert_policy: str = "sampling", **kwargs):
+        super().__init__(*args, **kwargs)
+        if second_expert_policy not in self.policies:
+            raise ValueError(f"--moe-second-expert-policy must be one of {self.policies}, got {second_expert_policy!r}")
+        self.second_expert_policy = second_expert_policy
+
+    def route(self, x: torch.Tensor):
+        """x: (N, H) -> expert_index (N, 2) (-1 = dropped), weight (N, 2) fp32, RoutingStats."""
+        logits = self.score(x, self.gate.weight)
+        probs = torch.softmax(logits, dim=-1)
+        first = probs.argmax(dim=-1)
+        second = self.second_choice(logits.detach(), first)
+        g1, g2 = probs.gather(1, first.unsqueeze(1)).squeeze(1), probs.gather(1, second.unsqueeze(1)).squeeze(1)
+        wants_second = torch.ones_like(first, dtype=torch.bool)
+        if self.training and self.second_expert_policy == "random":
+            wants_second = 2 * (g2 / (g1 + g2)).detach() > torch.rand_like(g2)
+
+        capacity = self.capacity(x.size(0))
+        keep1 = within_capacity(first, capacity, self.num_experts)
+        first_counts = torch.bincount(first, minlength=self.num_experts)
+        keep2 = within_capacity(second, capacity, self.num_experts, active=wants_second, offset=first_counts)
+
+        kept = torch.stack([keep1, keep2], dim=1)  # (N, 2)
+        experts = torch.stack([first, second], dim=1)
+        gates = torch.stack([g1, g2], dim=1) * kept
+        weight = gates / gates.sum(dim=1, keepdim=True).clamp(min=torch.finfo(gates.dtype).tiny)
+        expert_index = torch.where(kept, experts, torch.full_like(experts, -1))
+        return expert_index, weight, self.stats(expert_index, self.aux_loss(logits, probs, first))
+
+    def second_choice(self, logits: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+        """(N, E), (N,) -> (N,) an expert other than the first."""
+        if self.training and self.second_expert_policy == "sampling":
+            uniform = torch.rand_like(logits).clamp(min=1e-9, max=1 - 1e-9)
+            logits = logits - torch.log(-torch.log(uniform))  # + Gumbel noise: a softmax sample
+        return logits.scatter(1, first.unsqueeze(1), float("-inf")).argmax(dim=-1)
+
+
+# ------------------------------------------------------------------- HASH Layers
+class HashRouter(Router):
+    """HASH Layers routing: expert = table[token id], weight 1.
+
+    The table is a buffer, so it is saved in the checkpoint and identical after reload;
+    no learned parameters, no auxiliary loss, nothing dropped. fairseq's decoder layers
+    only receive hidden states, so the decoder hands the token ids over with
+    `set_token_ids` before each forward.
+    """
+
+    def __init__(self, table: torch.Tensor, num_experts: int):
+        check_expert_count(num_experts, "--moe-experts")
+        super().__init__(num_experts)
+        self.register_buffer("table", table.long())  # (V,) persistent: part of the checkpoint
+        self.token_ids = None
+
+    def set_token_ids(self, token_ids) -> None:
+        """token_ids: (N,) in the order the layer flattens its input (time-major in fairseq)."""
+        self.token_ids = token_ids
+
+    def route(self, x: torch.Tensor):
+        """x: (N, H) -> expert_index (N, 1), weight (N, 1) ones, RoutingStats."""
+        if self.token_ids is None or self.token_ids.numel() != x.size(0):
+            raise RuntimeError(
+                f"{self.name}: token ids for {x.size(0)} tokens were not set; a HASH layer must run inside "
+                "MoETransformerDecoder (arch hash_lm_*), which passes them down"
+            )
+        expert = self.table[self.token_ids.to(self.table.device)].unsqueeze(1)  # (N, 1)
+        return expert, torch.ones(x.size(0), 1, device=x.device), self.stats(expert)
+
+
+def random_hash_table(vocab_size: int, num_experts: int, seed: int = 0) -> torch.Tensor:
+    """(V,) expert of every token id, uniform at random (a fixed seed: same table every build)."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(num_experts, (vocab_size,), generator=generator)
+
+
+def balanced_hash_table(counts, num_experts: int) -> torch.Tensor:
+    """(V,) expert of every token id such that experts receive about equal numbers of tokens.
+
+    counts: training frequency of each token id (fairseq Dictionary.count). Greedy bin
+    packing: most frequent token first, each to the expert with the fewest tokens so far.
+    """
+    order = sorted(range(len(counts)), key=lambda i: (-counts[i], i))
+    heap = [(0, e) for e in range(num_experts)]  # (load, expert)
+    table = [0] * len(counts)
+    for token in order:
+        load, expert = heapq.heappop(heap)
+        table[token] = expert
+        heapq.heappush(heap, (load + counts[token], expert))
+    return torch.tensor(table, dtype=torch.long)
+
+
+# ------------------------------------------------------------------- sMoE partial prediction
+class PrefixChannelRouter(Router):
+    """Assign the C channels of each sequence to E spatial experts, C/E each, from the prefix.
+
+    A router that looked at a channel over the whole sequence would see future tokens and
+    leak them into earlier predictions. This one reads only the first P positions; the LM
+    loss then covers positions >= P only, none of which influenced its own routing.
+
+    score[b, c, e] = sum_{t < P} z[b, t, c] * R[t, e]: a learned linear read of the
+    channel's prefix. Balance, per sequence so sequences never couple:
+      - "assignment": balanced assignment (Base Layers' solver); weight = sigmoid(score);
+      - "aux_loss": first choice while the expert has room, the rest spill into free
+        slots; weight = softmax probability; Switch load-balancing loss.
+    """
+
+    def __init__(self, max_positions: int, prefix_ratio: float, num_experts: int, balance: str = "assignment", solver: str = "torch"):
+        super().__init__(num_experts)
+        if not 0.0 < prefix_ratio < 1.0:
+            raise ValueError(f"--partial-prefix-ratio must be in (0, 1), got {prefix_ratio}")
+        if balance not in ("assignment", "aux_loss"):
+            raise ValueError(f"--partial-balance must be 'assignment' or 'aux_loss', got {balance!r}")
+        self.prefix_length = max(1, int(math.ceil(prefix_ratio * max_positions)))
+        if self.prefix_length >= max_positions:
+            raise ValueError(
+                f"--partial-prefix-ratio {prefix_ratio} leaves no scored positions for sequences of {max_positions} tokens"
+            )
+        self.balance, self.solver = balance, solver
+        self.weight = nn.Parameter(torch.randn(self.prefix_length, num_experts) * self.prefix_length ** -0.5)
+
+    def route(self, z: torch.Tensor):
+        """z: (B, n, C) normalised channels -> order (B, C), weight (B, C), RoutingStats.
+
+        order lists the channels expert by expert (C/E per expert); weight[b, i] is the
+        router weight of channel order[b, i] for its expert.
+        """
+        prefix = z[:, : self.prefix_length].float()  # (B, P', C)
+        scores = torch.einsum("bpc,pe->bce", prefix, self.weight[: prefix.size(1)].float())
+        check_finite(scores, self.name)
+        if self.balance == "assignment":
+            expert = balanced_assignment(scores.detach(), self.solver)  # (B, C): all sequences at once
+            weight = torch.sigmoid(scores.gather(2, expert.unsqueeze(-1)).squeeze(-1))
+            aux = None
+        else:
+            probs = torch.softmax(scores, dim=-1)
+            expert = _first_choice_with_spill(probs.detach())
+            weight = probs.gather(2, expert.unsqueeze(-1)).squeeze(-1)
+            aux = switch_aux_loss(probs.reshape(-1, self.num_experts), probs.argmax(-1).reshape(-1))
+        order = torch.argsort(expert, dim=1, stable=True)
+        counts = torch.bincount(expert.reshape(-1), minlength=self.num_experts).float()
+        return order, weight.gather(1, order), RoutingStats(layer=self.name, expert_counts=counts, aux_loss=aux)
+
+
+def _first_choice_with_spill(probs: torch.Tensor) -> torch.Tensor:
+    """probs: (B, C, E) -> expert (B, C), exactly C/E channels per expert in each row.
+
+    Each expert keeps its C/E most confident first-choice channels; the channels it
+    could not keep fill the free slots of the other experts, most confident first.
+    """
+    bsz, channels, num_experts = probs.shape
+    per_expert = channels // num_experts
+    top_prob, first = probs.max(-1)
+    # rank of each channel among those choosing the same expert, most confident first
+    key = first.float() * 2 - top_prob  # sorts by expert, then by descending probability
+    by_expert = torch.argsort(key, dim=1)
+    sorted_first = first.gather(1, by_expert)
+    group_start = torch.searchsorted(sorted_first, torch.arange(num_experts, device=probs.device).expand(bsz, -1).contiguous())
+    rank_sorted = torch.arange(channels, device=probs.device) - group_start.gather(1, sorted_first)
+    rank = torch.empty_like(rank_sorted).scatter_(1, by_expert, rank_sorted)
+    kept = rank < per_expert
+
+    slot = torch.where(kept, first * per_expert + rank, torch.full_like(first, -1))  # (B, C)
+    # spilled channels write into a spare last column, which is dropped
+    occupied = torch.zeros(bsz, channels + 1, dtype=torch.int8, device=probs.device)
+    occupied.scatter_(1, torch.where(kept, slot, channels), 1)
+    occupied = occupied[:, :channels]
+    # the i-th spilled channel takes the i-th free slot; both lists have the same length
+    free_slots = torch.argsort(occupied, dim=1, stable=True)
+    spill_order = torch.argsort(torch.where(kept, 2.0, 1.0 - top_prob), dim=1, stable=True)
+    num_spilled = (~kept).sum(1, keepdim=True)
+    is_spill = torch.arange(channels, device=probs.device) < num_spilled
+    slot = slot.scatter(1, spill_order, torch.where(is_spill, free_slots, slot.gather(1, spill_order)))
+    return slot // per_expert

@@ -1,0 +1,66 @@
+"""A token-routed MoE layer: a router and its experts, built from one MoEArgs.
+
+sMLP's tMoE (Base routing, an expert LayerNorm each) and the Transformer baselines' MoE
+FFNs (Switch, GShard, HASH) are all this layer with other arguments.
+"""
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from .dispatch import dispatch_to_experts
+from .experts import ExpertFFN
+from .router import BaseRouter, HashRouter, Top1Router, Top2Router
+
+ROUTERS = ("base", "top1", "top2", "hash")
+
+
+@dataclass
+class MoEArgs:
+    router: str  # one of ROUTERS: base (Base Layers / tMoE), top1 (Switch), top2 (GShard), hash
+    num_experts: int  # all workers together
+    embed_dim: int  # H
+    ffn_dim: int  # hidden width of each expert
+    expert_norm: bool = True  # a LayerNorm per expert before its FFN (Base Layers, sMLP's tMoE)
+    activation: str = "gelu"
+    solver: str = "torch"  # base: balanced-assignment solver
+    train_capacity_factor: float = 1.25  # top1/top2: slots per expert, see router.expert_capacity
+    eval_capacity_factor: float = 0.0  # <= 0: no limit
+    z_loss_weight: float = 0.0  # top1/top2: router z-loss
+    second_expert_policy: str = "sampling"  # top2, training
+    hash_table: Optional[torch.Tensor] = None  # hash: (V,) expert of every token id
+    expert_init: str = "dense"  # ExpertFFN.INITS: dense (as a dense FFN) or zero_output (Base Layers)
+    expert_dropout: float = 0.0  # dropout on the experts' hidden activations
+
+
+class TokenMoE(nn.Module):
+    """x -> sum_k w_k expert_{e_k}(x) over the experts the router picked (the caller adds
+    the residual). x: (..., H) -> (..., H), RoutingStats."""
+
+    def __init__(self, args: MoEArgs):
+        super().__init__()
+        if args.router not in ROUTERS:
+            raise ValueError(f"unknown token router {args.router!r}; one of {ROUTERS}")
+        # initialised experts first, registered router first (parameter and checkpoint order)
+        experts = ExpertFFN(
+            args.num_experts, args.embed_dim, args.ffn_dim, args.expert_norm, args.activation,
+            init=args.expert_init, dropout=args.expert_dropout,
+        )
+        self.router, self.experts = build_router(args), experts
+
+    def forward(self, x: torch.Tensor):
+        flat = x.reshape(-1, x.size(-1))  # (N, H)
+        expert_index, weight, stats = self.router(flat)
+        return dispatch_to_experts(flat, expert_index, weight, self.experts).view_as(x), stats
+
+
+def build_router(args: MoEArgs):
+    if args.router == "base":
+        return BaseRouter(args.embed_dim, args.num_experts, args.solver)
+    if args.router == "hash":
+        return HashRouter(args.hash_table, args.num_experts)
+    gate = (args.embed_dim, args.num_experts, args.train_capacity_factor, args.eval_capacity_factor, args.z_loss_weight)
+    if args.router == "top1":
+        return Top1Router(*gate)
+    return Top2Router(*gate, second_expert_policy=args.second_expert_policy)

@@ -1,0 +1,119 @@
+"""Every change fairseq_patches.py makes to fairseq, one test each (end-to-end tests of the
+same behaviour live in test_resume.py, test_bad_input.py and test_distributed.py)."""
+import logging
+import os
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import fairseq_smlp  # noqa: F401  (installs the patches)
+from fairseq_smlp import fairseq_patches
+from fairseq_smlp.checkpoints.file_safety import CorruptCheckpointError
+
+
+def test_numpy2_keeps_the_alias_fairseq_reads():
+    assert np.compat.long is np.int64
+
+
+def test_checkpoints_load_under_torch_weights_only_default():
+    assert os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] == "1"
+
+
+def test_save_dir_is_checked_but_not_created(tmp_path):
+    from fairseq import checkpoint_utils
+
+    checkpoint_utils.verify_checkpoint_directory(str(tmp_path / "a" / "b"))
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OSError, match="--save-dir"):
+        checkpoint_utils.verify_checkpoint_directory(str(tmp_path / "file" / "sub"))
+
+
+def cpu_config(**flags):
+    common = dict(cpu=True, fp16=False, memory_efficient_fp16=False, bf16=False, memory_efficient_bf16=False, tpu=False)
+    return SimpleNamespace(common=SimpleNamespace(**{**common, **flags}))
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("fp16", "--fp16 needs a CUDA GPU"),
+    ("memory_efficient_fp16", "--memory-efficient-fp16 needs a CUDA GPU"),
+    ("memory_efficient_bf16", "--memory-efficient-bf16 .* is not supported on the CPU: use --bf16"),
+])
+def test_half_precision_flags_fairseq_cannot_run_on_cpu_are_named(flag, message):
+    with pytest.raises(ValueError, match=message):
+        fairseq_patches.check_precision(cpu_config(**{flag: True}))
+
+
+def test_bf16_on_cpu_is_autocast_with_an_fp32_trainer():
+    """fairseq reads --bf16 without CUDA as a TPU run with a bf16 model: here it is bf16
+    autocast, and fairseq's Trainer sees an fp32, non-TPU run."""
+    cfg = cpu_config(bf16=True, tpu=True)
+    fairseq_patches.check_precision(cfg)
+    assert fairseq_patches.cpu_autocast_dtype(cfg) == torch.bfloat16
+    trainer_cfg = fairseq_patches.fp32_trainer_config(cfg)
+    assert not trainer_cfg.common.bf16 and not trainer_cfg.common.tpu and cfg.common.bf16
+    assert fairseq_patches.cpu_autocast_dtype(cpu_config()) is None
+
+    def matmul(a, b):
+        return a @ b
+
+    assert fairseq_patches.autocast(matmul, torch.bfloat16)(torch.ones(2, 2), torch.ones(2, 2)).dtype == torch.bfloat16
+
+
+def test_checkpoint_copy_is_atomic(tmp_path, monkeypatch):
+    """A failure in the middle of the copy leaves the old destination whole and no temp file."""
+    from fairseq.file_io import PathManager
+
+    src, dst = tmp_path / "new.pt", tmp_path / "checkpoint_last.pt"
+    src.write_bytes(b"new" * 1000)
+    dst.write_bytes(b"old")
+
+    def crash(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError):
+        PathManager.copy(str(src), str(dst), overwrite=True)
+    assert dst.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_last.pt", "new.pt"]
+    monkeypatch.undo()
+    assert PathManager.copy(str(src), str(dst), overwrite=True) and dst.read_bytes() == src.read_bytes()
+
+
+def test_corrupt_checkpoint_is_named(tmp_path):
+    from fairseq import checkpoint_utils
+
+    path = tmp_path / "checkpoint_last.pt"
+    torch.save({"model": {"w": torch.zeros(1000)}}, path)
+    path.write_bytes(path.read_bytes()[:500])
+    with pytest.raises(CorruptCheckpointError, match=str(path)):
+        checkpoint_utils.load_checkpoint_to_cpu(str(path))
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_trainer_saves_rank_files_only_with_sharded_experts(sharded):
+    """fairseq saves on rank 0 under one name; with sharded experts every rank saves -rank-R."""
+    from fairseq.trainer import Trainer
+
+    class RankOne(Trainer):  # only the patched members run; fairseq's properties shadowed
+        data_parallel_rank, is_fsdp, is_data_parallel_master = 1, False, False
+
+        def __init__(self):
+            self.cfg = SimpleNamespace(checkpoint=SimpleNamespace(checkpoint_suffix=""), model=SimpleNamespace(base_layers=0))
+            self.has_sharded_experts = sharded
+
+    trainer = RankOne()
+    assert trainer.checkpoint_suffix == ("-rank-1" if sharded else "")
+    assert trainer.should_save_checkpoint_on_current_rank == sharded
+
+
+def test_plain_log_line_keeps_the_routing_summary():
+    """Per-layer routing figures stay out of the simple/tqdm line; the JSON log keeps them."""
+    from fairseq.logging import progress_bar
+
+    stats = {"loss": 3.5, "moe_load_max": 1.25, "moe/L1_feature_moe_load_max": 1.5}
+    simple = progress_bar.SimpleProgressBar([], epoch=1, log_interval=1)
+    assert set(simple._format_stats(stats)) == {"loss", "moe_load_max"}
+    json_bar = progress_bar.JsonProgressBar([], epoch=1, log_interval=1)
+    assert "moe/L1_feature_moe_load_max" in json_bar._format_stats(stats)
