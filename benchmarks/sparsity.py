@@ -54,6 +54,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from _results import run_metadata  # noqa: E402
 
+# the code this process runs: read once at start (a checkout may move while a long run goes on)
+CODE_COMMIT = os.popen(f"git -C {REPO} rev-parse --short HEAD").read().strip()
 EXPERTS = (1, 4, 16, 64)
 EXPERT_DROPOUT = 0.4
 DENSE = {"gmlp": ("gmlp_lm_tiny", []), "transformer": ("transformer_lm_tiny", [])}
@@ -234,7 +236,7 @@ def train_model(name: str, data_bin: Path, args, log) -> None:
         "kind": "start", "model": name, "arch": arch, "args": extra, "dense": dense, "family": family, "experts": experts,
         "params": run.params, "params_active": run.params_active, "flops_per_token": run.flops_per_token,
         "train_tokens_per_epoch": train_size, "planned_tokens": total,
-        "commit": os.popen(f"git -C {REPO} rev-parse --short HEAD").read().strip(),
+        "commit": CODE_COMMIT,
     })
     indices = valid_indices(len(run.task.dataset("valid")), args.valid_blocks)
     probe = RouterProbe(run.model)
@@ -564,7 +566,7 @@ def main(argv=None):
         "data": args.data_bin or f"{REGIMES[args.regime]['corpus']}, {args.vocab_size} sentencepiece BPE", "precision": args.precision, "epochs": args.epochs, "lr": args.lr,
         "warmup": args.warmup, "dropout": args.dropout, "seed": args.seed, "tokens_per_update": args.tokens_per_update,
         "valid_blocks": args.valid_blocks, "max_train_tokens": args.max_train_tokens, "fairseq": args.fairseq,
-        "commit": os.popen(f"git -C {REPO} rev-parse --short HEAD").read().strip(), "note": args.note,
+        "commit": CODE_COMMIT, "note": args.note,
     })
     for name in args.models:
         if name in done:
