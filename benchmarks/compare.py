@@ -12,7 +12,8 @@ wall-clock budget each.
 
 --corpus wikitext-2+books-mix with --max-epochs 1: the unrepeated regime (no model sees a token
 twice; a model that finishes its pass stops there). --precision bf16: autocast around forward
-and backward (fp32 weights, fp32 routing), the fastest CPU path. --experts E: every sparse
+(fairseq-train's --cpu --bf16 path: fp32 weights and optimizer state, fp32 routing), the
+fastest CPU path; validation runs under the same autocast. --experts E: every sparse
 family with E experts (--smoe-experts/--tmoe-experts, --moe-experts, --base-experts).
 
 Noise: all models live in ONE process and train round-robin, one slice of their budget per
@@ -145,8 +146,7 @@ class Run:
                 self.epoch_itr = self.trainer.get_train_iterator(self.epoch_itr.epoch + 1, load_dataset=False)
                 self.batches = self._epoch()
                 sample = next(self.batches)
-            with autocast(self.precision):
-                self.trainer.train_step([sample])
+            self.trainer.train_step([sample])
             step = time.perf_counter() - start
             self.seconds += step
             self.longest_step = max(self.longest_step, step)
@@ -373,6 +373,8 @@ def main(argv=None):
     data_bin = prepare_data(args)
     load_before = round(os.getloadavg()[0], 2)
     user_args = [a for a in args.extra if a != "--"]
+    if args.precision == "bf16":
+        user_args = ["--bf16", *user_args]  # the plugin's CPU bf16 path: autocast in the Trainer
     runs = [Run(name, data_bin, user_args, spec=model_spec(name, args.experts)) for name in args.models]
     for run in runs:
         run.precision, run.max_epochs = args.precision, args.max_epochs
