@@ -152,19 +152,29 @@ class Run:
             self.longest_step = max(self.longest_step, step)
             self.tokens += int(sample["ntokens"])
 
-    @torch.no_grad()
-    def validate(self, prefix: int, max_blocks: int, elapsed: float) -> dict:
-        """Validation NLL on positions >= prefix (every model) and on all positions, over the
-        first `max_blocks` blocks of the validation set (0: all; the same blocks for every model).
-        `elapsed`: wall-clock since the comparison started (all models, validation included)."""
-        self.model.eval()
+    def valid_batches(self, max_blocks: int, spread: bool):
+        """Batches of the first `max_blocks` validation blocks (0: all), or with `spread` that many
+        blocks evenly spaced over the whole set (a validation set made of several corpora one
+        after the other is then sampled from each)."""
         valid = self.task.dataset("valid")
         max_blocks = max_blocks or len(valid)
+        per_batch = max(1, self.cfg.dataset.max_tokens // self.cfg.task.tokens_per_sample)
+        if spread and max_blocks < len(valid):
+            chosen = [int(i * len(valid) / max_blocks) for i in range(max_blocks)]
+            return (valid.collater([valid[i] for i in chosen[k : k + per_batch]]) for k in range(0, len(chosen), per_batch))
         itr = self.task.get_batch_iterator(
             valid, max_tokens=self.cfg.dataset.max_tokens, max_positions=None, required_batch_size_multiple=1,
             seed=1, num_workers=0, ignore_invalid_inputs=False,
         ).next_epoch_itr(shuffle=False)
-        itr = itertools.islice(itr, -(-min(max_blocks, len(valid)) // max(1, self.cfg.dataset.max_tokens // self.cfg.task.tokens_per_sample)))
+        return itertools.islice(itr, -(-min(max_blocks, len(valid)) // per_batch))
+
+    @torch.no_grad()
+    def validate(self, prefix: int, max_blocks: int, elapsed: float, spread: bool = False) -> dict:
+        """Validation NLL on positions >= prefix (every model) and on all positions, over the
+        validation blocks of valid_batches (the same blocks for every model).
+        `elapsed`: wall-clock since the comparison started (all models, validation included)."""
+        self.model.eval()
+        itr = self.valid_batches(max_blocks, spread)
         pad = self.task.target_dictionary.pad()
         sums = {"suffix": [0.0, 0], "all": [0.0, 0]}
         for sample in itr:
@@ -255,8 +265,10 @@ def _params(m: dict) -> str:
     return f"{_millions(m['params'])}{active}"
 
 
-def _blocks(valid_blocks: int) -> str:
-    return f"the first {valid_blocks} validation blocks" if valid_blocks else "the whole validation set"
+def _blocks(valid_blocks: int, spread: bool = False) -> str:
+    if not valid_blocks:
+        return "the whole validation set"
+    return f"{valid_blocks} validation blocks spread evenly over the set" if spread else f"the first {valid_blocks} validation blocks"
 
 
 def write_markdown(path: Path, result: dict) -> None:
@@ -273,7 +285,7 @@ def write_markdown(path: Path, result: dict) -> None:
         + f". Precision {meta.get('precision', 'fp32')}"
         + (f"; at most {meta['max_epochs']} pass(es) over the training data" if meta.get("max_epochs") else "")
         + (f"; {meta['experts']} experts in every MoE layer" if meta.get("experts") else "") + ".", "",
-        f"ppl: validation perplexity over {_blocks(meta['valid_blocks'])}, on positions >= {meta['prefix']} of each 128-token block (what the partial-prediction "
+        f"ppl: validation perplexity over {_blocks(meta['valid_blocks'], meta.get('valid_spread', False))}, on positions >= {meta['prefix']} of each 128-token block (what the partial-prediction "
         "model can be scored on), the same positions for every model; all-pos: over all positions.", "",
         *([f"Note: {meta['note']}", ""] if meta.get("note") else []),
         f"Best baseline: **{s['best_baseline']}**, final ppl {s['target_ppl']:.2f}.", "",
@@ -343,6 +355,8 @@ def parse_args(argv=None):
     p.add_argument("--data-bin", help="an existing fairseq data-bin instead of --corpus")
     p.add_argument("--valid-blocks", type=int, default=1024,
                    help="validation blocks scored at each point: the first N (0: the whole validation set)")
+    p.add_argument("--valid-spread", action="store_true",
+                   help="the --valid-blocks blocks evenly spaced over the validation set instead of the first ones")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: steady on a shared 2-core machine)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "compare"))
     p.add_argument("--render", action="store_true", help="only rewrite OUT.md and the plots from OUT.json")
@@ -385,7 +399,7 @@ def main(argv=None):
     for turn in range(args.points):
         for run in runs:
             run.train_until((turn + 1) * slice_seconds)
-            point = run.validate(prefix, args.valid_blocks, time.perf_counter() - start)
+            point = run.validate(prefix, args.valid_blocks, time.perf_counter() - start, args.valid_spread)
             print(f"[{turn + 1}/{args.points}] {run.name:13} {point}", flush=True)
 
     out = Path(args.out)
@@ -394,7 +408,7 @@ def main(argv=None):
             **run_metadata("compare.py", argv), "load_before": load_before,
             "load_after": round(os.getloadavg()[0], 2), "data": str(data_bin) if args.data_bin else f"{args.corpus}, {args.vocab_size} sentencepiece BPE",
             "precision": args.precision, "experts": args.experts, "max_epochs": args.max_epochs, "extra": user_args,
-            "minutes": args.minutes, "points": args.points, "valid_blocks": args.valid_blocks, "prefix": prefix, "tokens_per_update": runs[0].cfg.dataset.max_tokens, "out": str(out),
+            "minutes": args.minutes, "points": args.points, "valid_blocks": args.valid_blocks, "valid_spread": args.valid_spread, "prefix": prefix, "tokens_per_update": runs[0].cfg.dataset.max_tokens, "out": str(out),
         },
         "models": {
             r.name: {"arch": r.arch, "args": model_spec(r.name, args.experts)[1], "exhausted": r.exhausted, "params": r.params, "params_active": r.params_active, "flops_per_token": r.flops_per_token,
