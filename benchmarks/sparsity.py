@@ -39,6 +39,7 @@ nll in nats per token. `render` writes PREFIX.json (summary), PREFIX.md (tables:
 the token count at which each sparse model passes its dense counterpart) and PREFIX_*.png.
 """
 import argparse
+import gc
 import json
 import math
 import os
@@ -294,6 +295,8 @@ def train_model(name: str, data_bin: Path, args, log) -> None:
                 record["valid_nll_training_routing"] = validation_nll(run, indices, args.precision, training_routing=True)
             log(record)
     log({"kind": "done", "model": name, "seconds": round(seconds, 1), "tokens": tokens, "updates": updates})
+    del run, probe  # the next model starts from a clean slate (a long queue runs in one process)
+    gc.collect()
 
 
 # --------------------------------------------------------------------------- records
