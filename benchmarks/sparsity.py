@@ -3,7 +3,7 @@ at equal FLOPs per token, on tokens the model has never trained on.
 
     python benchmarks/sparsity.py train [--regime single-pass|repeated] [--models NAME ...]
         [--precision fp32|bf16] [--lr 2e-3] [--max-train-tokens N] [--out PREFIX] [-- fairseq args]
-    python benchmarks/sparsity.py render [--out PREFIX]
+    python benchmarks/sparsity.py render [--out PREFIX] [--partial]
     python benchmarks/sparsity.py list                      # the model names
 
 Regimes (data prepared once into runs/sparsity/, data_prep.small_corpus):
@@ -338,6 +338,21 @@ def by_model(records):
     return {k: v for k, v in models.items() if "done" in v}
 
 
+def with_unfinished(records):
+    """by_model, plus the models that did not finish (still training, or stopped), cut at their
+    last record: marked "partial", their "done" taken from their last training interval."""
+    models = by_model(records)
+    unfinished = {r["model"]: {"start": r, "train": [], "eval": [], "partial": True}
+                  for r in records if r["kind"] == "start" and r["model"] not in models}
+    for r in records:
+        if r["kind"] in ("train", "eval") and r["model"] in unfinished:
+            unfinished[r["model"]][r["kind"]].append(r)
+    for m in unfinished.values():
+        if m["train"]:
+            m["done"] = {"tokens": m["train"][-1]["tokens"], "seconds": m["train"][-1]["seconds"]}
+    return {**models, **{k: v for k, v in unfinished.items() if v["train"]}}
+
+
 # --------------------------------------------------------------------------- analysis
 def paired_crossover(sparse, dense, key="nll"):
     """Token count from which the sparse curve stays below the dense one to the end (points
@@ -369,9 +384,12 @@ def summarize(models: dict) -> dict:
             "final_online_nll": tail_mean(train, "nll"), "final_valid_nll": evals[-1]["valid_nll"] if evals else None,
             "final_train_nll_epoch": evals[-1]["train_nll_epoch"] if evals else None,
             "best_valid_nll": min(e["valid_nll"] for e in evals) if evals else None,
+            "partial": bool(m.get("partial")),
         }
         dense = models.get(start["dense"]) if start["dense"] else None
-        if dense:
+        if dense and m.get("partial"):  # compare at the tokens the partial run reached
+            dense = {"train": dense["train"][: len(train)], "eval": dense["eval"][: len(evals)]}
+        if dense and dense["train"] and dense["eval"]:
             row["online_crossover_tokens"] = paired_crossover(train, dense["train"], "nll")
             row["valid_crossover_tokens"] = paired_crossover(evals, dense["eval"], "valid_nll")
             d_online, d_valid = tail_mean(dense["train"], "nll"), dense["eval"][-1]["valid_nll"]
@@ -425,8 +443,9 @@ def write_markdown(path: Path, meta: dict, rows: dict) -> None:
         if "router_entropy" in r:
             changed = "-" if r.get("router_changed") is None else f"{r['router_changed']:.3f}"
             router = f"{r['router_entropy']:.3f} / {r['router_unused']} / {changed}"
+        label = f"{name} (stopped at {r['tokens'] / 1e6:.2f}M tokens)" if r.get("partial") else name
         lines.append(
-            f"| {name} | {r['experts'] or '-'} | {r['params'] / 1e6:.2f}M / {r['params_active'] / 1e6:.2f}M | {r['flops_per_token'] / 1e6:.2f}M | "
+            f"| {label} | {r['experts'] or '-'} | {r['params'] / 1e6:.2f}M / {r['params_active'] / 1e6:.2f}M | {r['flops_per_token'] / 1e6:.2f}M | "
             f"{_ppl(train_col)} | {_ppl(r['final_valid_nll'])} | {_pct(r.get('online_ppl_gap_pct'))} | {_pct(r.get('valid_ppl_gap_pct'))} | "
             + (f"{_tok(r.get('online_crossover_tokens'))} | {_tok(r.get('valid_crossover_tokens'))} | " if r["dense"] else "- | - | ")
             + f"{router} |"
@@ -436,7 +455,9 @@ def write_markdown(path: Path, meta: dict, rows: dict) -> None:
         "vs dense: perplexity of the sparse model over its dense counterpart's (gmlp for sMLP, transformer for the "
         "Transformer MoEs), minus 1; negative = the sparse model is better. Online: mean over the last 10% of the "
         "training intervals (each batch scored before its update). Passes dense at: the token count from which the "
-        "sparse curve stays below the dense one to the end (paired intervals / evaluations).",
+        "sparse curve stays below the dense one to the end (paired intervals / evaluations). A model marked "
+        "'stopped at' did not finish the pass (render --partial): it is compared with its dense counterpart at the "
+        "same tokens.",
         "Router health at the last evaluation, averaged over the MoE layers: load entropy (1 = balanced), unused "
         "experts (summed over layers), share of tokens whose first expert changed since the previous evaluation.",
         "",
@@ -517,13 +538,13 @@ def write_router_plot(prefix: Path, meta: dict, models: dict, plt) -> list:
     return [out]
 
 
-def render(prefix: Path) -> None:
+def render(prefix: Path, partial: bool = False) -> None:
     records = read_records(_file(prefix, ".jsonl"))
     metas = [r for r in records if r["kind"] == "meta"]
     if not metas:
         raise SystemExit(f"{_file(prefix, '.jsonl')}: no records")
     meta = metas[-1]
-    models = by_model(records)
+    models = with_unfinished(records) if partial else by_model(records)
     rows = summarize(models)
     _file(prefix, ".json").write_text(json.dumps({"meta": meta, "invocations": metas, "rows": rows}, indent=2) + "\n")
     write_markdown(_file(prefix, ".md"), meta, rows)
@@ -552,6 +573,7 @@ def parse_args(argv=None):
     p.add_argument("--data-bin", help="an existing fairseq data-bin instead of the regime's corpus (tests, other data)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--note", default="", help="a line for the report")
+    p.add_argument("--partial", action="store_true", help="render: also the models that did not finish, compared at the tokens they reached")
     p.add_argument("--out", default=None, help="PREFIX of the outputs (default benchmarks/results/sparsity_<regime>)")
     argv = list(sys.argv[1:] if argv is None else argv)
     fairseq = argv[argv.index("--") + 1 :] if "--" in argv else []  # after --: more fairseq-train options for every model
@@ -575,7 +597,7 @@ def main(argv=None):
             print(f"{name:16} {arch:20} {' '.join(extra):40} vs {dense or '-'}")
         return
     if args.action == "render":
-        return render(args.out)
+        return render(args.out, args.partial)
     torch.set_num_threads(args.threads)
     import logging
 

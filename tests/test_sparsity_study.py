@@ -80,6 +80,27 @@ def test_unfinished_models_are_forgotten_and_finished_ones_kept(tmp_path):
     assert sparsity.finished_models(kept) == {"a"}
 
 
+def test_a_stopped_model_is_compared_with_its_dense_counterpart_at_the_same_tokens():
+    """render --partial: a sparse run stopped after 2 of 4 evaluations is set against the dense
+    run's second evaluation, not its last (the dense model trained twice as long by then)."""
+    def start(model, dense):
+        return {"kind": "start", "model": model, "arch": "a", "family": "f", "experts": 4 if dense else 0, "dense": dense,
+                "params": 1, "params_active": 1, "flops_per_token": 1}
+
+    def points(model, nlls):
+        return [r for i, v in enumerate(nlls) for r in (
+            {"kind": "train", "model": model, "tokens": 1000 * (i + 1), "seconds": i + 1.0, "nll": v},
+            {"kind": "eval", "model": model, "tokens": 1000 * (i + 1), "valid_nll": v, "train_nll_epoch": v, "router": {}})]
+
+    records = [start("dense", None), *points("dense", [5.0, 4.0, 3.0, 2.0]), {"kind": "done", "model": "dense", "tokens": 4000, "seconds": 4.0},
+               start("sparse", "dense"), *points("sparse", [4.9, 3.9])]
+    assert set(sparsity.by_model(records)) == {"dense"}
+    rows = sparsity.summarize(sparsity.with_unfinished(records))
+    assert rows["sparse"]["partial"] and rows["sparse"]["tokens"] == 2000
+    assert rows["sparse"]["valid_ppl_gap_pct"] == pytest.approx(100 * (math.exp(3.9 - 4.0) - 1))
+    assert rows["sparse"]["valid_crossover_tokens"] == 1000
+
+
 def test_short_run_writes_records_table_and_plots_and_resumes(data_bin, tmp_path):
     out = tmp_path / "study_lr0.002"  # a dot in the prefix: files are PREFIX.jsonl, not a replaced suffix
     argv = ["train", "--models", "transformer", "switch_e4", "base_e4", "--data-bin", str(data_bin), "--max-train-tokens", "1536",
