@@ -192,11 +192,44 @@ def _patch_progress_bar(progress_bar) -> None:
     progress_bar.BaseProgressBar._format_stats = _format_stats  # JsonProgressBar has its own: keeps all
 
 
+def experts_finite_on_every_rank(expert_params) -> bool:
+    """True when no expert gradient holds inf/NaN on any data-parallel rank (a collective
+    with several workers: every rank holds expert parameters, so every rank joins)."""
+    from fairseq.distributed import utils as distributed_utils
+
+    grads = [p.grad for p in expert_params if p.grad is not None]
+    device = grads[0].device if grads else expert_params[0].device
+    finite = torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else torch.tensor(True, device=device)
+    flag = finite.to(device=device, dtype=torch.float32).reshape(1)
+    if torch.distributed.is_initialized() and distributed_utils.get_data_parallel_world_size() > 1:
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN, group=distributed_utils.get_data_parallel_group())
+    return bool(flag.item() == 1)
+
+
+def _patch_expert_grad_overflow(utils) -> None:
+    """fairseq's gradient norm, which the fp16 loss scaler reads to detect an overflow, leaves
+    out expert gradients (they differ per rank): an inf in an expert's gradient alone was
+    applied and made that expert's weights inf. It now counts as an overflow (norm = inf), on
+    every rank at once so that all skip the step together."""
+    clip_grad_norm = utils.clip_grad_norm_
+
+    @functools.wraps(clip_grad_norm)
+    def clip_grad_norm_with_experts(params, max_norm, aggregate_norm_fn=None):
+        params = [params] if torch.is_tensor(params) else list(params)
+        total_norm = clip_grad_norm(params, max_norm, aggregate_norm_fn)
+        experts = [p for p in params if hasattr(p, "expert")]  # fairseq's own test of the mark
+        if experts and not experts_finite_on_every_rank(experts):
+            return torch.full_like(torch.as_tensor(total_norm, dtype=torch.float32), float("inf"))
+        return total_norm
+
+    utils.clip_grad_norm_ = clip_grad_norm_with_experts
+
+
 def install() -> None:
     global _INSTALLED
     if _INSTALLED:
         return
-    from fairseq import checkpoint_utils, trainer
+    from fairseq import checkpoint_utils, trainer, utils
     from fairseq.distributed import utils as distributed_utils
     from fairseq.file_io import PathManager
     from fairseq.logging import progress_bar
@@ -205,4 +238,5 @@ def install() -> None:
     _patch_cli_entry(distributed_utils)
     _patch_trainer(trainer.Trainer)
     _patch_progress_bar(progress_bar)
+    _patch_expert_grad_overflow(utils)
     _INSTALLED = True

@@ -117,3 +117,40 @@ def test_plain_log_line_keeps_the_routing_summary():
     assert set(simple._format_stats(stats)) == {"loss", "moe_load_max"}
     json_bar = progress_bar.JsonProgressBar([], epoch=1, log_interval=1)
     assert "moe/L1_feature_moe_load_max" in json_bar._format_stats(stats)
+
+
+def _expert_overflow_worker(rank, port, out):
+    import torch.distributed as dist
+    from fairseq import utils
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    shared, expert = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
+    expert.expert = True
+    shared.grad, expert.grad = torch.ones(3), torch.ones(2)
+    if rank == 1:
+        expert.grad[0] = float("inf")  # only rank 1's expert overflowed
+    norms = [utils.clip_grad_norm_([shared, expert], 0.0).item()]
+    expert.grad[0] = 1.0
+    norms.append(utils.clip_grad_norm_([shared, expert], 0.0).item())
+    torch.save(norms, f"{out}.{rank}")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_overflow_in_one_ranks_expert_gradient_is_an_overflow_on_every_rank(tmp_path):
+    """fairseq's grad norm leaves expert gradients out (so the fp16 loss scaler never saw an
+    inf there, and the expert's weights became inf); now the norm is inf on every rank, so all
+    ranks skip the step together (an expert differs per rank, shared weights must not)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_expert_overflow_worker, args=(port, str(tmp_path / "norms")), nprocs=2, start_method="spawn")
+    for rank in range(2):
+        first, second = torch.load(tmp_path / f"norms.{rank}")
+        assert first == float("inf")
+        assert abs(second - 3 ** 0.5) < 1e-6  # clean: the norm of the shared gradient, as fairseq's

@@ -182,10 +182,11 @@ class SingleProcessBaseLayer(base_layer.BaseLayer):
         self.last_stats = None
 
     def forward(self, input_features, *args, **kwargs):
-        # fp32 in: under autocast a bf16 input (e.g. from --decoder-input-dim's projection) meets
-        # fairseq's un-autocast `mv` with fp32 centroids and fails with "addmv ... same dtype"
+        # fairseq's code multiplies the input with the centroids outside autocast's cast lists
+        # (`mv`): give it the weights' dtype (fp32 under autocast, fp16/bf16 under --fp16/--bf16),
+        # else "expected m1 and m2 to have the same dtype"
         with _single_worker():
-            result, *rest = super().forward(input_features.float(), *args, **kwargs)
+            result, *rest = super().forward(input_features.to(self.expert_centroids.dtype), *args, **kwargs)
         return (result.to(input_features.dtype), *rest)
 
     def balanced_assignment(self, scores):
@@ -195,6 +196,7 @@ class SingleProcessBaseLayer(base_layer.BaseLayer):
         bid between (it fails with one), so that trivial answer is given directly.
         fairseq would quietly replace NaN scores by the minimum: stop with the layer's name instead.
         """
+        scores = scores.float()  # fp16 scores: libbase's auction bids in fp32
         check_finite(scores, self.name)
         if self.num_workers == 1:
             result = torch.arange(scores.size(0), device=scores.device), None, None
