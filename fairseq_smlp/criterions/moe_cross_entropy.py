@@ -56,6 +56,8 @@ class MoECrossEntropyCriterion(FairseqCriterion):
     the model's `score_from` (partial-prediction routing) are not scored.
     """
 
+    honours_score_from = True  # positions before the model's score_from are not scored (tasks check it)
+
     def __init__(self, task, moe_aux_loss_weight, no_fused_output_loss=False):
         super().__init__(task)
         self.aux_weight = moe_aux_loss_weight

@@ -120,15 +120,25 @@ class SmlpDecoder(FairseqIncrementalDecoder):
         return x, extra
 
     def extract_features(self, tokens: Tensor, incremental_state=None, **kwargs):
+        new = tokens.size(1)  # positions whose outputs the caller asks for: the newest
         if incremental_state is not None:
-            tokens = tokens[:, self._advance(incremental_state, tokens.size(1)) :]
+            done = self._advance(incremental_state, tokens.size(1))
+            new = tokens.size(1) - done
+            if 0 < done < self.score_from <= tokens.size(1):
+                # the routing prefix is complete only now: every block's history of positions
+                # < score_from was computed with a partial prefix's routing; recompute it all
+                # with the final routing, as the full forward does (blocks after a partial one
+                # mix those positions into scored ones)
+                self._forget_history(incremental_state)
+                done = 0
+            tokens = tokens[:, done:]
         x = self.dropout(self.embed_tokens(tokens))  # (B, T, H)
         moe_stats = []
         for layer in self.layers:
             x, stats = layer(x, incremental_state)
             moe_stats.extend(stats)
         # "attn": None because fairseq's SequenceGenerator reads it from every decoder
-        return self.final_norm(x), {"moe_stats": moe_stats, "score_from": self.score_from, "attn": None}
+        return self.final_norm(x[:, -new:]), {"moe_stats": moe_stats, "score_from": self.score_from, "attn": None}
 
     def _advance(self, incremental_state, length: int) -> int:
         """Number of positions already decoded; records that `length` are known now."""
@@ -136,6 +146,11 @@ class SmlpDecoder(FairseqIncrementalDecoder):
         done = int(saved["length"].item()) if saved is not None else 0
         self.set_incremental_state(incremental_state, "steps", {"length": torch.tensor(length)})
         return done
+
+    def _forget_history(self, incremental_state) -> None:
+        for module in self.modules():
+            if isinstance(module, SpatialGatingUnit):
+                module.forget_history(incremental_state)
 
     def output_layer(self, features: Tensor) -> Tensor:
         return self.output_projection(features)

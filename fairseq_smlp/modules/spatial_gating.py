@@ -102,6 +102,9 @@ class SpatialGatingUnit(nn.Module):
         self.set_incremental_state(incremental_state, "history", {"z": z})
         return z
 
+    def forget_history(self, incremental_state) -> None:
+        self.set_incremental_state(incremental_state, "history", None)
+
     def reorder_incremental_state(self, incremental_state, new_order: Tensor):
         saved = self.get_incremental_state(incremental_state, "history")
         if saved is not None:
