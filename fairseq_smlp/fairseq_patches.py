@@ -178,6 +178,81 @@ def _patch_trainer(Trainer) -> None:
     Trainer.checkpoint_suffix = property(checkpoint_suffix)
 
 
+def _gather(obj, trainer) -> list:
+    """obj of every data-parallel rank, in rank order (a collective; [obj] in one process)."""
+    if trainer.data_parallel_world_size == 1:
+        return [obj]
+    out = [None] * trainer.data_parallel_world_size
+    torch.distributed.all_gather_object(out, obj, group=trainer.data_parallel_process_group)
+    return out
+
+
+def resume_config(cfg, trainer):
+    """The CheckpointConfig fairseq's load_checkpoint gets on this rank: --restore-file set to
+    the file this rank must load (checkpoints/rank_files.py). Every rank reaches the same
+    decision, or the same error, at the same time."""
+    from fairseq.file_io import PathManager
+
+    from .checkpoints import rank_files
+
+    suffix = trainer.checkpoint_suffix
+    per_rank_files = getattr(trainer, "has_sharded_experts", False) and trainer.data_parallel_world_size > 1
+    if cfg.restore_file == "checkpoint_last.pt":  # fairseq's default: resume from --save-dir
+        if not per_rank_files:
+            return cfg
+        mine = rank_files.saved_updates(cfg.save_dir, suffix)
+        per_rank = _gather(mine, trainer)
+        updates = rank_files.agree_on_update(per_rank, cfg.save_dir)
+        if updates is None:
+            return cfg  # a first launch: no rank has a checkpoint
+        picked = [os.path.basename(files[updates]) for files in per_rank]
+        if trainer.data_parallel_rank == 0 and not all(name.startswith("checkpoint_last") for name in picked):
+            rank_files.logger.warning(
+                f"resume: the ranks' newest checkpoints differ (a kill while saving); every rank resumes from "
+                f"update {updates}, the newest all of them saved:\n{rank_files.describe(per_rank)}"
+            )
+        if mine[updates] == os.path.join(cfg.save_dir, f"checkpoint_last{suffix}.pt"):
+            return cfg
+        cfg = copy.deepcopy(cfg)
+        cfg.restore_file, cfg.finetune_from_model = rank_files.strip_rank_suffix(mine[updates]), None
+        return cfg
+    # an explicit --restore-file: it must exist (fairseq trained from scratch and overwrote
+    # checkpoint_last), and a rank file's name on disk stands for the checkpoint
+    restore = rank_files.strip_rank_suffix(cfg.restore_file) if per_rank_files else cfg.restore_file
+    path = restore.replace(".pt", suffix + ".pt") if suffix else restore  # fairseq's own rule
+    exists = PathManager.isfile(path)
+    mine = (path, (rank_files.updates_in(path) if per_rank_files else 0) if exists else None)
+    per_rank = _gather(mine, trainer)
+    loaders = per_rank if per_rank_files or getattr(cfg, "load_checkpoint_on_all_dp_ranks", False) else per_rank[:1]
+    missing = sorted({p for p, updates in loaders if updates is None})
+    if missing:
+        raise FileNotFoundError(
+            f"--restore-file {cfg.restore_file}: {', '.join(missing)} does not exist "
+            "(fairseq would train from scratch and overwrite checkpoint_last.pt)"
+        )
+    if per_rank_files:
+        rank_files.check_same_update(per_rank, f"--restore-file {cfg.restore_file}")
+    if restore != cfg.restore_file:
+        cfg = copy.deepcopy(cfg)
+        cfg.restore_file = restore
+    return cfg
+
+
+def _patch_resume(checkpoint_utils) -> None:
+    """fairseq resumes each rank from whatever its own checkpoint_last holds: ranks killed at
+    different moments resumed at different updates and waited on each other forever. An
+    explicit --restore-file that does not exist trained from scratch (one INFO line) and
+    overwrote checkpoint_last, and a rank file's own name got the rank suffix twice. Now the
+    ranks agree on the update they resume from, and a missing file is an error naming it."""
+    load_checkpoint = checkpoint_utils.load_checkpoint
+
+    @functools.wraps(load_checkpoint)
+    def load_agreed_checkpoint(cfg, trainer, **kwargs):
+        return load_checkpoint(resume_config(cfg, trainer), trainer, **kwargs)
+
+    checkpoint_utils.load_checkpoint = load_agreed_checkpoint
+
+
 PER_LAYER_PREFIX = "moe/"  # per-layer routing figures (criterions/moe_cross_entropy.py)
 
 
@@ -239,4 +314,5 @@ def install() -> None:
     _patch_trainer(trainer.Trainer)
     _patch_progress_bar(progress_bar)
     _patch_expert_grad_overflow(utils)
+    _patch_resume(checkpoint_utils)
     _INSTALLED = True

@@ -154,3 +154,47 @@ def test_overflow_in_one_ranks_expert_gradient_is_an_overflow_on_every_rank(tmp_
         first, second = torch.load(tmp_path / f"norms.{rank}")
         assert first == float("inf")
         assert abs(second - 3 ** 0.5) < 1e-6  # clean: the norm of the shared gradient, as fairseq's
+
+
+def one_process_trainer(sharded=False):
+    return SimpleNamespace(checkpoint_suffix="", data_parallel_world_size=1, data_parallel_rank=0, has_sharded_experts=sharded)
+
+
+def checkpoint_config(**fields):
+    from omegaconf import OmegaConf
+
+    base = dict(restore_file="checkpoint_last.pt", save_dir="ckpts", finetune_from_model=None, load_checkpoint_on_all_dp_ranks=False)
+    return OmegaConf.create({**base, **fields})
+
+
+def test_resume_explicit_restore_file_must_exist(tmp_path):
+    """fairseq trained from scratch (and overwrote checkpoint_last.pt) when --restore-file did
+    not exist; the patched load_checkpoint stops before anything is built or written."""
+    from fairseq import checkpoint_utils
+
+    missing = str(tmp_path / "checkpoint_9_99.pt")
+    with pytest.raises(FileNotFoundError, match=rf"--restore-file {missing}: {missing} does not exist"):
+        checkpoint_utils.load_checkpoint(checkpoint_config(restore_file=missing), one_process_trainer())
+    cfg = checkpoint_config(save_dir=str(tmp_path))  # the default restore file, no checkpoint yet: a first launch
+    assert fairseq_patches.resume_config(cfg, one_process_trainer()) is cfg
+
+
+def test_resume_takes_a_rank_files_name_on_disk(tmp_path):
+    """With rank files, --restore-file checkpoint_1_20-rank-0.pt stands for checkpoint_1_20.pt
+    (fairseq appends each rank's suffix; it looked for ...-rank-0-rank-0.pt)."""
+    torch.save({"optimizer_history": [{"num_updates": 20}]}, tmp_path / "checkpoint_1_20-rank-1.pt")
+    trainer = SimpleNamespace(checkpoint_suffix="-rank-1", data_parallel_world_size=2, data_parallel_rank=1, has_sharded_experts=True)
+    cfg = checkpoint_config(restore_file=str(tmp_path / "checkpoint_1_20-rank-0.pt"))
+    gathered = []
+
+    def gather(obj, trainer):  # what rank 0 would contribute: the same update
+        gathered.append(obj)
+        return [(str(tmp_path / "checkpoint_1_20-rank-0.pt"), 20), obj]
+
+    original, fairseq_patches._gather = fairseq_patches._gather, gather
+    try:
+        resolved = fairseq_patches.resume_config(cfg, trainer)
+    finally:
+        fairseq_patches._gather = original
+    assert resolved.restore_file == str(tmp_path / "checkpoint_1_20.pt")
+    assert gathered == [(str(tmp_path / "checkpoint_1_20-rank-1.pt"), 20)]
