@@ -155,7 +155,9 @@ def _patch_trainer(Trainer) -> None:
 
     def checkpoint_suffix(self):
         base = suffix.fget(self)
-        return rank_files.rank_suffix(base, self.data_parallel_rank) if self.has_sharded_experts else base
+        if not self.has_sharded_experts or base.endswith(rank_files.rank_suffix("", self.data_parallel_rank)):
+            return base  # fairseq itself sets -rank-R for Base layers (distributed_init)
+        return rank_files.rank_suffix(base, self.data_parallel_rank)
 
     @functools.wraps(state_dict)
     def state_dict_with_layout(self):

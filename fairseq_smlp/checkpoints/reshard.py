@@ -24,6 +24,8 @@ import torch
 from .file_safety import CorruptCheckpointError, load_or_explain
 
 EXPERT_SUFFIXES = ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias", "norm_weight", "norm_bias")
+# fairseq's BaseLayer: one expert per worker, BaseSublayer s of it = norm, ff1, ff2 (nn.Linear)
+BASE_SUBLAYER = re.compile(r"^(?P<layer>.*\.)expert_network\.(?P<s>\d+)\.(?P<module>norm|ff1|ff2)\.(?P<kind>weight|bias)$")
 
 
 def rank_files(paths):
@@ -106,6 +108,44 @@ def output_paths(out, n):
     return [out] if n == 1 else [out.replace(".pt", f"-rank-{r}.pt") for r in range(n)]
 
 
+def base_layer_keys(model_state) -> set:
+    """Parameters of fairseq's BaseLayer (one expert per worker) in a model state."""
+    return {k for k in model_state if BASE_SUBLAYER.match(k) or k.endswith(".expert_centroids") and k[: -len("expert_centroids")] + "expert_network.0.ff1.weight" in model_state}
+
+
+def base_layers_to_experts(models):
+    """W rank files' fairseq BaseLayers -> one BaseExpertsLayer with E = W experts (the layout a
+    single process builds for Base Layers: modules/base_experts.py, BaseRouter + S stacked
+    residual ExpertFFN sublayers, fairseq's maths). models: the W ranks' model states, in rank
+    order (rank r holds expert r). Returns {key: tensor} of the new layer's parameters; every
+    BaseLayer key of the input is replaced.
+
+        L.expert_centroids (W, H)                 -> L.router.centroids (W, H)
+        L.expert_network.s.norm.{weight,bias} (H) -> L.experts.sublayers.s.norm_{weight,bias}[r] (1, H)
+        L.expert_network.s.ff1.weight (F, H)      -> L.experts.sublayers.s.fc1_weight[r] (H, F) (x @ W, not W x)
+        L.expert_network.s.ff1.bias (F)           -> L.experts.sublayers.s.fc1_bias[r] (1, F)
+        L.expert_network.s.ff2.weight (H, F)      -> L.experts.sublayers.s.fc2_weight[r] (F, H)
+        L.expert_network.s.ff2.bias (H)           -> L.experts.sublayers.s.fc2_bias[r] (1, H)
+    """
+    out = {}
+    for key in sorted(base_layer_keys(models[0])):
+        if key.endswith(".expert_centroids"):
+            centroids = models[0][key]
+            if centroids.size(0) != len(models):
+                sys.exit(f"reshard: {key} has {centroids.size(0)} experts but {len(models)} rank files were given")
+            out[key[: -len("expert_centroids")] + "router.centroids"] = centroids.clone()
+            continue
+        m = BASE_SUBLAYER.match(key)
+        name = {"norm": "norm", "ff1": "fc1", "ff2": "fc2"}[m["module"]] + "_" + m["kind"]
+        per_rank = [state[key] for state in models]
+        if m["module"] != "norm" and m["kind"] == "weight":
+            per_rank = [w.t() for w in per_rank]  # nn.Linear keeps (out, in); ExpertFFN multiplies x @ W
+        else:
+            per_rank = [b.unsqueeze(0) for b in per_rank]  # (D) -> (1, D), broadcast over rows
+        out[f"{m['layer']}experts.sublayers.{m['s']}.{name}"] = torch.stack(per_rank).contiguous()
+    return out
+
+
 def reshard(paths, n, out):
     paths = rank_files(paths)
     states = [load(p) for p in paths]
@@ -115,10 +155,25 @@ def reshard(paths, n, out):
         if len(states) != metas[0]["world_size"]:
             sys.exit(f"reshard: the checkpoint has {metas[0]['world_size']} rank files, {len(states)} given")
     experts = expert_names(states[0])
+    base = base_layer_keys(states[0]["model"])
+    if base and n not in (1, len(states)):
+        sys.exit(
+            f"reshard: fairseq's BaseLayer holds one expert per worker: {len(states)} rank files can become one process "
+            f"(--to-world-size 1: all {len(states)} experts in one layer) or {len(states)} workers, not {n}"
+        )
     if not experts:
         print("reshard: no expert tensors found; every output holds the full model")
+    ranked = states  # in rank order: rank r holds expert r of a BaseLayer
+    if base and n == 1:
+        states = [dict(s, model={k: v for k, v in s["model"].items() if k not in base}) for s in states]
+        experts -= base
     models = reshard_model(states, n, experts)
     optims = reshard_optimizer(states, n, experts)
+    if base and n == 1:
+        models[0].update(base_layers_to_experts([s["model"] for s in ranked]))
+        optims = None  # parameters renamed and reshaped: the optimizer state does not follow
+        print(f"reshard: fairseq's BaseLayer of {len(states)} workers -> one layer with all {len(states)} experts "
+              "(optimizer state dropped: resume training from it with --reset-optimizer)")
     param_names = metas[0]["param_names"] if metas[0] else list(states[0]["model"])
     written = []
     for r, path in enumerate(output_paths(out, n)):
@@ -133,6 +188,8 @@ def reshard(paths, n, out):
         cfg = state.get("cfg")
         if cfg is not None and "distributed_training" in cfg:
             cfg["distributed_training"]["distributed_world_size"] = n
+        if base and n == 1 and cfg is not None:
+            cfg["model"]["base_experts"] = len(paths)  # one process builds all experts (BaseExpertsLayer)
         torch.save(state, path + ".tmp")  # atomic: a crash never leaves a half-written OUT
         os.replace(path + ".tmp", path)
         written.append(path)

@@ -180,6 +180,24 @@ class SingleProcessBaseLayer(base_layer.BaseLayer):
             super().__init__(args)
         self.name = "base_layer"
         self.last_stats = None
+        if self.num_workers > 1:
+            # this worker's expert differs from the others': every rank saves its own file
+            # (checkpoints/rank_files.py), as for sharded ExpertFFNs; fairseq made every rank
+            # write the same checkpoint_*.pt, keeping one expert of W
+            for p in self.expert_network.parameters():
+                p.expert_sharded = True
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Refuse, with the fix, a checkpoint saved by another number of workers."""
+        saved = state_dict.get(prefix + "expert_centroids")
+        if saved is not None and saved.size(0) != self.num_workers:
+            raise ValueError(
+                f"{prefix}expert_centroids holds {saved.size(0)} experts but fairseq's BaseLayer here has one per "
+                f"worker ({self.num_workers}): the checkpoint was saved by {saved.size(0)} workers; resume on "
+                f"{saved.size(0)} workers, or convert it for one process with "
+                "`python -m fairseq_smlp.checkpoints reshard CKPT --to-world-size 1 --out NEW.pt`"
+            )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, input_features, *args, **kwargs):
         # fairseq's code multiplies the input with the centroids outside autocast's cast lists

@@ -1,0 +1,129 @@
+"""fairseq's BaseLayer with several workers (issue 14, item 2): one expert per worker, so every
+rank's checkpoint holds another expert. They are marked like sharded experts (rank files with
+the expert_parallel metadata); `reshard --to-world-size 1` turns the W rank files into one
+layer holding all W experts (modules/base_experts.py's layout) and W -> W is the identity.
+(Half precision of the same layer: test_half_precision.py.)"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import REPO
+from fairseq_smlp.checkpoints import reshard
+
+WORKERS = 2
+ARGS = [
+    "--user-dir", "fairseq_smlp", "--task", "smlp_language_modeling", "--arch", "base_lm_tiny",
+    "--decoder-embed-dim", "16", "--decoder-ffn-embed-dim", "32", "--decoder-attention-heads", "2",
+    "--decoder-layers", "2", "--base-sublayers", "2", "--tokens-per-sample", "32", "--criterion", "moe_cross_entropy",
+    "--optimizer", "adam", "--lr", "0.01", "--max-tokens", "128", "--log-format", "json", "--log-interval", "2",
+    "--no-epoch-checkpoints", "--num-workers", "0", "--seed", "2", "--required-batch-size-multiple", "1",
+]
+ENV = dict(os.environ, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1", OMP_NUM_THREADS="1")
+
+
+def run(cmd, ok=True):
+    out = subprocess.run([str(c) for c in cmd], cwd=REPO, capture_output=True, text=True, timeout=300, env=ENV)
+    log = out.stdout + out.stderr
+    assert (out.returncode == 0) == ok, log[-4000:]
+    return log
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def trained(data_bin, tmp_path_factory):
+    save = tmp_path_factory.mktemp("base_workers")
+    run([sys.executable, "-m", "fairseq_smlp.distributed.launch_cpu", "--nprocs", WORKERS, "--",
+         "fairseq-train", data_bin, *ARGS, "--save-dir", save, "--max-update", "8", "--disable-validation"])
+    merged = save / "merged.pt"
+    log = run([sys.executable, "-m", "fairseq_smlp.checkpoints", "reshard", save / "checkpoint_last.pt", "--to-world-size", "1", "--out", merged])
+    return save, merged, log
+
+
+def test_every_rank_saves_its_own_expert_with_the_layout(trained):
+    save, _, _ = trained
+    ranks = [load(save / f"checkpoint_last-rank-{r}.pt") for r in range(WORKERS)]
+    key = "decoder.layers.1.expert_network.0.ff1.weight"
+    assert not torch.equal(ranks[0]["model"][key], ranks[1]["model"][key])  # two experts, trained apart
+    centroids = "decoder.layers.1.expert_centroids"
+    assert torch.equal(ranks[0]["model"][centroids], ranks[1]["model"][centroids])  # shared, all-reduced
+    for r, state in enumerate(ranks):
+        meta = state["expert_parallel"]
+        assert (meta["world_size"], meta["rank"]) == (WORKERS, r)
+        assert set(meta["expert_params"]) == {k for k in state["model"] if ".expert_network." in k}
+
+
+def test_reshard_to_one_process_keeps_every_expert(trained):
+    """Before: reshard found no expert tensor and kept rank 0's expert only (centroids (2, H),
+    one expert): W - 1 experts lost, and eval-lm failed on the centroid shape."""
+    save, merged, log = trained
+    ranks = [load(save / f"checkpoint_last-rank-{r}.pt")["model"] for r in range(WORKERS)]
+    one = load(merged)
+    assert "BaseLayer of 2 workers -> one layer with all 2 experts" in log
+    assert one["cfg"]["model"]["base_experts"] == WORKERS and one["cfg"]["distributed_training"]["distributed_world_size"] == 1
+    model = one["model"]
+    assert not any(".expert_network." in k or k.endswith("expert_centroids") for k in model)
+    assert torch.equal(model["decoder.layers.1.router.centroids"], ranks[0]["decoder.layers.1.expert_centroids"])
+    for s in range(2):
+        new, old = f"decoder.layers.1.experts.sublayers.{s}.", f"decoder.layers.1.expert_network.{s}."
+        for r in range(WORKERS):
+            assert torch.equal(model[new + "fc1_weight"][r], ranks[r][old + "ff1.weight"].t())
+            assert torch.equal(model[new + "fc2_weight"][r], ranks[r][old + "ff2.weight"].t())
+            assert torch.equal(model[new + "fc1_bias"][r, 0], ranks[r][old + "ff1.bias"])
+            assert torch.equal(model[new + "norm_weight"][r, 0], ranks[r][old + "norm.weight"])
+    shared = "decoder.layers.0.fc1.weight"
+    assert torch.equal(model[shared], ranks[0][shared])
+
+
+def test_the_merged_experts_compute_what_each_worker_computed(trained):
+    """Each token through its greedy expert: the stacked ExpertFFN sublayers built from the
+    merged file give what fairseq's BaseSublayers of that expert's rank give."""
+    from fairseq.modules.base_layer import BaseSublayer
+    from types import SimpleNamespace
+
+    from fairseq_smlp.moe.experts import ExpertFFN
+
+    save, merged, _ = trained
+    model = load(merged)["model"]
+    ranks = [load(save / f"checkpoint_last-rank-{r}.pt")["model"] for r in range(WORKERS)]
+    centroids = model["decoder.layers.1.router.centroids"]
+    x = torch.randn(40, 16, generator=torch.Generator().manual_seed(0))
+    expert = (x @ centroids.t()).argmax(1)
+    assert set(expert.tolist()) == set(range(WORKERS))  # both experts get tokens
+    h = x.clone()
+    for s in range(2):
+        ffn = ExpertFFN(WORKERS, 16, 32, pre_norm=True, activation="relu")
+        ffn.load_state_dict({k.split(".")[-1]: v for k, v in model.items() if k.startswith(f"decoder.layers.1.experts.sublayers.{s}.")})
+        with torch.no_grad():
+            h = h + torch.stack([ffn(h[i].expand(WORKERS, 1, 16))[e, 0] for i, e in enumerate(expert.tolist())])
+    args = SimpleNamespace(decoder_embed_dim=16, decoder_ffn_embed_dim=32, activation_fn="relu")
+    for r in range(WORKERS):
+        sublayers = torch.nn.Sequential(*(BaseSublayer(args) for _ in range(2)))
+        sublayers.load_state_dict({k.split("expert_network.")[1]: v for k, v in ranks[r].items() if ".expert_network." in k})
+        with torch.no_grad():
+            mine = expert == r
+            torch.testing.assert_close(h[mine], sublayers(x[mine]), rtol=1e-5, atol=1e-5)
+
+
+def test_reshard_to_the_same_workers_is_the_identity_and_others_are_refused(trained, tmp_path):
+    save, _, _ = trained
+    run([sys.executable, "-m", "fairseq_smlp.checkpoints", "reshard", save / "checkpoint_last.pt", "--to-world-size", WORKERS, "--out", tmp_path / "again.pt"])
+    for r in range(WORKERS):
+        a, b = load(save / f"checkpoint_last-rank-{r}.pt")["model"], load(tmp_path / f"again-rank-{r}.pt")["model"]
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    log = run([sys.executable, "-m", "fairseq_smlp.checkpoints", "reshard", save / "checkpoint_last.pt", "--to-world-size", "4", "--out", tmp_path / "four.pt"], ok=False)
+    assert "fairseq's BaseLayer holds one expert per worker: 2 rank files can become one process" in log
+    assert not (tmp_path / "four-rank-0.pt").exists()
+
+
+def test_a_rank_file_in_one_process_names_the_fix(trained, data_bin):
+    save, _, _ = trained
+    log = run(["fairseq-eval-lm", data_bin, "--user-dir", "fairseq_smlp", "--task", "smlp_language_modeling",
+               "--path", save / "checkpoint_last-rank-0.pt", "--tokens-per-sample", "32", "--cpu"], ok=False)
+    assert "expert_centroids holds 2 experts" in log and "fairseq_smlp.checkpoints reshard" in log
