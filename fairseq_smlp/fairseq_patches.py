@@ -43,11 +43,19 @@ def _on_cpu(cfg) -> bool:
     return cfg.common.cpu or not torch.cuda.is_available()
 
 
+def cpu_fp16_rehearsal() -> bool:
+    """SMLP_CPU_FP16=1 (set by the recipes' REHEARSE mode): run fairseq's own --fp16 path on the
+    CPU (fp16 weights, fp32 master copies, loss scaling), slowly, to rehearse a GPU run. It
+    works with --fp16-no-flatten-grads or --memory-efficient-fp16, the recipes' setting;
+    fairseq's flattened master copy asks torch.cuda for its device."""
+    return os.environ.get("SMLP_CPU_FP16") == "1"
+
+
 def check_precision(cfg) -> None:
     """--fp16 on a CPU fails deep inside fairseq ("Torch not compiled with CUDA enabled"): say
     which flag and what to do before anything starts."""
     common = cfg.common
-    if _on_cpu(cfg) and (common.fp16 or common.memory_efficient_fp16):
+    if _on_cpu(cfg) and (common.fp16 or common.memory_efficient_fp16) and not cpu_fp16_rehearsal():
         flag = "--memory-efficient-fp16" if common.memory_efficient_fp16 else "--fp16"
         raise ValueError(
             f"{flag} needs a CUDA GPU (fairseq's fp16 training keeps fp16 weights and a loss scaler on the GPU), "
@@ -302,11 +310,45 @@ def _patch_expert_grad_overflow(utils) -> None:
     utils.clip_grad_norm_ = clip_grad_norm_with_experts
 
 
+def _master_tensors(fp32_params) -> list:
+    """FP16Optimizer's fp32 master copies: one per parameter (--fp16-no-flatten-grads) or one
+    flat tensor per device."""
+    return [p.data for p in (fp32_params.values() if isinstance(fp32_params, dict) else fp32_params)]
+
+
+def _patch_fp16_master_weights(fp16_optimizer) -> None:
+    """fairseq saves the fp16 weights and Adam's state but not the fp32 master copy the updates
+    accumulate in: a resumed --fp16 run restarted from weights rounded to fp16 and drifted from
+    the uninterrupted run (loss 10.476 instead of 10.477 three updates after the restart). The
+    master copy is saved with the optimizer state and restored from it."""
+    mixin = fp16_optimizer._FP16OptimizerMixin
+    state_dict, load_state_dict = mixin.state_dict, mixin.load_state_dict
+
+    @functools.wraps(state_dict)
+    def state_dict_with_master(self):
+        state = state_dict(self)
+        state["fp32_master"] = _master_tensors(self.fp32_params)
+        return state
+
+    @functools.wraps(load_state_dict)
+    def load_state_dict_with_master(self, state, optimizer_overrides=None):
+        state = dict(state)
+        saved = state.pop("fp32_master", None)
+        load_state_dict(self, state, optimizer_overrides)
+        mine = _master_tensors(self.fp32_params)
+        if saved is not None and [t.shape for t in saved] == [t.shape for t in mine]:
+            for master, value in zip(mine, saved):
+                master.copy_(value)
+
+    mixin.state_dict, mixin.load_state_dict = state_dict_with_master, load_state_dict_with_master
+
+
 def install() -> None:
     global _INSTALLED
     if _INSTALLED:
         return
     from fairseq import checkpoint_utils, trainer, utils
+    from fairseq.optim import fp16_optimizer
     from fairseq.distributed import utils as distributed_utils
     from fairseq.file_io import PathManager
     from fairseq.logging import progress_bar
@@ -317,4 +359,5 @@ def install() -> None:
     _patch_progress_bar(progress_bar)
     _patch_expert_grad_overflow(utils)
     _patch_resume(checkpoint_utils)
+    _patch_fp16_master_weights(fp16_optimizer)
     _INSTALLED = True
