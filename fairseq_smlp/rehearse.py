@@ -86,8 +86,9 @@ def copa_dir(root: Path) -> Path:
     return out
 
 
-def rehearsal_args(train_args, world: int, experts_per_worker: int, precision: str):
-    """The recipe's fairseq-train arguments at rehearsal size: (args, parsed config)."""
+def rehearsal_args(train_args, world: int, experts_per_worker: int, precision: str, experts: int = 0):
+    """The recipe's fairseq-train arguments at rehearsal size: (args, parsed config). The
+    tMoE / MoE expert count is `experts`, or the recipe's experts per worker x world."""
     from .dry_run import parse_fairseq_args
 
     args = list(train_args)
@@ -100,12 +101,12 @@ def rehearsal_args(train_args, world: int, experts_per_worker: int, precision: s
     cfg = parse_fairseq_args(["/data-bin", *args])
     family = ARCH_MODEL_NAME_REGISTRY[cfg.model._name]  # cfg.model._name is the arch
     args += SIZES[family]
-    if family == "smlp_lm" and cfg.model.tmoe_experts and experts_per_worker:
-        args += ["--tmoe-experts", str(world * experts_per_worker)]
+    if family == "smlp_lm" and cfg.model.tmoe_experts and (experts or experts_per_worker):
+        args += ["--tmoe-experts", str(experts or world * experts_per_worker)]
     if family == "moe_transformer_lm" and str(cfg.model.moe_router) != "none" and cfg.model.moe_freq:
-        args += ["--moe-experts", str(world * max(1, experts_per_worker))]
+        args += ["--moe-experts", str(experts or world * max(1, experts_per_worker))]
     if getattr(cfg.model, "base_layers", 0) and "base_experts" in cfg.model:
-        args += ["--base-experts", str(world)]  # fairseq's BaseLayer: one expert per worker
+        args += ["--base-experts", str(experts or world)]  # several workers: fairseq's BaseLayer, one expert each
     return args + RUN_SHAPE, parse_fairseq_args(["/data-bin", *args, *RUN_SHAPE])
 
 
@@ -173,19 +174,22 @@ def same_weights(a_dir: Path, b_dir: Path) -> bool:
 
 
 # ------------------------------------------------------------------ the rehearsal
-def rehearse(recipe: str, train_args, world: int, experts_per_worker: int, precision: str, workdir: Path, data_root: Path) -> dict:
+def rehearse(recipe: str, train_args, world: int, experts_per_worker: int, precision: str, workdir: Path, data_root: Path,
+             device: str = "cpu", experts: int = 0) -> dict:
     start = time.time()
     workdir.mkdir(parents=True, exist_ok=True)
     data = ptb_data_bin(data_root)
-    args, cfg = rehearsal_args(train_args, world, experts_per_worker, precision)
+    args, cfg = rehearsal_args(train_args, world, experts_per_worker, precision, experts)
 
     def train(save_dir):
+        if device == "cuda":  # one GPU, as fairseq-train runs there (benchmarks/gpu_check.sh)
+            return ["fairseq-train", data, *args, "--save-dir", save_dir]
         return [sys.executable, "-m", "fairseq_smlp.distributed.launch_cpu", "--nprocs", world, "--",
                 "fairseq-train", data, *args, "--save-dir", save_dir]
 
     for name in ("reference", "run"):
         shutil.rmtree(workdir / name, ignore_errors=True)
-    result = dict(recipe=recipe, world_size=world, precision=precision, arch=cfg.model._name, updates=UPDATES)
+    result = dict(recipe=recipe, world_size=world, precision=precision, device=device, arch=cfg.model._name, updates=UPDATES)
     reference = train_losses(run(train(workdir / "reference"), workdir / "reference.log"))
     sharded = bool(list((workdir / "reference").glob("*-rank-*.pt")))
     marker = f"checkpoint_1_{KILL_AT}-rank-0.pt" if sharded else f"checkpoint_1_{KILL_AT}.pt"
@@ -201,7 +205,7 @@ def rehearse(recipe: str, train_args, world: int, experts_per_worker: int, preci
     )
 
     env_eval = dict(CKPT=str(workdir / "run" / "checkpoint_last.pt"), DATA=str(data), SUBSET="valid",
-                    TOKENS_PER_SAMPLE=str(LENGTH), CPU="1", EXTRA_ARGS={"fp16": "--fp16", "bf16": "--bf16"}.get(precision, ""))
+                    TOKENS_PER_SAMPLE=str(LENGTH), CPU="1" if device == "cpu" else "", EXTRA_ARGS={"fp16": "--fp16", "bf16": "--bf16"}.get(precision, ""))
     eval_log = run_recipe("eval_ppl.sh", env_eval, workdir / "eval_ppl.log")
     found = re.search(r"Perplexity: ([0-9.]+)", eval_log)
     result["eval_ppl"] = float(found.group(1)) if found else None
@@ -210,7 +214,7 @@ def rehearse(recipe: str, train_args, world: int, experts_per_worker: int, preci
 
     zs_out = workdir / "zeroshot.json"
     zs_out.unlink(missing_ok=True)
-    env_zs = dict(CKPT=env_eval["CKPT"], ZEROSHOT_DIR=str(copa_dir(data_root)), TASKS="copa", OUTPUT=str(zs_out), CPU="1",
+    env_zs = dict(CKPT=env_eval["CKPT"], ZEROSHOT_DIR=str(copa_dir(data_root)), TASKS="copa", OUTPUT=str(zs_out), CPU=env_eval["CPU"],
                   EXTRA_ARGS="--no-progress --normalize none")
     run_recipe("eval_zeroshot.sh", env_zs, workdir / "eval_zeroshot.log", ok=False)
     copa = json.loads(zs_out.read_text())["tasks"]["copa"] if zs_out.exists() else {}
@@ -235,7 +239,7 @@ def run_recipe(script: str, env: dict, log: Path, ok=True) -> str:
 
 
 # ------------------------------------------------------------------ the table
-COLUMNS = [("recipe", "recipe"), ("world_size", "W"), ("precision", "precision"), ("resumed_from", "resumed from update"),
+COLUMNS = [("recipe", "recipe"), ("world_size", "W"), ("device", "device"), ("precision", "precision"), ("resumed_from", "resumed from update"),
            ("resumed_identical", "resumed identical"), ("valid_ppl", "last valid ppl"), ("eval_ppl", "eval-lm ppl"),
            ("ppl_equal", "eval-lm == valid"), ("zeroshot_ran", "zero-shot ran (5 COPA)"), ("seconds", "seconds")]
 
@@ -254,6 +258,8 @@ def main(argv=None):
     p.add_argument("--world-size", type=int, default=2, help="gloo workers on this machine (W)")
     p.add_argument("--experts-per-worker", type=int, default=0, help="the recipe's experts per GPU (0: dense)")
     p.add_argument("--precision", choices=["fp16", "bf16", "fp32"], default="fp16")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: one GPU, --world-size 1")
+    p.add_argument("--experts", type=int, default=0, help="tMoE / MoE experts (default: experts per worker x world size)")
     p.add_argument("--workdir", type=Path, default=Path("rehearse"), help="runs, logs and result.json")
     p.add_argument("--data-root", type=Path, default=None, help="where the PTB data-bin is made (default: WORKDIR/..)")
     p.add_argument("--results", type=Path, default=None, help="append the result to this JSON-lines file")
@@ -265,9 +271,11 @@ def main(argv=None):
         return 0
     if args.world_size < 1:
         p.error("--world-size must be >= 1")
+    if args.device == "cuda" and args.world_size != 1:
+        p.error("--device cuda rehearses on one GPU: --world-size 1 (several GPUs: the recipe itself)")
     train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
     result = rehearse(args.recipe, train_args, args.world_size, args.experts_per_worker, args.precision,
-                      args.workdir, args.data_root or args.workdir.parent)
+                      args.workdir, args.data_root or args.workdir.parent, args.device, args.experts)
     (args.workdir / "result.json").write_text(json.dumps(result, indent=1) + "\n")
     if args.results:
         with open(args.results, "a") as f:

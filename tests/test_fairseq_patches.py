@@ -198,3 +198,25 @@ def test_resume_takes_a_rank_files_name_on_disk(tmp_path):
         fairseq_patches._gather = original
     assert resolved.restore_file == str(tmp_path / "checkpoint_1_20.pt")
     assert gathered == [(str(tmp_path / "checkpoint_1_20-rank-1.pt"), 20)]
+
+
+def test_fp16_master_weights_travel_with_the_optimizer_state():
+    """--fp16 keeps fp32 master copies that fairseq's checkpoint left out: a resume rebuilt
+    them from the fp16 weights (rounded) and the run drifted. Now they are saved and restored."""
+    from fairseq import optim, options
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+    argv = ["/data", "--task", "language_modeling", "--arch", "transformer_lm", "--optimizer", "adam", "--lr", "0.01",
+            "--fp16", "--fp16-no-flatten-grads", "--cpu"]
+    cfg = convert_namespace_to_omegaconf(options.parse_args_and_arch(options.get_training_parser(), argv))
+    weight = torch.nn.Parameter(torch.full((4,), 1.0, dtype=torch.float16))
+    optimizer = optim.FP16Optimizer.build_optimizer(cfg, [weight])
+    optimizer.fp32_params[0].data.add_(1e-4)  # an update too small for fp16: lives in the master copy only
+    assert torch.equal(weight.data.float(), torch.ones(4))
+    state = optimizer.state_dict()
+    assert torch.equal(state["fp32_master"][0], torch.full((4,), 1.0001))
+
+    resumed = optim.FP16Optimizer.build_optimizer(cfg, [torch.nn.Parameter(weight.data.clone())])  # master from fp16: 1.0
+    resumed.load_state_dict(state)
+    assert torch.equal(resumed.fp32_params[0].data, torch.full((4,), 1.0001))
+    assert "fp32_master" in state  # the caller's dict is left whole
