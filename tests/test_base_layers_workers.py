@@ -9,10 +9,8 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import REPO
-from fairseq_smlp.checkpoints import reshard
 
 WORKERS = 2
 ARGS = [
