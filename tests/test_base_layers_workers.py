@@ -125,3 +125,41 @@ def test_a_rank_file_in_one_process_names_the_fix(trained, data_bin):
     log = run(["fairseq-eval-lm", data_bin, "--user-dir", "fairseq_smlp", "--task", "smlp_language_modeling",
                "--path", save / "checkpoint_last-rank-0.pt", "--tokens-per-sample", "32", "--cpu"], ok=False)
     assert "expert_centroids holds 2 experts" in log and "fairseq_smlp.checkpoints reshard" in log
+
+
+def _uneven_worker(rank, port, out):
+    import torch.distributed as dist
+    from types import SimpleNamespace
+
+    import fairseq_smlp  # noqa: F401
+    from fairseq_smlp.models.moe_transformer_lm import SingleProcessBaseLayer
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    layer = SingleProcessBaseLayer(SimpleNamespace(decoder_embed_dim=8, decoder_ffn_embed_dim=16, base_sublayers=1,
+                                                   base_shuffle=1, activation_fn="relu"))
+    try:
+        layer(torch.randn(6 if rank == 0 else 4, 1, 8, requires_grad=True))
+        message = "no error"
+    except ValueError as e:
+        message = str(e)
+    with open(f"{out}.{rank}", "w") as f:
+        f.write(message)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_unequal_token_counts_stop_every_worker_with_the_counts(tmp_path):
+    """fairseq's BaseLayer exchanges equal blocks in training: 6 and 4 tokens made gloo abort
+    a worker (SIGABRT) and the other wait. Now both stop with the counts named."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_uneven_worker, args=(port, str(tmp_path / "msg")), nprocs=2, start_method="spawn")
+    for rank in range(2):
+        assert "the same number of tokens on every worker" in (tmp_path / f"msg.{rank}").read_text()
+        assert "[6, 4]" in (tmp_path / f"msg.{rank}").read_text()

@@ -203,9 +203,27 @@ class SingleProcessBaseLayer(base_layer.BaseLayer):
         # fairseq's code multiplies the input with the centroids outside autocast's cast lists
         # (`mv`): give it the weights' dtype (fp32 under autocast, fp16/bf16 under --fp16/--bf16),
         # else "expected m1 and m2 to have the same dtype"
+        if self.num_workers > 1 and input_features.requires_grad:
+            self._check_equal_token_counts(input_features.numel() // input_features.size(-1))
         with _single_worker():
             result, *rest = super().forward(input_features.to(self.expert_centroids.dtype), *args, **kwargs)
         return (result.to(input_features.dtype), *rest)
+
+    def _check_equal_token_counts(self, tokens: int) -> None:
+        """fairseq's training path exchanges equal blocks (shuffle, balanced assignment): with
+        unequal token counts on the workers (an epoch's last, smaller batch) gloo aborted a
+        worker (SIGABRT) and NCCL would hang. All workers compare counts and stop together."""
+        counts = torch.tensor([tokens], device=self.expert_centroids.device)
+        gathered = [torch.zeros_like(counts) for _ in range(self.num_workers)]
+        torch.distributed.all_gather(gathered, counts, group=distributed_utils.get_data_parallel_group())
+        counts = [int(c) for c in gathered]
+        if len(set(counts)) > 1 or counts[0] % self.num_workers:
+            raise ValueError(
+                f"{self.name}: fairseq's BaseLayer trains only on the same number of tokens on every worker, a multiple "
+                f"of the {self.num_workers} workers; this batch has {counts} (an epoch's last batch?). Keep every batch "
+                "full (--sample-break-mode none with --max-tokens a multiple of --tokens-per-sample, and fewer updates "
+                "than an epoch), or use the single-process Base layer"
+            )
 
     def balanced_assignment(self, scores):
         """Balanced: each expert gets an equal share of this worker's tokens.
