@@ -11,7 +11,6 @@ from fairseq_smlp.eval import scoring, zeroshot, zeroshot_tasks as zt
 from fairseq_smlp.eval.zeroshot_tasks import Example, TaskFileError
 from zeroshot_helpers import ptb_lines, run, tiny_checkpoint, write_task_files
 
-REPO = Path(__file__).resolve().parents[1]
 FIVE_TASKS = ["copa", "piqa", "storycloze", "winogrande", "hellaswag"]
 
 
