@@ -8,6 +8,7 @@ expert-parallel runs change nothing unless the model holds sharded experts.
 import copy
 import functools
 import os
+import sys
 import types
 from pathlib import Path
 from typing import Optional
@@ -128,6 +129,26 @@ def _patch_cli_entry(distributed_utils) -> None:
     distributed_utils.call_main = call_main_checked
 
 
+def _patch_cli_validation(distributed_utils) -> None:
+    """fairseq checks almost none of its numbers (--decoder-layers 0 trains an embedding-only
+    model, --max-tokens below --tokens-per-sample trains on the few short blocks): every
+    fairseq command's full cfg goes through validation.check_config before it acts; a bad
+    value ends the command like an argparse error (the message, no traceback)."""
+    from .validation import FlagError, check_config
+
+    call_main = distributed_utils.call_main
+
+    @functools.wraps(call_main)
+    def call_main_validated(cfg, main, **kwargs):
+        try:
+            check_config(cfg)
+        except FlagError as e:
+            sys.exit(f"{Path(sys.argv[0]).name}: error: {e}")
+        return call_main(cfg, main, **kwargs)
+
+    distributed_utils.call_main = call_main_validated
+
+
 def _patch_trainer(Trainer) -> None:
     """--bf16 on the CPU trains under bf16 autocast with fp32 weights and optimizer state; with
     sharded experts (fairseq saves on rank 0 only) every rank saves its own file -rank-R with
@@ -203,6 +224,7 @@ def install() -> None:
 
     _patch_checkpoint_files(checkpoint_utils, PathManager)
     _patch_cli_entry(distributed_utils)
+    _patch_cli_validation(distributed_utils)
     _patch_trainer(trainer.Trainer)
     _patch_progress_bar(progress_bar)
     _INSTALLED = True
