@@ -50,6 +50,8 @@ import random
 import time
 from pathlib import Path
 
+from fairseq_smlp.validation import check_value
+
 from data_prep.common import (
     Stamp,
     binarize,
@@ -160,12 +162,10 @@ def split_corpora(corpora, out_dir, valid_fraction, seed):
 def _check_options(bpe, valid_fraction, vocab_size, workers, gpt2_encoder_json, gpt2_vocab_bpe, srcdict):
     if bpe not in BPE_CHOICES:
         raise ValueError(f"--bpe {bpe!r}: expected one of {', '.join(BPE_CHOICES)}")
-    if not 0.0 < valid_fraction < 1.0:
-        raise ValueError(f"--valid-fraction {valid_fraction}: must be between 0 and 1")
-    if workers < 1:
-        raise ValueError(f"--workers {workers}: need at least 1")
-    if bpe == "sentencepiece" and vocab_size < 8:
-        raise ValueError(f"--vocab-size {vocab_size}: too small for a BPE vocabulary")
+    check_value("--valid-fraction", valid_fraction)
+    check_value("--workers", workers)
+    if bpe == "sentencepiece":
+        check_value("--vocab-size", vocab_size)
     if bpe == "gpt2":
         for flag, path in (("--gpt2-encoder-json", gpt2_encoder_json), ("--gpt2-vocab-bpe", gpt2_vocab_bpe)):
             if path is None:
@@ -193,6 +193,7 @@ def prepare_paper_corpus(
 ):
     """Split, encode and binarize; returns out_dir/data-bin. `inputs` is a list of 'NAME=PATH'."""
     _check_options(bpe, valid_fraction, vocab_size, workers, gpt2_encoder_json, gpt2_vocab_bpe, srcdict)
+    check_value("--spm-max-sentences", spm_max_sentences)
     corpora = parse_inputs(inputs)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

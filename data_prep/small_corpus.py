@@ -29,6 +29,8 @@ import os
 import time
 from pathlib import Path
 
+from fairseq_smlp.validation import check_value
+
 from data_prep.common import (
     Stamp,
     binarize,
@@ -141,10 +143,9 @@ def _as_files(sources, folder):
 def _check_options(bpe, vocab_size, workers):
     if bpe not in BPE_CHOICES:
         raise ValueError(f"--bpe {bpe!r}: expected one of {', '.join(BPE_CHOICES)}")
-    if bpe == "sentencepiece" and vocab_size < 8:
-        raise ValueError(f"--vocab-size {vocab_size}: too small for a BPE vocabulary")
-    if workers < 1:
-        raise ValueError(f"--workers {workers}: need at least 1")
+    if bpe == "sentencepiece":
+        check_value("--vocab-size", vocab_size)
+    check_value("--workers", workers)
 
 
 def prepare_small_corpus(

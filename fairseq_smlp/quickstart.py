@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import fairseq_smlp
+from fairseq_smlp.validation import check_args, hours_flag
 
 USER_DIR = str(Path(fairseq_smlp.__file__).resolve().parent)
 
@@ -48,8 +49,7 @@ def parse_args(argv=None):
                         "CPU computes bf16 natively (AVX512-BF16 / AMX), else fp32")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more fairseq-train options")
     args = p.parse_args(argv)
-    if args.minutes <= 0:
-        p.error(f"--minutes must be > 0, got {args.minutes}")
+    check_args(p, args)
     return args
 
 
@@ -112,7 +112,7 @@ def main(argv=None):
     started = time.time()
     train_log = run([
         sys.executable, "-m", "fairseq_cli.train", str(data_bin), "--user-dir", USER_DIR, "--arch", args.arch,
-        *TRAIN_OPTIONS, *precision, "--stop-time-hours", f"{args.minutes / 60:.4f}", "--save-dir", str(save_dir),
+        *TRAIN_OPTIONS, *precision, "--stop-time-hours", hours_flag(args.minutes), "--save-dir", str(save_dir),
         "--seed", str(args.seed), *[a for a in args.extra if a != "--"],
     ], out / "train.log")
     train_minutes = (time.time() - started) / 60

@@ -53,6 +53,8 @@ class Range:
     def describe(self, value=None) -> str:
         """'in [0, 1)', '>= 1', ...; 'an integer >= 1' when `value` is not one."""
         kind = "an integer " if self.integer and not _is_integer(value) else ""
+        if isinstance(value, (int, float)) and not math.isfinite(value):
+            kind = "a finite number "
         if self.low is not None and self.high is not None:
             text = f"{kind}in {'(' if self.low_open else '['}{_num(self.low)}, {_num(self.high)}{')' if self.high_open else ']'}"
         elif self.low is not None:

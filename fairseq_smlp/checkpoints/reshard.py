@@ -21,6 +21,7 @@ import sys
 
 import torch
 
+from ..validation import check_args
 from .file_safety import CorruptCheckpointError, load_or_explain
 
 EXPERT_SUFFIXES = ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias", "norm_weight", "norm_bias")
@@ -148,8 +149,7 @@ def main(argv=None):
     p.add_argument("--to-world-size", type=int, required=True, help="N workers (1: one file for eval / one process)")
     p.add_argument("--out", required=True, help="output file; N > 1 writes OUT-rank-R.pt")
     args = parser.parse_args(argv)
-    if args.to_world_size < 1:
-        parser.error("--to-world-size must be >= 1")
+    check_args(parser, args)
     try:
         reshard(args.checkpoints, args.to_world_size, args.out)
     except CorruptCheckpointError as e:
