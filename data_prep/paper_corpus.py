@@ -50,15 +50,19 @@ import random
 import time
 from pathlib import Path
 
-from fairseq_smlp.validation import check_value
+from fairseq_smlp import text_files
+from fairseq_smlp.validation import FlagError, check_value
 
 from data_prep.common import (
+    SPM_LIMIT_BYTES,
     Stamp,
     binarize,
     encode_file,
     log,
     md5_file,
+    publish,
     split_outputs,
+    staging,
     train_sentencepiece,
 )
 
@@ -96,20 +100,36 @@ def parse_inputs(specs):
     return corpora
 
 
-def iter_documents(files):
-    """Yield each document as a list of lines (no newline); blank lines separate documents."""
+def iter_documents(files, name="corpus"):
+    """Yield each document as a list of lines (no newline); blank lines separate documents.
+    A byte that is not UTF-8 is a TextFileError naming the file, line and byte offset."""
     for path in files:
         doc = []
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                line = line.rstrip("\n")
-                if line.strip():
-                    doc.append(line)
-                elif doc:
-                    yield doc
-                    doc = []
+        for line in text_files.lines(path, flag=f"--input {name}="):
+            if line.strip():
+                doc.append(line)
+            elif doc:
+                yield doc
+                doc = []
         if doc:  # a file's end also ends its last document
             yield doc
+
+
+def count_documents(corpora, valid_fraction):
+    """{name: documents}: reads every input once, so that a file that is not UTF-8, a corpus
+    without documents, or a --valid-fraction that holds out nothing (or everything) is an
+    error before anything is written."""
+    counts = {}
+    for name, files in corpora:
+        counts[name] = sum(1 for _ in iter_documents(files, name))
+        if counts[name] == 0:
+            raise ValueError(f"--input {name}: no documents (the files are empty or hold blank lines only)")
+    held_out = sum(round(valid_fraction * n) for n in counts.values())
+    total = sum(counts.values())
+    if held_out == 0 or held_out == total:
+        raise FlagError(f"--valid-fraction {valid_fraction} holds out {held_out} of {total:,} documents: the "
+                        f"{'validation' if held_out == 0 else 'training'} set would be empty")
+    return counts
 
 
 def _fingerprint(files):
@@ -131,8 +151,9 @@ def pick_valid(n_docs, fraction, seed, name):
     return set(random.Random(f"{seed}:{name}").sample(range(n_docs), k))
 
 
-def split_corpora(corpora, out_dir, valid_fraction, seed):
-    """Stream every corpus twice (count, then write): memory stays small for any corpus size."""
+def split_corpora(corpora, out_dir, valid_fraction, seed, counts):
+    """Stream every corpus a second time (count_documents was the first): memory stays small
+    for any corpus size. Writes out_dir/train.txt and valid.txt."""
     out_dir = Path(out_dir)
     stats = {}
     tmp = {s: out_dir / f"{s}.txt.tmp" for s in ("train", "valid")}
@@ -141,9 +162,9 @@ def split_corpora(corpora, out_dir, valid_fraction, seed):
     ) as fvalid:
         for name, files in corpora:
             t0 = time.time()
-            n_docs = sum(1 for _ in iter_documents(files))
+            n_docs = counts[name]
             held_out = pick_valid(n_docs, valid_fraction, seed, name)
-            for i, doc in enumerate(iter_documents(files)):
+            for i, doc in enumerate(iter_documents(files, name)):
                 f = fvalid if i in held_out else ftrain
                 f.write("\n".join(doc) + "\n\n")  # the empty line marks the document's end
             stats[name] = {"train": n_docs - len(held_out), "valid": len(held_out)}
@@ -196,7 +217,6 @@ def prepare_paper_corpus(
     check_value("--spm-max-sentences", spm_max_sentences)
     corpora = parse_inputs(inputs)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
 
     # step 1: train/valid split (skipped when the inputs, fraction and seed are unchanged)
     split_record = {
@@ -210,8 +230,11 @@ def prepare_paper_corpus(
     if split_stamp.is_current():
         log(f"{text['train']} and {text['valid']} are up to date: skipping the split")
     else:
-        split_stamp.invalidate()
-        split_corpora(corpora, out_dir, valid_fraction, seed)
+        counts = count_documents(corpora, valid_fraction)  # every input checked before anything is written
+        with staging(out_dir) as tmp:
+            split_corpora(corpora, tmp, valid_fraction, seed, counts)
+            split_stamp.invalidate()
+            publish(tmp, out_dir)
         split_stamp.write()
 
     # step 2: BPE + binarize (skipped when the split and the options are unchanged)
@@ -229,25 +252,27 @@ def prepare_paper_corpus(
     if stamp.is_current():
         log(f"{data_bin} is up to date: nothing to do")
         return data_bin
-    stamp.invalidate()
+    with staging(out_dir) as tmp:  # built in out_dir/.partial, moved into place when all succeeded
+        if bpe != "none":
+            encoded = {s: tmp / "bpe" / f"{s}.txt" for s in text}
+            encoded["train"].parent.mkdir()
+            if bpe == "sentencepiece":
+                longest = text_files.scan(text["train"], max_line_bytes=SPM_LIMIT_BYTES - 1).longest
+                log(f"training sentencepiece BPE ({vocab_size} pieces) on {text['train']}")
+                train_sentencepiece(text["train"], tmp / "spm", vocab_size, workers, spm_max_sentences, longest)
+                how = dict(spm_model=tmp / "spm.model")
+            else:
+                how = dict(gpt2_files=(gpt2_encoder_json, gpt2_vocab_bpe))
+            for s in text:
+                encode_file(text[s], encoded[s], workers, **how)
+            text = encoded
 
-    if bpe != "none":
-        encoded = {s: out_dir / "bpe" / f"{s}.txt" for s in text}
-        encoded["train"].parent.mkdir(exist_ok=True)
-        if bpe == "sentencepiece":
-            spm_prefix = out_dir / "spm"
-            log(f"training sentencepiece BPE ({vocab_size} pieces) on {text['train']}")
-            train_sentencepiece(text["train"], spm_prefix, vocab_size, workers, spm_max_sentences)
-            how = dict(spm_model=spm_prefix.with_suffix(".model"))
-        else:
-            how = dict(gpt2_files=(gpt2_encoder_json, gpt2_vocab_bpe))
-        for s in text:
-            encode_file(text[s], encoded[s], workers, **how)
-        text = encoded
-
-    t0 = time.time()
-    binarize(data_bin, text["train"], text["valid"], workers=workers, srcdict=srcdict)
-    log(f"binarized into {data_bin} in {time.time() - t0:.1f}s")
+        t0 = time.time()
+        binarize(tmp / "data-bin", text["train"], text["valid"], workers=workers, srcdict=srcdict)
+        log(f"binarized in {time.time() - t0:.1f}s")
+        stamp.invalidate()
+        publish(tmp, out_dir)
+    log(f"wrote {data_bin}")
     stamp.write()
     return data_bin
 
