@@ -199,6 +199,55 @@ def _patch_trainer(Trainer) -> None:
     Trainer.checkpoint_suffix = property(checkpoint_suffix)
 
 
+def _patch_dictionary_identity(Trainer, checkpoint_utils, FairseqLanguageModel) -> None:
+    """fairseq compares no dictionaries: a checkpoint evaluated on a data-bin with other words
+    of the same size prints a plausible, wrong perplexity. Checkpoints record their dictionary
+    and loading one into a model built on another is an error (models/vocabulary.py)."""
+    from .models import vocabulary
+
+    state_dict, load, load_state_dict = Trainer.state_dict, checkpoint_utils.load_checkpoint_to_cpu, FairseqLanguageModel.load_state_dict
+
+    @functools.wraps(state_dict)
+    def state_dict_with_dictionary(self):
+        state = state_dict(self)
+        dictionary = getattr(self.task, "target_dictionary", None)
+        if dictionary is not None:
+            state["dictionary"] = vocabulary.fingerprint(dictionary)
+        return state
+
+    @functools.wraps(load)
+    def load_with_dictionary(*args, **kwargs):
+        return vocabulary.attach(load(*args, **kwargs))
+
+    @functools.wraps(load_state_dict)
+    def load_state_dict_checked(self, state_dict, *args, **kwargs):
+        vocabulary.check_vocabulary(self, state_dict)
+        return load_state_dict(self, state_dict, *args, **kwargs)
+
+    Trainer.state_dict = state_dict_with_dictionary
+    checkpoint_utils.load_checkpoint_to_cpu = load_with_dictionary
+    FairseqLanguageModel.load_state_dict = load_state_dict_checked
+
+
+def _patch_checkpoint_load_errors(Trainer) -> None:
+    """fairseq replaces any error while loading a checkpoint's parameters by "Cannot load model
+    parameters ...; please ensure that the architectures match": the plugin's own checks
+    (ValueError: dictionary mismatch, expert layout) reach the user as they are."""
+    load_checkpoint = Trainer.load_checkpoint
+
+    @functools.wraps(load_checkpoint)
+    def load_checkpoint_with_cause(self, *args, **kwargs):
+        try:
+            return load_checkpoint(self, *args, **kwargs)
+        except Exception as e:
+            cause = e.__context__
+            if type(e) is Exception and str(e).startswith("Cannot load model parameters") and isinstance(cause, ValueError):
+                raise cause from None
+            raise
+
+    Trainer.load_checkpoint = load_checkpoint_with_cause
+
+
 PER_LAYER_PREFIX = "moe/"  # per-layer routing figures (criterions/moe_cross_entropy.py)
 
 
@@ -221,10 +270,13 @@ def install() -> None:
     from fairseq.distributed import utils as distributed_utils
     from fairseq.file_io import PathManager
     from fairseq.logging import progress_bar
+    from fairseq.models import FairseqLanguageModel
 
     _patch_checkpoint_files(checkpoint_utils, PathManager)
     _patch_cli_entry(distributed_utils)
     _patch_cli_validation(distributed_utils)
     _patch_trainer(trainer.Trainer)
     _patch_progress_bar(progress_bar)
+    _patch_dictionary_identity(trainer.Trainer, checkpoint_utils, FairseqLanguageModel)
+    _patch_checkpoint_load_errors(trainer.Trainer)
     _INSTALLED = True

@@ -37,7 +37,6 @@ from ..moe.router import HashRouter, RoutingStats, balanced_hash_table, check_ex
 from ..moe.token_moe import MoEArgs, TokenMoE
 from ..validation import check_config
 from .archs import register_archs
-from .vocabulary import VocabularyCheck
 
 
 @dataclass
@@ -271,7 +270,7 @@ class MoETransformerDecoder(TransformerDecoder):
 
 
 @register_model("moe_transformer_lm", dataclass=MoETransformerLanguageModelConfig)
-class MoETransformerLanguageModel(VocabularyCheck, TransformerLanguageModel):
+class MoETransformerLanguageModel(TransformerLanguageModel):
     @classmethod
     def build_model(cls, args, task):
         check_config(args)  # ranges of every numeric flag (validation.py)

@@ -29,7 +29,6 @@ from ..moe.router import check_expert_count, name_routers
 from ..moe.token_moe import MoEArgs, TokenMoE
 from ..validation import check_config
 from .archs import register_archs
-from .vocabulary import VocabularyCheck
 
 
 @dataclass
@@ -77,7 +76,7 @@ def sparse_block_indices(cfg) -> List[int]:
 
 
 @register_model("smlp_lm", dataclass=SmlpConfig)
-class SmlpLanguageModel(VocabularyCheck, FairseqLanguageModel):
+class SmlpLanguageModel(FairseqLanguageModel):
     @classmethod
     def build_model(cls, cfg, task):
         check_config(cfg)  # ranges of every numeric flag (validation.py)
