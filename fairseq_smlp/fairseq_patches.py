@@ -7,6 +7,7 @@ expert-parallel runs change nothing unless the model holds sharded experts.
 """
 import copy
 import functools
+import logging
 import os
 import sys
 import types
@@ -248,6 +249,41 @@ def _patch_checkpoint_load_errors(Trainer) -> None:
     Trainer.load_checkpoint = load_checkpoint_with_cause
 
 
+def _patch_crash_save(Trainer) -> None:
+    """On an error in a training step fairseq saves crash.pt and re-raises; when that save
+    fails too (full disk, lost directory), its error replaced the one that stopped training.
+    The crash save is best effort: its failure is logged, the original error propagates."""
+    save = Trainer.save_checkpoint
+
+    @functools.wraps(save)
+    def save_checkpoint(self, filename, extra_state):
+        if os.path.basename(filename) != "crash.pt":
+            return save(self, filename, extra_state)
+        try:
+            return save(self, filename, extra_state)
+        except Exception as e:
+            logging.getLogger(__name__).error(
+                f"could not save {filename} ({type(e).__name__}: {e}); the error that stopped training follows")
+            return None
+
+    Trainer.save_checkpoint = save_checkpoint
+
+
+def _patch_stale_temporaries(checkpoint_utils) -> None:
+    """Kills and full disks leave checkpoint_X.pt.tmp files that nothing cleans: the first
+    process of a run removes them from --save-dir when it starts (checkpoints/file_safety.py)."""
+    from .checkpoints.file_safety import remove_stale_temporaries
+
+    verify = checkpoint_utils.verify_checkpoint_directory
+
+    @functools.wraps(verify)
+    def verify_and_clean(save_dir):
+        verify(save_dir)
+        remove_stale_temporaries(save_dir)
+
+    checkpoint_utils.verify_checkpoint_directory = verify_and_clean
+
+
 PER_LAYER_PREFIX = "moe/"  # per-layer routing figures (criterions/moe_cross_entropy.py)
 
 
@@ -279,4 +315,6 @@ def install() -> None:
     _patch_progress_bar(progress_bar)
     _patch_dictionary_identity(trainer.Trainer, checkpoint_utils, FairseqLanguageModel)
     _patch_checkpoint_load_errors(trainer.Trainer)
+    _patch_crash_save(trainer.Trainer)
+    _patch_stale_temporaries(checkpoint_utils)
     _INSTALLED = True

@@ -5,9 +5,19 @@ but then COPIES it onto the other names (checkpoint_last.pt, checkpoint_best.pt)
 a crash or `kill -9` during that copy leaves a truncated checkpoint_last.pt, the very file a
 restart loads. fairseq_patches.py routes that copy through `atomic_copy` and every
 checkpoint load through `load_or_explain`.
+
+Every such write goes through a temporary file next to its target (fairseq's
+`checkpoint_X.pt.tmp`, atomic_copy's `checkpoint_last.pt.tmp-PID`, reshard's `OUT.pt.tmp`);
+a kill or a full disk leaves it behind, so `remove_stale_temporaries` deletes exactly those
+names when the next run starts in that directory.
 """
+import logging
 import os
+import re
 import shutil
+
+logger = logging.getLogger(__name__)
+TEMPORARY = re.compile(r".+\.pt\.tmp(-\d+)?")  # the temporary names of the writes above, nothing else
 
 
 class CorruptCheckpointError(RuntimeError):
@@ -25,6 +35,21 @@ def atomic_copy(src: str, dst: str) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def remove_stale_temporaries(directory: str) -> list:
+    """Delete the temporary files an interrupted checkpoint write left in `directory` (not
+    recursive; only names matching TEMPORARY); returns their paths."""
+    if not os.path.isdir(directory):
+        return []
+    removed = []
+    for name in sorted(os.listdir(directory)):
+        path = os.path.join(directory, name)
+        if TEMPORARY.fullmatch(name) and os.path.isfile(path):
+            os.remove(path)
+            removed.append(path)
+            logger.warning(f"removed {path}: the temporary file of a checkpoint write that was interrupted (kill, full disk)")
+    return removed
 
 
 def load_or_explain(load, path, *args, **kwargs):
