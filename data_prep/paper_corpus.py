@@ -51,7 +51,7 @@ import time
 from pathlib import Path
 
 from fairseq_smlp import text_files
-from fairseq_smlp.validation import FlagError, check_value
+from fairseq_smlp.validation import FlagError, check_args, check_value
 
 from data_prep.common import (
     SPM_LIMIT_BYTES,
@@ -293,6 +293,7 @@ def cli_main(argv=None):
     p.add_argument("--srcdict", help="fixed fairseq dictionary, e.g. fairseq's gpt2_bpe/dict.txt")
     p.add_argument("--workers", type=int, default=2, help="processes for encoding and binarizing")
     a = p.parse_args(argv)
+    check_args(p, a)
     try:
         data_bin = prepare_paper_corpus(
             a.out_dir, a.input, a.valid_fraction, a.seed, a.bpe, a.vocab_size,

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from fairseq_smlp import text_files
-from fairseq_smlp.validation import check_value
+from fairseq_smlp.validation import check_args, check_value
 
 from data_prep.common import (
     SPM_LIMIT_BYTES,
@@ -228,6 +228,7 @@ def cli_main(argv=None):
     p.add_argument("--vocab-size", type=int, default=8000, help="sentencepiece vocabulary size")
     p.add_argument("--workers", type=int, default=2, help="processes for encoding and binarizing")
     a = p.parse_args(argv)
+    check_args(p, a)
     try:
         data_bin = prepare_small_corpus(
             a.out_dir, a.corpus, a.train, a.valid, a.test, a.bpe, a.vocab_size, a.workers

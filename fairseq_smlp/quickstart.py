@@ -157,6 +157,13 @@ def train_command(args, data_bin, save_dir, precision, extra) -> list:
             "--seed", str(args.seed), *extra]
 
 
+def eval_command(data_bin, save_dir, subset, precision, extra) -> list:
+    return [sys.executable, "-m", "fairseq_cli.eval_lm", str(data_bin), "--user-dir", USER_DIR,
+            "--task", "smlp_language_modeling", "--path", str(save_dir / "checkpoint_best.pt"),
+            "--tokens-per-sample", "128", "--gen-subset", subset, "--cpu", "--num-workers", "0", *precision,
+            *task_options(extra)]  # after the defaults: the training's own values win
+
+
 def check_train_options(args, extra) -> None:
     """Parse the training command as fairseq-train will and check its numbers, before the
     corpus is prepared (a bad option after -- fails in seconds, not after data preparation)."""
@@ -197,12 +204,7 @@ def main(argv=None):
     counts = re.findall(r"num\. (?:shared |expert )?model params: ([0-9,]+)", train_log)
     results["params"] = sum(int(c.replace(",", "")) for c in counts)
     for subset in ("valid", "test"):
-        eval_log = run([
-            sys.executable, "-m", "fairseq_cli.eval_lm", str(data_bin), "--user-dir", USER_DIR,
-            "--task", "smlp_language_modeling", "--path", str(save_dir / "checkpoint_best.pt"),
-            "--tokens-per-sample", "128", "--gen-subset", subset, "--cpu", "--num-workers", "0", *precision,
-            *task_options(extra),  # after the defaults: the training's own values win
-        ], out / f"eval_{subset}.log")
+        eval_log = run(eval_command(data_bin, save_dir, subset, precision, extra), out / f"eval_{subset}.log")
         results[f"{subset}_ppl"] = perplexity(eval_log)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
 

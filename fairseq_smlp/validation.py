@@ -194,12 +194,15 @@ def flag_of(name: str) -> str:
 
 def _parse_pair(value):
     """--adam-betas arrives as the string '(0.9, 0.98)'."""
+    parsed = value
     if isinstance(value, str):
         try:
-            value = ast.literal_eval(value)
+            parsed = ast.literal_eval(value)
         except (ValueError, SyntaxError):
-            raise FlagError(f"--adam-betas must be a pair like '(0.9, 0.98)', got {value!r}") from None
-    return value
+            parsed = None
+    if not hasattr(parsed, "__len__") or isinstance(parsed, str) or len(parsed) != 2:
+        raise FlagError(f"--adam-betas must be a pair like '(0.9, 0.98)', got {value!r}")
+    return parsed
 
 
 PARSERS: Dict[str, Callable] = {"--adam-betas": _parse_pair}
