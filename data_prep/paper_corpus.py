@@ -123,7 +123,9 @@ def count_documents(corpora, valid_fraction):
     for name, files in corpora:
         counts[name] = sum(1 for _ in iter_documents(files, name))
         if counts[name] == 0:
-            raise ValueError(f"--input {name}: no documents (the files are empty or hold blank lines only)")
+            if len(files) == 1:  # the file is empty or blank: the reader's own error names it
+                text_files.scan(files[0], flag=f"--input {name}=", what="documents")
+            raise ValueError(f"--input {name}: no documents in its {len(files)} files (empty, or blank lines only)")
     held_out = sum(round(valid_fraction * n) for n in counts.values())
     total = sum(counts.values())
     if held_out == 0 or held_out == total:

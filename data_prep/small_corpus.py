@@ -67,8 +67,8 @@ def _user_files(train, valid, test):
     if missing:
         raise ValueError(f"--train, --valid and --test go together; missing: {', '.join(missing)}")
     for split, path in given.items():
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"--{split} {path}: no such file")
+        if not Path(path).exists():
+            raise FileNotFoundError(f"--{split} {path}: no such file")  # other unusable files: check_texts
     return {s: Path(p) for s, p in given.items()}
 
 

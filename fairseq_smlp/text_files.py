@@ -87,8 +87,12 @@ def scan(path, flag: Optional[str] = None, max_line_bytes: Optional[int] = None,
                                                    "bytes allowed here", flag)
         stats.nonblank += bool(text.strip())
     if stats.nonblank == 0:
-        raise TextFileError(path, None, f"empty file: no {what}" if stats.lines == 0 else f"only blank lines: no {what}", flag)
+        raise TextFileError(path, None, _empty(stats.lines == 0, what), flag)
     return stats
+
+
+def _empty(no_bytes: bool, what: str) -> str:
+    return f"empty file: no {what}" if no_bytes else f"empty file: only blank lines, no {what}"
 
 
 def read_text(path, flag: Optional[str] = None, what: str = "text") -> str:
@@ -104,5 +108,5 @@ def read_text(path, flag: Optional[str] = None, what: str = "text") -> str:
         raise TextFileError(path, lineno, f"not UTF-8: byte {data[offset:offset + 1]!r} at byte offset "
                                           f"{offset} ({e.reason})", flag) from None
     if not text.strip():
-        raise TextFileError(path, None, f"empty file: no {what}", flag)
+        raise TextFileError(path, None, _empty(not text, what), flag)
     return text
