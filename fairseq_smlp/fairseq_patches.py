@@ -241,12 +241,19 @@ def _patch_checkpoint_load_errors(Trainer) -> None:
         try:
             return load_checkpoint(self, *args, **kwargs)
         except Exception as e:
-            cause = e.__context__
-            if type(e) is Exception and str(e).startswith("Cannot load model parameters") and isinstance(cause, ValueError):
+            cause = own_cause(e)
+            if cause is not None:
                 raise cause from None
             raise
 
     Trainer.load_checkpoint = load_checkpoint_with_cause
+
+
+def own_cause(error: BaseException) -> Optional[BaseException]:
+    """The plugin's ValueError behind fairseq's generic "Cannot load model parameters", if any."""
+    cause = error.__context__
+    generic = type(error) is Exception and str(error).startswith("Cannot load model parameters")
+    return cause if generic and isinstance(cause, ValueError) else None
 
 
 def _patch_crash_save(Trainer) -> None:

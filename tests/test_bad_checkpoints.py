@@ -1,8 +1,6 @@
-"""Checkpoints and dictionaries that do not belong together, and interrupted saves, at unit
-level: dictionary identity (models/vocabulary.py), what reshard keeps or refuses, the crash
-save that must not hide the real error, stale temporary files. The same through the real
-commands: test_bad_input.py."""
-import logging
+"""Checkpoints and dictionaries that do not belong together, at unit level: dictionary identity
+(models/vocabulary.py), what reshard keeps or refuses. The same through the real commands:
+test_bad_input.py; interrupted saves (crash.pt, stale temporaries): test_fairseq_patches.py."""
 import pickle
 
 import pytest
@@ -10,7 +8,7 @@ import torch
 from conftest import build_tiny_smlp, tiny_dictionary
 
 import fairseq_smlp  # noqa: F401  (installs the patches)
-from fairseq_smlp.checkpoints import file_safety, reshard
+from fairseq_smlp.checkpoints import reshard
 from fairseq_smlp.models import vocabulary
 
 
@@ -130,57 +128,3 @@ def test_rank_files_of_one_save_are_all_ranks_once():
     states[1]["expert_parallel"]["rank"] = 0
     with pytest.raises(SystemExit, match=r"2 rank files \(ranks 0..1\); given: a \(rank 0\), b \(rank 0\)"):
         reshard.check_one_save(["a", "b"], states)
-
-
-# ------------------------------------------------------------------ interrupted saves
-def fake_trainer(save_fails):
-    from fairseq.trainer import Trainer
-
-    class Fake(Trainer):
-        has_sharded_experts = True  # saves on this rank without asking the process group
-        cfg = None
-
-        def __init__(self):
-            pass
-
-        def state_dict(self):
-            if save_fails:
-                raise OSError("No space left on device")
-            return {"extra_state": {}}
-
-    return Fake()
-
-
-def test_a_failed_crash_save_does_not_replace_the_real_error(tmp_path, caplog):
-    """fairseq saves crash.pt while handling the error that stopped training; if that save
-    fails, the user saw the save's error instead of the real one."""
-    trainer = fake_trainer(save_fails=True)
-    with caplog.at_level(logging.ERROR):
-        assert trainer.save_checkpoint(str(tmp_path / "crash.pt"), {}) is None
-    assert "could not save" in caplog.text and "No space left on device" in caplog.text and "the error that stopped training follows" in caplog.text
-    with pytest.raises(OSError, match="No space left"):  # every other save still fails loudly
-        trainer.save_checkpoint(str(tmp_path / "checkpoint_last.pt"), {})
-
-
-def test_crash_save_creates_the_save_dir_late(tmp_path):
-    trainer = fake_trainer(save_fails=False)
-    trainer.cfg = type("Cfg", (), {"checkpoint": type("C", (), {"write_checkpoints_asynchronously": False})})()
-    path = tmp_path / "not" / "yet" / "crash.pt"
-    trainer.save_checkpoint(str(path), {})
-    assert path.is_file() and not (path.parent / "crash.pt.tmp").exists()
-
-
-STALE = ["checkpoint_last.pt.tmp", "checkpoint_3_120.pt.tmp", "crash.pt.tmp", "checkpoint_last.pt.tmp-4242",
-         "checkpoint_best-rank-1.pt.tmp", "merged.pt.tmp"]
-KEPT = ["checkpoint_last.pt", "checkpoint_3_120.pt", "notes.tmp", "model.pt.tmp.bak", "x.pt.tmp-abc", "train.log", "tmp"]
-
-
-def test_stale_temporaries_and_nothing_else_are_removed_at_start(tmp_path):
-    from fairseq import checkpoint_utils
-
-    for name in STALE + KEPT:
-        (tmp_path / name).write_bytes(b"x")
-    (tmp_path / "folder.pt.tmp").mkdir()  # only files
-    checkpoint_utils.verify_checkpoint_directory(str(tmp_path))  # what fairseq-train runs at start
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(KEPT + ["folder.pt.tmp"])
-    assert file_safety.remove_stale_temporaries(str(tmp_path / "missing")) == []

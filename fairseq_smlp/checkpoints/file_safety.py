@@ -52,13 +52,31 @@ def remove_stale_temporaries(directory: str) -> list:
     return removed
 
 
+def readable(path: str) -> bool:
+    """Whether torch can unpickle the file (mmap first: the tensors are not read into memory;
+    then without, for files in torch's legacy format, which mmap does not take)."""
+    import torch
+
+    for extra in ({"mmap": True}, {}):
+        try:
+            torch.load(path, map_location="cpu", weights_only=False, **extra)
+            return True
+        except Exception:
+            continue
+    return False
+
+
 def load_or_explain(load, path, *args, **kwargs):
-    """Run `load(path, ...)`; a file that cannot be unpickled is reported by name."""
+    """Run `load(path, ...)`; a file that cannot be unpickled is reported by name. Errors
+    after a successful unpickling (fairseq upgrading the state, a plugin check) are not
+    corruption and pass through as they are."""
     try:
         return load(path, *args, **kwargs)
     except FileNotFoundError:
         raise
     except Exception as e:  # torch.load raises RuntimeError, EOFError, UnpicklingError, zipfile errors...
+        if readable(path):
+            raise
         size = os.path.getsize(path) if os.path.exists(path) else 0
         raise CorruptCheckpointError(
             f"checkpoint {path} ({size:,} bytes) is truncated or corrupted and cannot be loaded "
