@@ -123,6 +123,8 @@ def run_config(args, extra) -> dict:
 
 def check_out_dir(out: Path, config: dict) -> None:
     """--out-dir is new, or holds a run of the same configuration (which then resumes)."""
+    if out.exists() and not out.is_dir():
+        sys.exit(f"fairseq-smlp-quickstart: error: --out-dir {out} is a file, not a folder")
     recorded = out / RUN_FILE
     if recorded.is_file():
         before = json.loads(recorded.read_text())

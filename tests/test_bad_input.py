@@ -188,6 +188,7 @@ def shuffled_data_bin(data_bin, tmp_path):
     most ids (the checkpoint's words, shuffled)."""
     import random
 
+    tmp_path.mkdir(parents=True)
     lines = (data_bin / "dict.txt").read_text().splitlines()
     words = [line.split()[0] for line in lines]
     random.Random(0).shuffle(words)
@@ -286,3 +287,8 @@ def test_reshard_to_world_size_zero(checkpoint, tmp_path):
     log = fails([sys.executable, "-m", "fairseq_smlp.checkpoints", "reshard", checkpoint, "--to-world-size", "0",
                  "--out", tmp_path / "out.pt"], tmp_path)
     assert "--to-world-size must be >= 1, got 0" in log
+
+
+def test_reshard_into_a_missing_folder_is_refused_before_reading(tmp_path):
+    log = fails(reshard_cmd(tmp_path / "any.pt", "--to-world-size", "1", "--out", tmp_path / "no" / "out.pt"), tmp_path)
+    assert f"--out {tmp_path / 'no' / 'out.pt'}: folder {tmp_path / 'no'} does not exist" in log

@@ -66,6 +66,7 @@ def test_an_out_dir_of_another_configuration_is_named(tmp_path):
     (out / "checkpoints" / "checkpoint_last.pt").write_bytes(b"x")
     assert "holds checkpoints of a run with no run.json" in quickstart_exit(["--out-dir", str(out)])
     assert sorted(p.name for p in out.rglob("*")) == ["checkpoint_last.pt", "checkpoints"]
+    assert quickstart_exit(["--out-dir", str(out / "checkpoints" / "checkpoint_last.pt")]).endswith("is a file, not a folder")
 
 
 def test_task_options_after_dash_dash_reach_evaluation(tmp_path):

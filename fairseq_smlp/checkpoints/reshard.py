@@ -217,6 +217,9 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="output file; N > 1 writes OUT-rank-R.pt")
     args = parser.parse_args(argv)
     check_args(parser, args)
+    folder = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(folder):  # found before the checkpoints are read, not when writing
+        parser.error(f"--out {args.out}: folder {folder} does not exist")
     try:
         reshard(args.checkpoints, args.to_world_size, args.out)
     except CorruptCheckpointError as e:
