@@ -60,6 +60,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8,
                    help="examples per forward (all their candidates in one batch)")
     p.add_argument("--cpu", action="store_true", help="run on CPU even if CUDA is available")
+    p.add_argument("--bf16", action="store_true",
+                   help="score under bf16 autocast (fp32 weights; routers and log-softmax stay fp32), "
+                        "as fairseq-train/fairseq-eval-lm --bf16 do")
     p.add_argument("--output", default=None, help="write results to this JSON file")
     p.add_argument("--predictions", default=None, metavar="FILE.jsonl",
                    help="write one line per example: task, index, line, gold, prediction under each "
@@ -297,10 +300,11 @@ def main(args) -> dict:
         warn_unknown_tokens(spec.name, enc, dictionary.unk())
 
     results = []
-    for (spec, _, examples), enc in zip(selected, encoded):
-        results.append(evaluate_task(
-            model, spec, examples, build, dictionary.pad(), args.batch_size, device,
-            show_progress=not args.no_progress, encoded=enc, unk=dictionary.unk()))
+    with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=args.bf16):
+        for (spec, _, examples), enc in zip(selected, encoded):
+            results.append(evaluate_task(
+                model, spec, examples, build, dictionary.pad(), args.batch_size, device,
+                show_progress=not args.no_progress, encoded=enc, unk=dictionary.unk()))
 
     print(format_table(results))
     report = {
@@ -312,6 +316,7 @@ def main(args) -> dict:
         "max_positions": max_positions,
         "routing_prefix": routing_prefix,
         "device": device,
+        "precision": "bf16 autocast" if args.bf16 else "fp32",
         "batch_size": args.batch_size,
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "tasks": {r.task: {**r.to_json(), "file": str(file)}
