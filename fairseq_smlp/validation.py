@@ -10,7 +10,7 @@ model, `--max-tokens 32 --tokens-per-sample 64` trains on the few short blocks w
 `--dropout 1.5` fails deep inside torch. fairseq_patches.py runs check_config on the full cfg
 of every fairseq command before it acts; the models run it on their own config in build_model
 (the Python API path); our own commands (quickstart, reshard, launch_cpu, flops, dry_run,
-data_prep) run check_args after parsing. An error names the flag, the value and the range:
+data_prep, the zero-shot evaluator) run check_args after parsing. An error names the flag, the value and the range:
 
     --dropout must be in [0, 1), got 1.5
 """
@@ -63,8 +63,8 @@ class Range:
             text = f"{kind}{'<' if self.high_open else '<='} {_num(self.high)}"
         else:
             text = "an integer" if self.integer else "a finite number"
-        for value, meaning in self.special:
-            text += f" or {_num(value)} ({meaning})"
+        for special, meaning in self.special:
+            text += f" or {_num(special)} ({meaning})"
         return text + (f" ({self.note})" if self.note else "")
 
 
