@@ -7,7 +7,9 @@ expert-parallel runs change nothing unless the model holds sharded experts.
 """
 import copy
 import functools
+import logging
 import os
+import sys
 import types
 from pathlib import Path
 from typing import Optional
@@ -134,6 +136,26 @@ def _patch_cli_entry(distributed_utils) -> None:
         return call_main(cfg, main, **kwargs)
 
     distributed_utils.call_main = call_main_checked
+
+
+def _patch_cli_validation(distributed_utils) -> None:
+    """fairseq checks almost none of its numbers (--decoder-layers 0 trains an embedding-only
+    model, --max-tokens below --tokens-per-sample trains on the few short blocks): every
+    fairseq command's full cfg goes through validation.check_config before it acts; a bad
+    value ends the command like an argparse error (the message, no traceback)."""
+    from .validation import FlagError, check_config
+
+    call_main = distributed_utils.call_main
+
+    @functools.wraps(call_main)
+    def call_main_validated(cfg, main, **kwargs):
+        try:
+            check_config(cfg)
+        except FlagError as e:
+            sys.exit(f"{Path(sys.argv[0]).name}: error: {e}")
+        return call_main(cfg, main, **kwargs)
+
+    distributed_utils.call_main = call_main_validated
 
 
 def _patch_trainer(Trainer) -> None:
@@ -263,6 +285,97 @@ def _patch_resume(checkpoint_utils) -> None:
     checkpoint_utils.load_checkpoint = load_agreed_checkpoint
 
 
+def _patch_dictionary_identity(Trainer, checkpoint_utils, FairseqLanguageModel) -> None:
+    """fairseq compares no dictionaries: a checkpoint evaluated on a data-bin with other words
+    of the same size prints a plausible, wrong perplexity. Checkpoints record their dictionary
+    and loading one into a model built on another is an error (models/vocabulary.py)."""
+    from .models import vocabulary
+
+    state_dict, load, load_state_dict = Trainer.state_dict, checkpoint_utils.load_checkpoint_to_cpu, FairseqLanguageModel.load_state_dict
+
+    @functools.wraps(state_dict)
+    def state_dict_with_dictionary(self):
+        state = state_dict(self)
+        dictionary = getattr(self.task, "target_dictionary", None)
+        if dictionary is not None:
+            state["dictionary"] = vocabulary.fingerprint(dictionary)
+        return state
+
+    @functools.wraps(load)
+    def load_with_dictionary(*args, **kwargs):
+        return vocabulary.attach(load(*args, **kwargs))
+
+    @functools.wraps(load_state_dict)
+    def load_state_dict_checked(self, state_dict, *args, **kwargs):
+        vocabulary.check_vocabulary(self, state_dict)
+        return load_state_dict(self, state_dict, *args, **kwargs)
+
+    Trainer.state_dict = state_dict_with_dictionary
+    checkpoint_utils.load_checkpoint_to_cpu = load_with_dictionary
+    FairseqLanguageModel.load_state_dict = load_state_dict_checked
+
+
+def _patch_checkpoint_load_errors(Trainer) -> None:
+    """fairseq replaces any error while loading a checkpoint's parameters by "Cannot load model
+    parameters ...; please ensure that the architectures match": the plugin's own checks
+    (ValueError: dictionary mismatch, expert layout) reach the user as they are."""
+    load_checkpoint = Trainer.load_checkpoint
+
+    @functools.wraps(load_checkpoint)
+    def load_checkpoint_with_cause(self, *args, **kwargs):
+        try:
+            return load_checkpoint(self, *args, **kwargs)
+        except Exception as e:
+            cause = own_cause(e)
+            if cause is not None:
+                raise cause from None
+            raise
+
+    Trainer.load_checkpoint = load_checkpoint_with_cause
+
+
+def own_cause(error: BaseException) -> Optional[BaseException]:
+    """The plugin's ValueError behind fairseq's generic "Cannot load model parameters", if any."""
+    cause = error.__context__
+    generic = type(error) is Exception and str(error).startswith("Cannot load model parameters")
+    return cause if generic and isinstance(cause, ValueError) else None
+
+
+def _patch_crash_save(Trainer) -> None:
+    """On an error in a training step fairseq saves crash.pt and re-raises; when that save
+    fails too (full disk, lost directory), its error replaced the one that stopped training.
+    The crash save is best effort: its failure is logged, the original error propagates."""
+    save = Trainer.save_checkpoint
+
+    @functools.wraps(save)
+    def save_checkpoint(self, filename, extra_state):
+        if os.path.basename(filename) != "crash.pt":
+            return save(self, filename, extra_state)
+        try:
+            return save(self, filename, extra_state)
+        except Exception as e:
+            logging.getLogger(__name__).error(
+                f"could not save {filename} ({type(e).__name__}: {e}); the error that stopped training follows")
+            return None
+
+    Trainer.save_checkpoint = save_checkpoint
+
+
+def _patch_stale_temporaries(checkpoint_utils) -> None:
+    """Kills and full disks leave checkpoint_X.pt.tmp files that nothing cleans: the first
+    process of a run removes them from --save-dir when it starts (checkpoints/file_safety.py)."""
+    from .checkpoints.file_safety import remove_stale_temporaries
+
+    verify = checkpoint_utils.verify_checkpoint_directory
+
+    @functools.wraps(verify)
+    def verify_and_clean(save_dir):
+        verify(save_dir)
+        remove_stale_temporaries(save_dir)
+
+    checkpoint_utils.verify_checkpoint_directory = verify_and_clean
+
+
 PER_LAYER_PREFIX = "moe/"  # per-layer routing figures (criterions/moe_cross_entropy.py)
 
 
@@ -352,12 +465,18 @@ def install() -> None:
     from fairseq.distributed import utils as distributed_utils
     from fairseq.file_io import PathManager
     from fairseq.logging import progress_bar
+    from fairseq.models import FairseqLanguageModel
 
     _patch_checkpoint_files(checkpoint_utils, PathManager)
     _patch_cli_entry(distributed_utils)
+    _patch_cli_validation(distributed_utils)
     _patch_trainer(trainer.Trainer)
     _patch_progress_bar(progress_bar)
     _patch_expert_grad_overflow(utils)
     _patch_resume(checkpoint_utils)
     _patch_fp16_master_weights(fp16_optimizer)
+    _patch_dictionary_identity(trainer.Trainer, checkpoint_utils, FairseqLanguageModel)
+    _patch_checkpoint_load_errors(trainer.Trainer)
+    _patch_crash_save(trainer.Trainer)
+    _patch_stale_temporaries(checkpoint_utils)
     _INSTALLED = True

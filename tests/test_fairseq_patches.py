@@ -10,6 +10,7 @@ import torch
 
 import fairseq_smlp  # noqa: F401  (installs the patches)
 from fairseq_smlp import fairseq_patches
+from fairseq_smlp.checkpoints import file_safety
 from fairseq_smlp.checkpoints.file_safety import CorruptCheckpointError
 
 
@@ -220,3 +221,110 @@ def test_fp16_master_weights_travel_with_the_optimizer_state():
     resumed.load_state_dict(state)
     assert torch.equal(resumed.fp32_params[0].data, torch.full((4,), 1.0001))
     assert "fp32_master" in state  # the caller's dict is left whole
+
+
+def fake_trainer(save_fails):
+    from fairseq.trainer import Trainer
+
+    class Fake(Trainer):
+        has_sharded_experts = True  # saves on this rank without asking the process group
+        cfg = None
+
+        def __init__(self):
+            pass
+
+        def state_dict(self):
+            if save_fails:
+                raise OSError("No space left on device")
+            return {"extra_state": {}}
+
+    return Fake()
+
+
+def test_a_failed_crash_save_does_not_replace_the_real_error(tmp_path, caplog):
+    """fairseq saves crash.pt while handling the error that stopped training; if that save
+    fails, the user saw the save's error instead of the real one."""
+    trainer = fake_trainer(save_fails=True)
+    with caplog.at_level(logging.ERROR):
+        assert trainer.save_checkpoint(str(tmp_path / "crash.pt"), {}) is None
+    assert "could not save" in caplog.text and "No space left on device" in caplog.text and "the error that stopped training follows" in caplog.text
+    with pytest.raises(OSError, match="No space left"):  # every other save still fails loudly
+        trainer.save_checkpoint(str(tmp_path / "checkpoint_last.pt"), {})
+
+
+def test_crash_save_creates_the_save_dir_late(tmp_path):
+    trainer = fake_trainer(save_fails=False)
+    trainer.cfg = type("Cfg", (), {"checkpoint": type("C", (), {"write_checkpoints_asynchronously": False})})()
+    path = tmp_path / "not" / "yet" / "crash.pt"
+    trainer.save_checkpoint(str(path), {})
+    assert path.is_file() and not (path.parent / "crash.pt.tmp").exists()
+
+
+STALE = ["checkpoint_last.pt.tmp", "checkpoint_3_120.pt.tmp", "crash.pt.tmp", "checkpoint_last.pt.tmp-4242",
+         "checkpoint_best-rank-1.pt.tmp", "merged.pt.tmp"]
+KEPT = ["checkpoint_last.pt", "checkpoint_3_120.pt", "notes.tmp", "model.pt.tmp.bak", "x.pt.tmp-abc", "train.log", "tmp"]
+
+
+def test_stale_temporaries_and_nothing_else_are_removed_at_start(tmp_path):
+    from fairseq import checkpoint_utils
+
+    for name in STALE + KEPT:
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "folder.pt.tmp").mkdir()  # only files
+    checkpoint_utils.verify_checkpoint_directory(str(tmp_path))  # what fairseq-train runs at start
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(KEPT + ["folder.pt.tmp"])
+    assert file_safety.remove_stale_temporaries(str(tmp_path / "missing")) == []
+
+
+def test_every_fairseq_command_checks_its_numbers_first(monkeypatch):
+    """call_main (every fairseq command) refuses a number out of range with the flag named,
+    before `main` runs and without a traceback."""
+    from fairseq.distributed import utils as distributed_utils
+
+    from fairseq_smlp.dry_run import parse_fairseq_args
+
+    cfg = parse_fairseq_args(["DATA", "--arch", "smlp_lm_tiny", "--task", "smlp_language_modeling", "--dropout", "1.5", "--cpu"])
+    monkeypatch.setattr("sys.argv", ["fairseq-train"])
+    ran = []
+    with pytest.raises(SystemExit) as e:
+        distributed_utils.call_main(cfg, lambda cfg: ran.append(cfg))
+    assert str(e.value.code) == "fairseq-train: error: --dropout must be in [0, 1), got 1.5" and not ran
+
+
+def test_checkpoints_record_and_return_their_dictionary(tmp_path):
+    """Trainer.state_dict stores the dictionary's record (test_bad_input.py checks a real
+    checkpoint); load_checkpoint_to_cpu hands it to the model's load_state_dict."""
+    from fairseq import checkpoint_utils
+
+    from conftest import tiny_dictionary
+    from fairseq_smlp.models.vocabulary import fingerprint
+
+    record = fingerprint(tiny_dictionary(40))
+    state = {"model": {"w": torch.zeros(2)}, "dictionary": record, "args": None, "cfg": None, "last_optimizer_state": None,
+             "extra_state": {"train_iterator": {"epoch": 1}},
+             "optimizer_history": [{"criterion_name": "C", "optimizer_name": "O", "lr_scheduler_state": {"best": None}, "num_updates": 0}]}
+    torch.save(state, tmp_path / "c.pt")
+    state = checkpoint_utils.load_checkpoint_to_cpu(str(tmp_path / "c.pt"))
+    assert state["model"].dictionary == record and list(state["model"]) == ["w"]
+    del state["optimizer_history"]
+    torch.save(state, tmp_path / "old.pt")  # readable, but fairseq's upgrade fails: not called corrupt
+    with pytest.raises(KeyError, match="best_loss"):
+        checkpoint_utils.load_checkpoint_to_cpu(str(tmp_path / "old.pt"))
+
+
+def test_fairseq_generic_load_error_gives_way_to_the_plugin_cause():
+    try:
+        try:
+            raise ValueError("dictionary mismatch: ...")
+        except ValueError:
+            raise Exception("Cannot load model parameters from checkpoint x.pt; please ensure that the architectures match.")
+    except Exception as e:
+        generic = e
+    assert str(fairseq_patches.own_cause(generic)) == "dictionary mismatch: ..."
+    try:
+        try:
+            raise RuntimeError("size mismatch")
+        except RuntimeError:
+            raise Exception("Cannot load model parameters from checkpoint x.pt")
+    except Exception as e:
+        assert fairseq_patches.own_cause(e) is None  # torch's own errors keep fairseq's wording and context

@@ -87,6 +87,17 @@ def test_scores_do_not_depend_on_batch_size(kind, tasks_dir, tmp_path):
     assert all(r["choices"][0]["logprob"] == r["choices"][1]["logprob"] for r in ties)
 
 
+def test_bf16_scores_close_to_fp32(tasks_dir, tmp_path):
+    """--bf16 scores under autocast: every log-probability within a few percent of fp32."""
+    ckpt = tiny_checkpoint("smlp")
+    fp32, fp32_records = zeroshot_run(ckpt, tmp_path, "--data-dir", str(tasks_dir), "--tasks", "copa,piqa", tag="fp32")
+    bf16, bf16_records = zeroshot_run(ckpt, tmp_path, "--data-dir", str(tasks_dir), "--tasks", "copa,piqa", "--bf16", tag="bf16")
+    assert (fp32["precision"], bf16["precision"]) == ("fp32", "bf16 autocast")
+    a = [c["logprob"] for r in fp32_records for c in r["choices"]]
+    b = [c["logprob"] for r in bf16_records for c in r["choices"]]
+    assert a != b and b == pytest.approx(a, rel=0.03)
+
+
 def test_identical_candidates_share_one_forward_row():
     """Scored once: the scorer's forward sees each distinct sequence once."""
     from test_zeroshot import toy_setup, TOY

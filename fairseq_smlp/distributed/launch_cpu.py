@@ -26,6 +26,8 @@ import subprocess
 import sys
 import time
 
+from ..validation import check_args
+
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
@@ -153,8 +155,7 @@ def main(argv=None) -> int:
     parser.add_argument("--nprocs", type=int, required=True, help="number of CPU workers (data-parallel ranks)")
     parser.add_argument("--port", type=int, default=0, help="rendezvous port on 127.0.0.1 (default: a free one)")
     args = parser.parse_args(argv[:split])
-    if args.nprocs < 1:
-        parser.error("--nprocs must be >= 1")
+    check_args(parser, args)
     return launch(argv[split + 1 :], args.nprocs, args.port)
 
 

@@ -62,7 +62,7 @@ class FairseqLM(LM):
     def __init__(self, path: str, dict: Optional[str] = None, spm_model: Optional[str] = None,
                  normalize: str = "auto", user_dir: Optional[str] = None, batch_size=8,
                  max_batch_size=None, device: Optional[str] = None, max_length: Optional[int] = None,
-                 **unused):
+                 bf16=False, **unused):
         super().__init__()
         from .zeroshot import PACKAGE_DIR, load_model, max_positions_of
 
@@ -77,13 +77,21 @@ class FairseqLM(LM):
         if self.window <= 0:
             raise ValueError("the model has no window size: pass max_length=N in --model_args")
         self.rows = int(batch_size) if str(batch_size).isdigit() else 8  # "auto": a fixed 8; scores do not depend on it
+        self.bf16 = str(bf16).lower() in ("1", "true", "yes")  # --model_args bf16=true: bf16 autocast
 
     @property
     def device(self):
         return self._device
 
-    def scorer(self) -> SpanScorer:
-        return SpanScorer(self.model, self.dictionary.pad(), self._device, self.rows, self.max_positions)
+    def scorer(self):
+        """Scores spans; under bf16 autocast with --model_args bf16=true (fp32 weights)."""
+        score = SpanScorer(self.model, self.dictionary.pad(), self._device, self.rows, self.max_positions)
+
+        def run(*args, **kwargs):
+            with torch.autocast(device_type=torch.device(self._device).type, dtype=torch.bfloat16, enabled=self.bf16):
+                return score(*args, **kwargs)
+
+        return run
 
     def pair_candidate(self, context: str, continuation: str) -> Candidate:
         """(context, continuation) as the zero-shot scorer joins them. Whitespace at the end

@@ -20,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from ..validation import check_args
 from .scoring import CandidateBuilder, encode_examples, evaluate_task
 from .text import NORMALIZATIONS, TextEncoder
 from .zeroshot_tasks import TASKS, TaskFileError, find_task_file, task_from_file
@@ -59,6 +60,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8,
                    help="examples per forward (all their candidates in one batch)")
     p.add_argument("--cpu", action="store_true", help="run on CPU even if CUDA is available")
+    p.add_argument("--bf16", action="store_true",
+                   help="score under bf16 autocast (fp32 weights; routers and log-softmax stay fp32), "
+                        "as fairseq-train/fairseq-eval-lm --bf16 do")
     p.add_argument("--output", default=None, help="write results to this JSON file")
     p.add_argument("--predictions", default=None, metavar="FILE.jsonl",
                    help="write one line per example: task, index, line, gold, prediction under each "
@@ -296,10 +300,11 @@ def main(args) -> dict:
         warn_unknown_tokens(spec.name, enc, dictionary.unk())
 
     results = []
-    for (spec, _, examples), enc in zip(selected, encoded):
-        results.append(evaluate_task(
-            model, spec, examples, build, dictionary.pad(), args.batch_size, device,
-            show_progress=not args.no_progress, encoded=enc, unk=dictionary.unk()))
+    with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=args.bf16):
+        for (spec, _, examples), enc in zip(selected, encoded):
+            results.append(evaluate_task(
+                model, spec, examples, build, dictionary.pad(), args.batch_size, device,
+                show_progress=not args.no_progress, encoded=enc, unk=dictionary.unk()))
 
     print(format_table(results))
     report = {
@@ -311,6 +316,7 @@ def main(args) -> dict:
         "max_positions": max_positions,
         "routing_prefix": routing_prefix,
         "device": device,
+        "precision": "bf16 autocast" if args.bf16 else "fp32",
         "batch_size": args.batch_size,
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "tasks": {r.task: {**r.to_json(), "file": str(file)}
@@ -331,6 +337,7 @@ def cli_main(argv=None):
                         stream=sys.stderr)
     parser = get_parser()
     args = parser.parse_args(argv)
+    check_args(parser, args)  # the plugin's table of ranges (validation.py)
     if args.batch_size < 1:
         parser.error("--batch-size must be >= 1")
     if args.max_examples is not None and args.max_examples < 1:

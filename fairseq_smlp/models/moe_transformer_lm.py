@@ -35,8 +35,8 @@ from fairseq.modules.transformer_layer import TransformerDecoderLayerBase
 
 from ..moe.router import HashRouter, RoutingStats, balanced_hash_table, check_expert_count, check_finite, name_routers, random_hash_table
 from ..moe.token_moe import MoEArgs, TokenMoE
+from ..validation import check_config
 from .archs import register_archs
-from .vocabulary import VocabularyCheck
 
 
 @dataclass
@@ -308,9 +308,10 @@ class MoETransformerDecoder(TransformerDecoder):
 
 
 @register_model("moe_transformer_lm", dataclass=MoETransformerLanguageModelConfig)
-class MoETransformerLanguageModel(VocabularyCheck, TransformerLanguageModel):
+class MoETransformerLanguageModel(TransformerLanguageModel):
     @classmethod
     def build_model(cls, args, task):
+        check_config(args)  # ranges of every numeric flag (validation.py)
         check_moe_args(args)
         if args.decoder_layers_to_keep:
             raise ValueError("--decoder-layers-to-keep is not supported by moe_transformer_lm (MoE layers sit at fixed places)")

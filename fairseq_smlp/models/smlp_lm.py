@@ -27,8 +27,8 @@ from ..modules.blocks import GatedMLPBlock, SparseBlock
 from ..modules.spatial_gating import SpatialGateArgs, SpatialGatingUnit
 from ..moe.router import check_expert_count, name_routers
 from ..moe.token_moe import MoEArgs, TokenMoE
+from ..validation import check_config
 from .archs import register_archs
-from .vocabulary import VocabularyCheck
 
 
 @dataclass
@@ -76,9 +76,10 @@ def sparse_block_indices(cfg) -> List[int]:
 
 
 @register_model("smlp_lm", dataclass=SmlpConfig)
-class SmlpLanguageModel(VocabularyCheck, FairseqLanguageModel):
+class SmlpLanguageModel(FairseqLanguageModel):
     @classmethod
     def build_model(cls, cfg, task):
+        check_config(cfg)  # ranges of every numeric flag (validation.py)
         if cfg.max_target_positions is None:
             cfg.max_target_positions = cfg.tokens_per_sample
         if cfg.smoe_routing == "partial" and not getattr(task, "scores_partial_prediction", False):
