@@ -320,6 +320,24 @@ class MoETransformerLanguageModel(TransformerLanguageModel):
         embed_tokens = cls.build_embedding(args, task.source_dictionary, args.decoder_input_dim)
         return cls(MoETransformerDecoder(args, task.target_dictionary, embed_tokens, no_encoder_attn=True))
 
+    def load_state_dict(self, state_dict, *args, **kwargs):
+        check_base_layer_layout(self, state_dict)
+        return super().load_state_dict(state_dict, *args, **kwargs)
+
+
+def check_base_layer_layout(model, state_dict) -> None:
+    """A checkpoint of fairseq's BaseLayer (W workers, one expert each) loaded where the Base
+    layer holds all its experts in one process failed on key names: say why and how to convert it."""
+    saved = sorted(k for k in state_dict if k.endswith(".expert_centroids"))
+    fairseq_layers = any(isinstance(m, SingleProcessBaseLayer) for m in model.modules())
+    if saved and not fairseq_layers:
+        workers = state_dict[saved[0]].size(0)
+        raise ValueError(
+            f"{saved[0]}: the checkpoint holds fairseq's BaseLayer of {workers} workers (one expert per worker, one rank "
+            "file each) but this process holds every expert of a Base layer itself: convert the rank files with "
+            f"`python -m fairseq_smlp.checkpoints reshard CKPT --to-world-size 1 --out NEW.pt`"
+        )
+
 
 # ----------------------------------------------------------------- architectures
 # Sizes are FLOP-matched to smlp_lm_* (see docs/baselines.md and fairseq_smlp/flops.py):
