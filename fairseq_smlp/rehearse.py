@@ -166,7 +166,10 @@ def checkpoint_files(save_dir: Path, name: str):
 def same_weights(a_dir: Path, b_dir: Path) -> bool:
     import torch
 
-    for a, b in zip(checkpoint_files(a_dir, "checkpoint_last"), checkpoint_files(b_dir, "checkpoint_last")):
+    files = [checkpoint_files(d, "checkpoint_last") for d in (a_dir, b_dir)]
+    if len(files[0]) != len(files[1]):
+        return False
+    for a, b in zip(*files):
         x, y = (torch.load(p, map_location="cpu", weights_only=False)["model"] for p in (a, b))
         if x.keys() != y.keys() or not all(torch.equal(x[k], y[k]) for k in x):
             return False
