@@ -1,13 +1,20 @@
 """Quality per compute: every model family trained for the same wall-clock, side by side.
 
     python benchmarks/compare.py [--minutes 5] [--threads 1] [--models smlp smlp_partial switch ...]
-        [--corpus wikitext-2 | --data-bin DIR] [--out benchmarks/results/compare]
+        [--corpus wikitext-2 | wikitext-2+books-mix | --data-bin DIR] [--precision fp32|bf16]
+        [--experts E] [--max-epochs N] [--out benchmarks/results/compare] [-- fairseq-train options]
 
 Models: sMLP (deterministic and partial-prediction routing) and every baseline family at the
 tiny, FLOP-matched size (docs/baselines.md). Same data (default: WikiText-2 from
 $SMLP_SHARED_DATA, default ../shared/data, with an 8k sentencepiece BPE, prepared once into
 runs/compare/data), same tokens per batch, same optimizer and schedule, same seed, same
 wall-clock budget each.
+
+--corpus wikitext-2+books-mix with --max-epochs 1: the unrepeated regime (no model sees a token
+twice; a model that finishes its pass stops there). --precision bf16: autocast around forward
+(fairseq-train's --cpu --bf16 path: fp32 weights and optimizer state, fp32 routing), the
+fastest CPU path; validation runs under the same autocast. --experts E: every sparse
+family with E experts (--smoe-experts/--tmoe-experts, --moe-experts, --base-experts).
 
 Noise: all models live in ONE process and train round-robin, one slice of their budget per
 turn, so that a change in machine load hits every model alike; each model's clock counts
@@ -62,26 +69,47 @@ TRAIN_ARGS = [  # shared by every model; Adam and schedule as in the quickstart,
 ]
 
 
+EXPERT_FLAGS = {  # --experts E: the flags that set E for each family
+    "smlp": ["--smoe-experts", "--tmoe-experts"], "smlp_partial": ["--smoe-experts", "--tmoe-experts"],
+    "switch": ["--moe-experts"], "gshard": ["--moe-experts"], "hash": ["--moe-experts"], "base": ["--base-experts"],
+}
+
+
+def model_spec(name: str, experts: int = 0):
+    """(arch, extra args) of a model, with E experts in its MoE layers when experts > 0."""
+    arch, extra = MODELS[name]
+    if experts:
+        extra = extra + [a for flag in EXPERT_FLAGS.get(name, []) for a in (flag, str(experts))]
+    return arch, extra
+
+
+def autocast(precision: str):
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 def prepare_data(args) -> Path:
     if args.data_bin:
         return Path(args.data_bin)
     from data_prep.small_corpus import prepare_small_corpus
 
+    folder = "data" if args.corpus == "wikitext-2" else args.corpus  # runs/compare/data: the committed WikiText-2 run
     return prepare_small_corpus(
-        REPO / "runs" / "compare" / "data", corpus=args.corpus, bpe="sentencepiece", vocab_size=args.vocab_size
+        REPO / "runs" / "compare" / folder, corpus=args.corpus, bpe="sentencepiece", vocab_size=args.vocab_size
     )
 
 
 class Run:
     """One model with its fairseq Trainer, data iterator and own training clock."""
 
-    def __init__(self, name: str, data_bin: Path, user_args):
+    def __init__(self, name: str, data_bin: Path, user_args, spec=None, train_args=TRAIN_ARGS):
+        """spec: (arch, extra fairseq args) of the model (default MODELS[name]); train_args:
+        the fairseq-train options shared by every model (benchmarks/sparsity.py passes its own)."""
         from fairseq import options, tasks
         from fairseq.dataclass.utils import convert_namespace_to_omegaconf
         from fairseq.trainer import Trainer
 
-        arch, extra = MODELS[name]
-        argv = [str(data_bin), "--user-dir", str(REPO / "fairseq_smlp"), "--arch", arch, *TRAIN_ARGS, *extra, *user_args]
+        arch, extra = spec or MODELS[name]
+        argv = [str(data_bin), "--user-dir", str(REPO / "fairseq_smlp"), "--arch", arch, *train_args, *extra, *user_args]
         cfg = convert_namespace_to_omegaconf(options.parse_args_and_arch(options.get_training_parser(), argv))
         torch.manual_seed(cfg.common.seed)
         self.name, self.arch, self.cfg = name, arch, cfg
@@ -93,6 +121,7 @@ class Run:
         self.epoch_itr = self.trainer.get_train_iterator(epoch=1, load_dataset=True)
         self.batches = self._epoch()
         self.seconds, self.tokens, self.points = 0.0, 0, []
+        self.precision, self.max_epochs, self.exhausted = "fp32", 0, False  # set by main()
         self.longest_step = 0.0  # a clock passes its target by less than this
         from fairseq_smlp.flops import count_flops, count_params
 
@@ -107,10 +136,13 @@ class Run:
     def train_until(self, stop: float) -> None:
         """Train until this model's clock reaches `stop` seconds (an absolute target, so that
         the overshoot of one slice does not carry into the next validation point)."""
-        while self.seconds < stop:
+        while self.seconds < stop and not self.exhausted:
             start = time.perf_counter()
             sample = next(self.batches, None)
             if sample is None:  # end of the data: next epoch (fairseq's own epoch bookkeeping)
+                if self.max_epochs and self.epoch_itr.epoch >= self.max_epochs:
+                    self.exhausted = True  # one pass at most: the model stops where its data ends
+                    break
                 self.epoch_itr = self.trainer.get_train_iterator(self.epoch_itr.epoch + 1, load_dataset=False)
                 self.batches = self._epoch()
                 sample = next(self.batches)
@@ -120,24 +152,35 @@ class Run:
             self.longest_step = max(self.longest_step, step)
             self.tokens += int(sample["ntokens"])
 
-    @torch.no_grad()
-    def validate(self, prefix: int, max_blocks: int, elapsed: float) -> dict:
-        """Validation NLL on positions >= prefix (every model) and on all positions, over the
-        first `max_blocks` blocks of the validation set (0: all; the same blocks for every model).
-        `elapsed`: wall-clock since the comparison started (all models, validation included)."""
-        self.model.eval()
+    def valid_batches(self, max_blocks: int, spread: bool):
+        """Batches of the first `max_blocks` validation blocks (0: all), or with `spread` that many
+        blocks evenly spaced over the whole set (a validation set made of several corpora one
+        after the other is then sampled from each)."""
         valid = self.task.dataset("valid")
         max_blocks = max_blocks or len(valid)
+        per_batch = max(1, self.cfg.dataset.max_tokens // self.cfg.task.tokens_per_sample)
+        if spread and max_blocks < len(valid):
+            chosen = [int(i * len(valid) / max_blocks) for i in range(max_blocks)]
+            return (valid.collater([valid[i] for i in chosen[k : k + per_batch]]) for k in range(0, len(chosen), per_batch))
         itr = self.task.get_batch_iterator(
             valid, max_tokens=self.cfg.dataset.max_tokens, max_positions=None, required_batch_size_multiple=1,
             seed=1, num_workers=0, ignore_invalid_inputs=False,
         ).next_epoch_itr(shuffle=False)
-        itr = itertools.islice(itr, -(-min(max_blocks, len(valid)) // max(1, self.cfg.dataset.max_tokens // self.cfg.task.tokens_per_sample)))
+        return itertools.islice(itr, -(-min(max_blocks, len(valid)) // per_batch))
+
+    @torch.no_grad()
+    def validate(self, prefix: int, max_blocks: int, elapsed: float, spread: bool = False) -> dict:
+        """Validation NLL on positions >= prefix (every model) and on all positions, over the
+        validation blocks of valid_batches (the same blocks for every model).
+        `elapsed`: wall-clock since the comparison started (all models, validation included)."""
+        self.model.eval()
+        itr = self.valid_batches(max_blocks, spread)
         pad = self.task.target_dictionary.pad()
         sums = {"suffix": [0.0, 0], "all": [0.0, 0]}
         for sample in itr:
-            output = self.model(**sample["net_input"])
-            lprobs = self.model.get_normalized_probs(output, log_probs=True)  # (B, T, V)
+            with autocast(self.precision):
+                output = self.model(**sample["net_input"])
+            lprobs = self.model.get_normalized_probs(output, log_probs=True).float()  # (B, T, V)
             target = sample["target"]
             nll = -lprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1)  # (B, T)
             real = target.ne(pad)
@@ -222,8 +265,10 @@ def _params(m: dict) -> str:
     return f"{_millions(m['params'])}{active}"
 
 
-def _blocks(valid_blocks: int) -> str:
-    return f"the first {valid_blocks} validation blocks" if valid_blocks else "the whole validation set"
+def _blocks(valid_blocks: int, spread: bool = False) -> str:
+    if not valid_blocks:
+        return "the whole validation set"
+    return f"{valid_blocks} validation blocks spread evenly over the set" if spread else f"the first {valid_blocks} validation blocks"
 
 
 def write_markdown(path: Path, result: dict) -> None:
@@ -235,8 +280,12 @@ def write_markdown(path: Path, result: dict) -> None:
         f"{meta['load_before']} before, {meta['load_after']} after. Data: {meta['data']}. "
         f"{meta['minutes']} min of training per model, round-robin in {meta['points']} slices, validated "
         f"after each; tokens per update {meta['tokens_per_update']}, 128-token blocks, Adam lr 2e-3 "
-        "(inverse sqrt, 100 warm-up updates), dropout 0.1.", "",
-        f"ppl: validation perplexity over {_blocks(meta['valid_blocks'])}, on positions >= {meta['prefix']} of each 128-token block (what the partial-prediction "
+        f"(inverse sqrt, 100 warm-up updates), dropout 0.1"
+        + (f"; then `{' '.join(meta['extra'])}`" if meta.get("extra") else "")
+        + f". Precision {meta.get('precision', 'fp32')}"
+        + (f"; at most {meta['max_epochs']} pass(es) over the training data" if meta.get("max_epochs") else "")
+        + (f"; {meta['experts']} experts in every MoE layer" if meta.get("experts") else "") + ".", "",
+        f"ppl: validation perplexity over {_blocks(meta['valid_blocks'], meta.get('valid_spread', False))}, on positions >= {meta['prefix']} of each 128-token block (what the partial-prediction "
         "model can be scored on), the same positions for every model; all-pos: over all positions.", "",
         *([f"Note: {meta['note']}", ""] if meta.get("note") else []),
         f"Best baseline: **{s['best_baseline']}**, final ppl {s['target_ppl']:.2f}.", "",
@@ -298,11 +347,16 @@ def parse_args(argv=None):
     p.add_argument("--minutes", type=float, default=5.0, help="training wall-clock per model")
     p.add_argument("--points", type=int, default=6, help="validation points (round-robin slices) per model")
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    p.add_argument("--corpus", default="wikitext-2", choices=["wikitext-2", "ptb"])
+    p.add_argument("--corpus", default="wikitext-2", choices=["wikitext-2", "ptb", "wikitext-2+books-mix"])
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast (fp32 weights and routing)")
+    p.add_argument("--experts", type=int, default=0, help="experts of every MoE layer of every sparse family (0: the archs' defaults)")
+    p.add_argument("--max-epochs", type=int, default=0, help="passes over the training data at most (0: no limit)")
     p.add_argument("--vocab-size", type=int, default=8000, help="sentencepiece vocabulary of the prepared corpus")
     p.add_argument("--data-bin", help="an existing fairseq data-bin instead of --corpus")
     p.add_argument("--valid-blocks", type=int, default=1024,
                    help="validation blocks scored at each point: the first N (0: the whole validation set)")
+    p.add_argument("--valid-spread", action="store_true",
+                   help="the --valid-blocks blocks evenly spaced over the validation set instead of the first ones")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: steady on a shared 2-core machine)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "compare"))
     p.add_argument("--render", action="store_true", help="only rewrite OUT.md and the plots from OUT.json")
@@ -333,7 +387,11 @@ def main(argv=None):
     data_bin = prepare_data(args)
     load_before = round(os.getloadavg()[0], 2)
     user_args = [a for a in args.extra if a != "--"]
-    runs = [Run(name, data_bin, user_args) for name in args.models]
+    if args.precision == "bf16":
+        user_args = ["--bf16", *user_args]  # the plugin's CPU bf16 path: autocast in the Trainer
+    runs = [Run(name, data_bin, user_args, spec=model_spec(name, args.experts)) for name in args.models]
+    for run in runs:
+        run.precision, run.max_epochs = args.precision, args.max_epochs
     # score every model from the partial model's prefix P (or what its default would be)
     prefix = max([getattr(r.model.decoder, "score_from", 0) for r in runs] + [0]) or default_prefix(data_bin)
     slice_seconds = args.minutes * 60 / args.points
@@ -341,7 +399,7 @@ def main(argv=None):
     for turn in range(args.points):
         for run in runs:
             run.train_until((turn + 1) * slice_seconds)
-            point = run.validate(prefix, args.valid_blocks, time.perf_counter() - start)
+            point = run.validate(prefix, args.valid_blocks, time.perf_counter() - start, args.valid_spread)
             print(f"[{turn + 1}/{args.points}] {run.name:13} {point}", flush=True)
 
     out = Path(args.out)
@@ -349,10 +407,11 @@ def main(argv=None):
         "meta": {
             **run_metadata("compare.py", argv), "load_before": load_before,
             "load_after": round(os.getloadavg()[0], 2), "data": str(data_bin) if args.data_bin else f"{args.corpus}, {args.vocab_size} sentencepiece BPE",
-            "minutes": args.minutes, "points": args.points, "valid_blocks": args.valid_blocks, "prefix": prefix, "tokens_per_update": runs[0].cfg.dataset.max_tokens, "out": str(out),
+            "precision": args.precision, "experts": args.experts, "max_epochs": args.max_epochs, "extra": user_args,
+            "minutes": args.minutes, "points": args.points, "valid_blocks": args.valid_blocks, "valid_spread": args.valid_spread, "prefix": prefix, "tokens_per_update": runs[0].cfg.dataset.max_tokens, "out": str(out),
         },
         "models": {
-            r.name: {"arch": r.arch, "params": r.params, "params_active": r.params_active, "flops_per_token": r.flops_per_token,
+            r.name: {"arch": r.arch, "args": model_spec(r.name, args.experts)[1], "exhausted": r.exhausted, "params": r.params, "params_active": r.params_active, "flops_per_token": r.flops_per_token,
                      "longest_step_seconds": round(r.longest_step, 3), "points": r.points}
             for r in runs
         },

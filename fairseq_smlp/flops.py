@@ -90,12 +90,22 @@ def _linear_flops(linear: nn.Linear) -> int:
     return 2 * linear.in_features * linear.out_features
 
 
+def _expert_flops(experts: nn.Module) -> float:
+    """Forward FLOPs of one expert: its W1 and W2 of every stacked ExpertFFN (Base layers
+    stack S of them)."""
+    from .moe.experts import ExpertFFN
+
+    stacks = [m for m in experts.modules() if isinstance(m, ExpertFFN)]
+    return sum(2 * (m.fc1_weight.numel() + m.fc2_weight.numel()) / m.num_local_experts for m in stacks)
+
+
 def count_flops(model: nn.Module, seq_len: int) -> "OrderedDict[str, float]":
     """Forward FLOPs per token by category (see the module docstring)."""
     from fairseq.modules import MultiheadAttention
     from fairseq.modules.base_layer import BaseLayer
 
     from .modules.spatial_gating import SpatialGatingUnit
+    from .moe.base_experts import BaseExpertsLayer
     from .moe.token_moe import TokenMoE
 
     flops = OrderedDict((c, 0.0) for c in CATEGORIES)
@@ -115,10 +125,8 @@ def count_flops(model: nn.Module, seq_len: int) -> "OrderedDict[str, float]":
             flops["mixing"] += 2 * seq_len * channels
             if module.router is not None:  # reads P positions of every channel, once per sequence
                 flops["routing"] += 2 * module.router.weight.numel() * channels / seq_len
-        elif isinstance(module, TokenMoE):
-            experts = module.experts
-            per_expert = 2 * (experts.fc1_weight.numel() + experts.fc2_weight.numel()) / experts.num_experts
-            flops["experts"] += module.router.top_k * per_expert
+        elif isinstance(module, (TokenMoE, BaseExpertsLayer)):  # a router and its experts
+            flops["experts"] += module.router.top_k * _expert_flops(module.experts)
             flops["routing"] += 2 * sum(p.numel() for p in module.router.parameters())
         elif isinstance(module, BaseLayer):
             flops["experts"] += sum(_linear_flops(m) for m in module.expert_network.modules() if isinstance(m, nn.Linear))
@@ -139,12 +147,13 @@ def count_params(model: nn.Module, base_workers: int = 1) -> "OrderedDict[str, i
     """total, active per token, embedding and expert parameter counts."""
     from fairseq.modules.base_layer import BaseLayer
 
+    from .moe.base_experts import BaseExpertsLayer
     from .moe.token_moe import TokenMoE
 
     total = sum(p.numel() for p in model.parameters())
     inactive, extra_workers = 0.0, 0
     for module in model.modules():
-        if isinstance(module, TokenMoE):
+        if isinstance(module, (TokenMoE, BaseExpertsLayer)):
             expert_params = sum(p.numel() for p in module.experts.parameters())
             k = module.router.top_k
             inactive += expert_params * (1 - k / module.experts.num_experts)

@@ -281,6 +281,8 @@ def assert_causal(model, train: bool):
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 def test_causal(family, train):
     arch, args = FAMILIES[family]
+    if family == "base" and train:  # balanced assignment couples a batch's tokens: one expert here,
+        args = args + ["--base-experts", "1"]  # E experts given the assignment: test_fair_baselines.py
     assert_causal(build(arch, args), train)
 
 
@@ -340,8 +342,9 @@ def test_balanced_hash_spreads_the_dictionary_counts():
 
 
 def test_base_layer_in_one_process_is_fairseqs_maths():
-    """One worker: every token goes to the one expert, mixed in by sigmoid(x . c)."""
-    model = build("base_lm_tiny", TRANSFORMER_NO_DROPOUT).eval()
+    """fairseq's BaseLayer (--base-experts 0) in one worker: every token goes to the one
+    expert, mixed in by sigmoid(x . c). E experts in one process: test_fair_baselines.py."""
+    model = build("base_lm_tiny", TRANSFORMER_NO_DROPOUT + ["--base-experts", "0"]).eval()
     layer = next(m for m in model.modules() if type(m).__name__ == "SingleProcessBaseLayer")
     x = torch.randn(5, 2, layer.expert_centroids.size(1))
     with torch.no_grad():

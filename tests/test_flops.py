@@ -74,14 +74,17 @@ def test_smlp_by_hand():
 
 
 def test_base_layer_by_hand_and_per_worker_experts():
+    """fairseq's layout (one expert per worker) and one process holding all E experts count alike."""
     args = SMALL_TRANSFORMER + ["--base-layers", "1", "--base-sublayers", "2"]
-    one = flops_of("base_lm_tiny", args)
-    four = flops_of("base_lm_tiny", args, base_workers=4)
+    one = flops_of("base_lm_tiny", args + ["--base-experts", "0"])  # fairseq's BaseLayer, one worker
+    four = flops_of("base_lm_tiny", args, base_workers=4)  # fairseq's BaseLayer, 4 workers
+    local = flops_of("base_lm_tiny", args + ["--base-experts", "4"])  # 4 experts in this process
     assert one["flops_per_token"]["experts"] == four["flops_per_token"]["experts"] == 2 * 2 * 2 * H * F
     assert one["flops_per_token"]["routing"] == 2 * H and four["flops_per_token"]["routing"] == 2 * 4 * H
     sublayer = (H * F + F) + (F * H + H) + 2 * H  # ff1, ff2, its layer norm
     assert four["params"]["total"] - one["params"]["total"] == 3 * 2 * sublayer + 3 * H
     assert four["params"]["active"] == one["params"]["active"] + 3 * H  # one expert per token
+    assert local["flops_per_token"] == four["flops_per_token"] and local["params"] == four["params"]
 
 
 @pytest.mark.parametrize("arch", [f"{f}_tiny" for f in ["smlp_lm"] + FAMILIES])

@@ -177,11 +177,41 @@ def transformer_blocks(m, state) -> List[str]:
     return blocks
 
 
+# A Base layer with all E experts in one process (moe/base_experts.py) holds them stacked:
+# (E, ...) tensors per sublayer. Split into one expert network each, fairseq's BaseLayer naming
+# plus an expert index (expert_networks.E.S.*), which the export's BaseLayer takes as experts.E.S.*
+STACKED_BASE = re.compile(r"decoder\.layers\.(\d+)\.experts\.sublayers\.(\d+)\.(norm|fc1|fc2)_(weight|bias)")
+STACKED_CENTROIDS = re.compile(r"decoder\.layers\.(\d+)\.router\.centroids")
+
+
+def unstack_base_experts(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """state dict with stacked Base-layer experts -> the same with one network per expert (a new dict)."""
+    out = {}
+    for key, tensor in state.items():
+        stacked, centroids = STACKED_BASE.fullmatch(key), STACKED_CENTROIDS.fullmatch(key)
+        if centroids:
+            out[f"decoder.layers.{centroids.group(1)}.expert_centroids"] = tensor
+        elif stacked:
+            layer, sublayer, part, kind = stacked.groups()
+            name = {"norm": "norm", "fc1": "ff1", "fc2": "ff2"}[part]
+            for e in range(tensor.size(0)):
+                # (E, 1, D) vectors -> (D,); (E, in, out) matmul weights -> nn.Linear's (out, in)
+                value = tensor[e, 0] if kind == "bias" or part == "norm" else tensor[e].t()
+                out[f"decoder.layers.{layer}.expert_networks.{e}.{sublayer}.{name}.{kind}"] = value.contiguous()
+        else:
+            out[key] = tensor
+    return out
+
+
 def base_experts(state, blocks) -> int:
-    """Experts of a Base layer = its centroids; fairseq's BaseLayer holds one expert network per worker."""
+    """Experts of a Base layer = its centroids; fairseq's BaseLayer holds one expert network per
+    worker (only one is in a checkpoint), a one-process Base layer all of them."""
+    state = unstack_base_experts(state)
     counts = {state[f"decoder.layers.{i}.expert_centroids"].size(0) for i, kind in enumerate(blocks) if kind == "base"}
     if not counts:
         return 1
+    if len(counts) == 1 and any(".expert_networks." in k for k in state):
+        return counts.pop()
     if counts != {1}:
         raise ExportError(
             f"Base layers with {max(counts)} centroids but one expert network in the file: fairseq's BaseLayer keeps "
@@ -276,6 +306,7 @@ TRANSFORMER_RULES: Rules = [
     (r"decoder\.layers\.(\d+)\.fc1\.(router|experts)\.(.+)", r"model.layers.\1.moe.\2.\3"),  # MoE FFN (fairseq's fc1 slot)
     (r"decoder\.layers\.(\d+)\.expert_centroids", r"model.layers.\1.centroids"),  # Base layer
     (r"decoder\.layers\.(\d+)\.expert_network\.(\d+)\.(.+)", r"model.layers.\1.experts.0.\2.\3"),  # its one expert
+    (r"decoder\.layers\.(\d+)\.expert_networks\.(\d+)\.(.+)", r"model.layers.\1.experts.\2.\3"),  # all E (unstack_base_experts)
     (r"decoder\.layers\.(\d+)\.(.+)", r"model.layers.\1.\2"),  # attention, norms, dense fc1/fc2
 ]
 XGLM_RULES: Rules = [
@@ -331,7 +362,7 @@ def build_hf_model(state: dict, plan: Export):
     with torch.device("meta"):
         model = plan.model_class(plan.config)
     expected = {k: v.shape for k, v in model.state_dict().items()}
-    weights = map_state_dict(state["model"], plan.rules, expected)
+    weights = map_state_dict(unstack_base_experts(state["model"]), plan.rules, expected)
     model.load_state_dict(weights, strict=True, assign=True)
     if plan.config.tie_word_embeddings:  # one tensor again (assign=True loaded two equal copies)
         if not torch.equal(weights["lm_head.weight"], weights["model.embed_tokens.weight"]):

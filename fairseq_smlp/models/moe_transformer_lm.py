@@ -7,8 +7,11 @@ One model, `moe_transformer_lm`, a subclass of fairseq's `transformer_lm`: every
     --moe-router top1   Switch (Fedus et al. 2021)       archs switch_lm_*
     --moe-router top2   GShard (Lepikhin et al. 2020)    archs gshard_lm_*
     --moe-router hash   HASH Layers (Roller et al. 2021) archs hash_lm_*
-    --moe-router none   no token MoE; with --base-layers N: fairseq's own Base Layers
-                        (Lewis et al. 2021), usable in one process   archs base_lm_*
+    --moe-router none   no token MoE; with --base-layers N: Base Layers (Lewis et al.
+                        2021) with --base-experts E experts   archs base_lm_*
+
+Base layers: in one process, BaseExpertsLayer (moe/base_experts.py) holds all E experts;
+with several data-parallel workers, fairseq's own BaseLayer (one expert per worker, E = W).
 
 The dense baselines `transformer_lm_*` are fairseq's `transformer_lm` with matched sizes.
 The decoder returns the routing statistics of every MoE layer in extra["moe_stats"] for
@@ -33,6 +36,7 @@ from fairseq.modules import base_layer
 from fairseq.modules.checkpoint_activations import checkpoint_wrapper
 from fairseq.modules.transformer_layer import TransformerDecoderLayerBase
 
+from ..moe.base_experts import BaseExpertsLayer
 from ..moe.router import HashRouter, RoutingStats, balanced_hash_table, check_expert_count, check_finite, name_routers, random_hash_table
 from ..moe.token_moe import MoEArgs, TokenMoE
 from ..validation import check_config
@@ -63,6 +67,20 @@ class MoETransformerLanguageModelConfig(TransformerLanguageModelConfig):
         default="balanced", metadata={"help": "hash: token-id -> expert table, balanced by the dictionary's token counts or uniform at random"}
     )
     hash_seed: int = field(default=0, metadata={"help": "hash: seed of the random table"})
+    expert_init: ChoiceEnum(["dense", "zero_output"]) = field(
+        default="dense", metadata={"help": "top1/top2/hash experts: dense (each expert starts as the dense FFN it replaces, "
+                                   "as Switch, GShard, HASH and fairseq's MoE do) or zero_output (output weight 0, "
+                                   "Base Layers' convention). Base layers always start as Base Layers do"}
+    )
+    expert_dropout: float = field(
+        default=0.0, metadata={"help": "dropout on the hidden activations inside every expert (top1/top2/hash experts "
+                                 "and the Base layer's experts; Switch's 'expert dropout')"}
+    )
+    base_experts: int = field(
+        default=0, metadata={"help": "experts of each Base layer. In one process: all of them in the process "
+                                 "(BaseExpertsLayer); with W workers: fairseq's BaseLayer, one expert per worker, "
+                                 "so it must be W. 0: one per worker (one process: a single expert)"}
+    )
 
 
 def is_moe_layer(index: int, moe_freq: int) -> bool:
@@ -78,7 +96,7 @@ def check_moe_args(args) -> None:
         if args.scale_fc:
             raise ValueError("--scale-fc (a LayerNorm inside the FFN) is not supported in MoE layers")
         if (args.activation_dropout or 0) > 0 or (args.relu_dropout or 0) > 0:
-            raise ValueError("--activation-dropout / --relu-dropout (dropout inside the FFN) is not supported in MoE layers")
+            raise ValueError("--activation-dropout / --relu-dropout (dropout inside the FFN) is not supported in MoE layers; use --expert-dropout")
         if (args.quant_noise_pq or 0) > 0:
             raise ValueError("--quant-noise-pq is not supported in MoE layers")
     if args.character_embeddings or args.adaptive_input:
@@ -113,6 +131,7 @@ def build_moe_ffn(args, dictionary) -> MoEFeedForward:
         activation=activation, train_capacity_factor=args.moe_train_capacity_factor,
         eval_capacity_factor=args.moe_eval_capacity_factor, z_loss_weight=args.moe_router_z_loss,
         second_expert_policy=str(args.moe_second_expert_policy), hash_table=table,
+        expert_init=str(args.expert_init), expert_dropout=args.expert_dropout or 0.0,
     ))
 
 
@@ -253,6 +272,25 @@ class SingleProcessBaseLayer(base_layer.BaseLayer):
         self.last_stats = RoutingStats(layer=self.name, expert_counts=counts)
 
 
+def build_base_layer(cfg, args):
+    """The Base layer for this run: all E experts in this process when it is the only
+    worker, fairseq's BaseLayer (one expert per worker) with several workers.
+    cfg: fairseq's TransformerConfig; args: the model's arguments (our own fields)."""
+    experts = args.base_experts or 0
+    workers = distributed_utils.get_data_parallel_world_size()
+    if workers == 1 and experts >= 1:
+        return BaseExpertsLayer(
+            cfg.decoder.embed_dim, cfg.decoder.ffn_embed_dim, experts, cfg.base_sublayers,
+            activation=str(cfg.activation_fn), dropout=args.expert_dropout or 0.0,
+        )
+    if experts not in (0, workers):
+        raise ValueError(
+            f"--base-experts {experts} with {workers} data-parallel workers: fairseq's BaseLayer, used when there are "
+            f"several workers, holds one expert per worker; set --base-experts {workers} (or 0)"
+        )
+    return SingleProcessBaseLayer(cfg)
+
+
 # ----------------------------------------------------------------- decoder and model
 class MoETransformerDecoder(TransformerDecoder):
     """fairseq's TransformerDecoder with MoE FFNs every --moe-freq layers and Base
@@ -266,7 +304,9 @@ class MoETransformerDecoder(TransformerDecoder):
         for name, module in self.named_modules():
             if isinstance(module, SingleProcessBaseLayer):
                 module.name = f"{name}.base_layer"
-        self.moe_modules = [m for m in self.modules() if isinstance(m, (MoEFeedForward, SingleProcessBaseLayer))]
+            elif isinstance(module, BaseExpertsLayer):  # logged as moe_L<i>_base_layer_*, as fairseq's
+                module.router.name = f"{name}.base_layer"
+        self.moe_modules = [m for m in self.modules() if isinstance(m, (MoEFeedForward, SingleProcessBaseLayer, BaseExpertsLayer))]
         self.hash_routers = [m for m in self.modules() if isinstance(m, HashRouter)]
 
     def build_decoder_layer(self, cfg, no_encoder_attn=False):
@@ -280,8 +320,8 @@ class MoETransformerDecoder(TransformerDecoder):
         return layer
 
     def build_output_projection(self, args, dictionary, embed_tokens):
-        """fairseq inserts its BaseLayers here; ours are the single-process kind, at the
-        same places: layer ((i + 1) * L) // (N + 1) for the i-th of N."""
+        """fairseq inserts its BaseLayers here; ours go at the same places (layer
+        ((i + 1) * L) // (N + 1) for the i-th of N), built by build_base_layer."""
         cfg = TransformerConfig.from_namespace(args)
         num_base_layers = cfg.base_layers
         cfg.base_layers = 0  # fairseq's own BaseLayer would need a process group
@@ -290,7 +330,7 @@ class MoETransformerDecoder(TransformerDecoder):
         finally:
             cfg.base_layers = num_base_layers
         for i in range(num_base_layers):
-            self.layers.insert(((i + 1) * cfg.decoder.layers) // (num_base_layers + 1), SingleProcessBaseLayer(cfg))
+            self.layers.insert(((i + 1) * cfg.decoder.layers) // (num_base_layers + 1), build_base_layer(cfg, self.args))
 
     def extract_features(self, prev_output_tokens, encoder_out=None, incremental_state=None, **kwargs):
         newest = prev_output_tokens[:, -1:] if incremental_state is not None else prev_output_tokens
@@ -394,10 +434,11 @@ _register(
     moe_router="hash", moe_freq=2, **SCALED,
 )
 # Base Layers: fairseq inserts N whole BASE layers (each S FFN sublayers of width F) into a
-# shallower Transformer; one expert per worker
+# shallower Transformer; as many experts as smlp_lm_* has tMoE experts (one per worker in a
+# multi-worker run)
 _register(
-    "moe_transformer_lm", "base_lm", "Base Layers: fairseq's --base-layers",
-    moe_router="none", moe_freq=0, base_layers=1, base_shuffle=1,
+    "moe_transformer_lm", "base_lm", "Base Layers: --base-layers with --base-experts experts",
+    moe_router="none", moe_freq=0, base_layers=1, base_shuffle=1, base_experts={size: s[4] for size, s in SIZES.items()},
     decoder_layers={"tiny": 3, "base": 10, "large": 20, "9b": 17}, base_sublayers={"tiny": 3, "base": 4, "large": 8, "9b": 18},
     decoder_ffn_embed_dim={"tiny": 240, "base": 2304, "large": 3072, "9b": 4096},
 )

@@ -45,6 +45,11 @@ class SmlpConfig(FairseqDataclass):
     partial_balance: ChoiceEnum(["assignment", "aux_loss"]) = field(default="assignment", metadata={"help": "partial prediction: balanced assignment, or first choice + Switch auxiliary loss"})
     tmoe_experts: int = field(default=4, metadata={"help": "feature-mixing (tMoE) experts per sparse block, Base-layer routing"})
     tmoe_ffn_embed_dim: int = field(default=2048, metadata={"help": "hidden width of each tMoE expert FFN"})
+    expert_init: ChoiceEnum(["dense", "zero_output"]) = field(
+        default="dense", metadata={"help": "tMoE experts: dense (start as a dense FFN: nn.Linear's init, as the Transformer "
+                                   "MoE baselines' experts) or zero_output (output weight 0: the tMoE adds nothing at first)"}
+    )
+    expert_dropout: float = field(default=0.0, metadata={"help": "dropout on the hidden activations inside every tMoE expert"})
     balanced_assignment: ChoiceEnum(["torch", "libbase"]) = field(
         default="torch", metadata={"help": "solver of the balanced assignments (tMoE training, --partial-balance assignment): "
                                    "torch (vectorised dual prices, exact optimum when prices converge) or fairseq's compiled libbase auction"}
@@ -179,7 +184,10 @@ def build_sparse_block(cfg) -> SparseBlock:
         init_eps=cfg.spatial_init_eps, expert_parallel=cfg.smoe_expert_parallel,
     ))
     token_mixing = GatedMLPBlock(cfg.decoder_embed_dim, cfg.decoder_ffn_embed_dim, gate, split_gate, cfg.dropout)
-    tmoe = MoEArgs("base", cfg.tmoe_experts, cfg.decoder_embed_dim, cfg.tmoe_ffn_embed_dim, solver=str(cfg.balanced_assignment))
+    tmoe = MoEArgs(
+        "base", cfg.tmoe_experts, cfg.decoder_embed_dim, cfg.tmoe_ffn_embed_dim, solver=str(cfg.balanced_assignment),
+        expert_init=str(cfg.expert_init), expert_dropout=cfg.expert_dropout,
+    )
     return SparseBlock(token_mixing, TokenMoE(tmoe), cfg.dropout)
 
 

@@ -16,20 +16,41 @@ class ExpertFFN(nn.Module):
 
     Weights are stacked (E_local, ...): E_local = E / data-parallel world size (all E in
     one process; rank r holds experts r*E_local .. (r+1)*E_local - 1, see sharding.py).
-    The per-expert LayerNorm (pre_norm) is Base Layers' (the expert owns its norm). W2
-    starts at zero, so a new MoE layer adds nothing to the residual stream.
+    The per-expert LayerNorm (pre_norm) is Base Layers' (the expert owns its norm).
+    `dropout`: expert dropout on the hidden activations (--expert-dropout).
+
+    init (--expert-init): "dense" (default) starts every expert as torch's nn.Linear starts a
+    dense FFN (weights and biases uniform in +-1/sqrt(fan_in)): Switch, GShard, HASH and
+    fairseq's MoE experts start like the FFN they replace. "zero_output": the same with W2 = 0,
+    fairseq's BaseSublayer (Base Layers): the expert starts as the zero function (plus its
+    bias), so a residual sublayer starts as the identity.
     """
 
-    def __init__(self, num_experts: int, embed_dim: int, ffn_dim: int, pre_norm: bool = True, activation: str = "gelu"):
+    INITS = ("dense", "zero_output")
+
+    def __init__(
+        self, num_experts: int, embed_dim: int, ffn_dim: int, pre_norm: bool = True, activation: str = "gelu",
+        init: str = "dense", dropout: float = 0.0,
+    ):
         super().__init__()
+        if init not in self.INITS:
+            raise ValueError(f"--expert-init must be one of {self.INITS}, got {init!r}")
+        if not 0 <= dropout < 1:
+            raise ValueError(f"--expert-dropout must be in [0, 1), got {dropout}")
         self.num_experts, self.embed_dim = num_experts, embed_dim  # num_experts: all ranks together
         self.norm_weight = nn.Parameter(torch.ones(num_experts, 1, embed_dim)) if pre_norm else None
         self.norm_bias = nn.Parameter(torch.zeros(num_experts, 1, embed_dim)) if pre_norm else None
-        bound = embed_dim ** -0.5
-        self.fc1_weight = nn.Parameter(torch.empty(num_experts, embed_dim, ffn_dim).uniform_(-bound, bound))
-        self.fc1_bias = nn.Parameter(torch.zeros(num_experts, 1, ffn_dim))
-        self.fc2_weight = nn.Parameter(torch.zeros(num_experts, ffn_dim, embed_dim))
-        self.fc2_bias = nn.Parameter(torch.zeros(num_experts, 1, embed_dim))
+
+        def uniform(shape, fan_in):  # nn.Linear's init of weight and bias: U(+-1/sqrt(fan_in))
+            return nn.Parameter(torch.empty(num_experts, *shape).uniform_(-fan_in ** -0.5, fan_in ** -0.5))
+
+        self.fc1_weight = uniform((embed_dim, ffn_dim), embed_dim)
+        self.fc1_bias = uniform((1, ffn_dim), embed_dim)
+        self.fc2_weight = uniform((ffn_dim, embed_dim), ffn_dim)
+        self.fc2_bias = uniform((1, embed_dim), ffn_dim)
+        if init == "zero_output":
+            nn.init.zeros_(self.fc2_weight)
+        self.init, self.dropout = init, dropout
         self.activation = getattr(F, activation)
         for p in self.parameters():
             p.expert = True  # fairseq's legacy_ddp skips these in the gradient all-reduce
@@ -54,6 +75,7 @@ class ExpertFFN(nn.Module):
         if self.norm_weight is not None:
             x = F.layer_norm(x, (self.embed_dim,)) * self.norm_weight + self.norm_bias
         h = self.activation(torch.baddbmm(self.fc1_bias, x, self.fc1_weight))
+        h = F.dropout(h, self.dropout, self.training)
         return torch.baddbmm(self.fc2_bias, h, self.fc2_weight)
 
     def can_run_grouped(self, x: torch.Tensor) -> bool:
@@ -79,4 +101,5 @@ class ExpertFFN(nn.Module):
         if self.norm_weight is not None:
             x = F.layer_norm(x, (self.embed_dim,)) * per_row(self.norm_weight) + per_row(self.norm_bias)
         h = self.activation(F.grouped_mm(x, self.fc1_weight, offs=offs) + per_row(self.fc1_bias))
+        h = F.dropout(h, self.dropout, self.training)
         return F.grouped_mm(h, self.fc2_weight, offs=offs) + per_row(self.fc2_bias)

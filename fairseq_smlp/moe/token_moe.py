@@ -30,6 +30,8 @@ class MoEArgs:
     z_loss_weight: float = 0.0  # top1/top2: router z-loss
     second_expert_policy: str = "sampling"  # top2, training
     hash_table: Optional[torch.Tensor] = None  # hash: (V,) expert of every token id
+    expert_init: str = "dense"  # ExpertFFN.INITS: dense (as a dense FFN) or zero_output (Base Layers)
+    expert_dropout: float = 0.0  # dropout on the experts' hidden activations
 
 
 class TokenMoE(nn.Module):
@@ -41,7 +43,10 @@ class TokenMoE(nn.Module):
         if args.router not in ROUTERS:
             raise ValueError(f"unknown token router {args.router!r}; one of {ROUTERS}")
         # initialised experts first, registered router first (parameter and checkpoint order)
-        experts = ExpertFFN(args.num_experts, args.embed_dim, args.ffn_dim, args.expert_norm, args.activation)
+        experts = ExpertFFN(
+            args.num_experts, args.embed_dim, args.ffn_dim, args.expert_norm, args.activation,
+            init=args.expert_init, dropout=args.expert_dropout,
+        )
         self.router, self.experts = build_router(args), experts
 
     def forward(self, x: torch.Tensor):

@@ -1,0 +1,113 @@
+"""benchmarks/sparsity.py: crossover arithmetic, router health, resumable records, and one short
+real run of two models (skipped again when rerun)."""
+import json
+import math
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+import sparsity  # noqa: E402
+
+
+def curve(values, key="nll"):
+    return [{"tokens": 1000 * (i + 1), key: v} for i, v in enumerate(values)]
+
+
+def test_crossover_is_where_the_sparse_curve_stays_below_to_the_end():
+    dense = curve([5.0, 4.0, 3.5, 3.2, 3.0])
+    assert sparsity.paired_crossover(curve([5.5, 3.9, 3.6, 3.1, 2.9]), dense) == 4000  # dips below at 2000, back above, below from 4000
+    assert sparsity.paired_crossover(curve([4.9, 3.9, 3.4, 3.1, 2.9]), dense) == 1000  # below all along
+    assert sparsity.paired_crossover(curve([4.9, 3.9, 3.4, 3.1, 3.0]), dense) is None  # tied at the end: does not pass
+    assert sparsity.paired_crossover(curve([4.9, 3.9], "valid_nll"), curve([5.0, 4.0, 3.0], "valid_nll"), "valid_nll") == 1000
+
+
+def test_validation_blocks_are_spread_over_the_whole_set():
+    assert sparsity.valid_indices(10, 0) == list(range(10))
+    assert sparsity.valid_indices(100, 4) == [0, 25, 50, 75]
+    assert sparsity.eval_schedule(1000, 4) == [250, 500, 750, 1000]
+
+
+def test_every_sparse_model_names_its_dense_counterpart():
+    for name, (arch, extra, dense, family, experts) in sparsity.MODELS.items():
+        assert (dense is None) == (name in sparsity.DENSE)
+        if dense:
+            assert dense == ("gmlp" if arch.startswith("smlp") else "transformer")
+            assert str(experts) in extra
+
+
+class FakeRouter(torch.nn.Module):
+    """Routes token i to expert choice[i]; named as the decoder names its routers."""
+
+    def __init__(self, choice, num_experts):
+        super().__init__()
+        self.choice, self.num_experts, self.name = choice, num_experts, "layers.1.fc1.router"
+
+    def forward(self, x):
+        return self.choice.unsqueeze(1), None, None
+
+
+FakeRouter.__name__ = "Top1Router"
+
+
+def test_router_health_entropy_unused_and_changed_share():
+    router = FakeRouter(torch.tensor([0, 0, 1, 1]), 4)
+    probe = sparsity.RouterProbe(torch.nn.Sequential(router))
+    with probe:
+        router(torch.zeros(4, 2))
+    first = probe.health()["layers.1.fc1.router"]
+    assert first["unused"] == 2 and first["entropy"] == pytest.approx(math.log(2) / math.log(4))
+    assert "changed" not in first and first["load_max"] == 2.0
+    router.choice = torch.tensor([0, 1, 2, 3])
+    with probe:
+        router(torch.zeros(4, 2))
+    second = probe.health()["layers.1.fc1.router"]
+    assert second["entropy"] == pytest.approx(1.0) and second["unused"] == 0
+    assert second["changed"] == 0.75  # tokens 1, 2 and 3 moved
+
+
+def test_unfinished_models_are_forgotten_and_finished_ones_kept(tmp_path):
+    path = tmp_path / "x.jsonl"
+    records = [{"kind": "meta"}, {"kind": "start", "model": "a"}, {"kind": "done", "model": "a"},
+               {"kind": "start", "model": "b"}, {"kind": "train", "model": "b"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    sparsity.drop_unfinished(path)
+    kept = sparsity.read_records(path)
+    assert [r.get("model") for r in kept] == [None, "a", "a"]
+    assert sparsity.finished_models(kept) == {"a"}
+
+
+def test_short_run_writes_records_table_and_plots_and_resumes(data_bin, tmp_path):
+    out = tmp_path / "study_lr0.002"  # a dot in the prefix: files are PREFIX.jsonl, not a replaced suffix
+    argv = ["train", "--models", "transformer", "switch_e4", "base_e4", "--data-bin", str(data_bin), "--max-train-tokens", "1536",
+            "--tokens-per-update", "512", "--points", "2", "--valid-blocks", "8", "--log-tokens", "512", "--out", str(out),
+            "--", "--decoder-embed-dim", "16", "--decoder-ffn-embed-dim", "32", "--decoder-attention-heads", "2"]
+    sparsity.main(argv)
+    records = sparsity.read_records(tmp_path / "study_lr0.002.jsonl")
+    models = sparsity.by_model(records)
+    assert set(models) == {"transformer", "switch_e4", "base_e4"}
+    switch = models["switch_e4"]
+    logged = [r["tokens"] for r in switch["train"]]
+    assert logged == sorted(logged) and logged[-1] >= 1536 and logged[0] >= 512
+    assert all(math.isfinite(r["nll"]) for r in switch["train"])
+    assert len(switch["eval"]) == 2 and set(switch["eval"][-1]["router"]) == {"layers.1.fc1.router", "layers.3.fc1.router"}
+    assert "changed" in switch["eval"][-1]["router"]["layers.1.fc1.router"]
+    moe = switch["train"][0]["moe"]
+    assert "moe_dropped" in moe and any(k.startswith("moe/L1") and k.endswith("_dropped") for k in moe)
+    # Base routing: also scored with the training (balanced) routing, the mismatch diagnostic
+    base_eval = models["base_e4"]["eval"][-1]
+    assert math.isfinite(base_eval["valid_nll_training_routing"]) and "valid_nll_training_routing" not in switch["eval"][-1]
+    assert set(base_eval["router"]) == {"layers.1.base_layer"}
+    table = (tmp_path / "study_lr0.002.md").read_text()
+    assert "| switch_e4 | 4 |" in table and "| transformer | - |" in table
+    assert (tmp_path / "study_lr0.002_transformer_moe.png").exists()
+    summary = json.loads((tmp_path / "study_lr0.002.json").read_text())["rows"]
+    assert summary["switch_e4"]["dense"] == "transformer" and "valid_ppl_gap_pct" in summary["switch_e4"]
+    # the same paired batches: both models' online losses were measured on the same tokens
+    assert [r["tokens"] for r in models["transformer"]["train"]] == logged
+    sparsity.main(argv)  # rerun: both done, nothing trained again
+    again = sparsity.read_records(tmp_path / "study_lr0.002.jsonl")
+    assert sum(r["kind"] == "start" for r in again) == 3
