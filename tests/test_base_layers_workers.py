@@ -1,7 +1,7 @@
 """fairseq's BaseLayer with several workers (issue 14, item 2): one expert per worker, so every
 rank's checkpoint holds another expert. They are marked like sharded experts (rank files with
 the expert_parallel metadata); `reshard --to-world-size 1` turns the W rank files into one
-layer holding all W experts (modules/base_experts.py's layout) and W -> W is the identity.
+layer holding all W experts (moe/base_experts.py's layout) and W -> W is the identity.
 (Half precision of the same layer: test_half_precision.py.)"""
 import os
 import subprocess
@@ -16,7 +16,7 @@ WORKERS = 2
 ARGS = [
     "--user-dir", "fairseq_smlp", "--task", "smlp_language_modeling", "--arch", "base_lm_tiny",
     "--decoder-embed-dim", "16", "--decoder-ffn-embed-dim", "32", "--decoder-attention-heads", "2",
-    "--decoder-layers", "2", "--base-sublayers", "2", "--tokens-per-sample", "32", "--criterion", "moe_cross_entropy",
+    "--decoder-layers", "2", "--base-sublayers", "2", "--base-experts", "2", "--tokens-per-sample", "32", "--criterion", "moe_cross_entropy",
     "--optimizer", "adam", "--lr", "0.01", "--max-tokens", "128", "--log-format", "json", "--log-interval", "2",
     "--no-epoch-checkpoints", "--num-workers", "0", "--seed", "2", "--required-batch-size-multiple", "1",
 ]
@@ -79,34 +79,38 @@ def test_reshard_to_one_process_keeps_every_expert(trained):
     assert torch.equal(model[shared], ranks[0][shared])
 
 
-def test_the_merged_experts_compute_what_each_worker_computed(trained):
-    """Each token through its greedy expert: the stacked ExpertFFN sublayers built from the
-    merged file give what fairseq's BaseSublayers of that expert's rank give."""
-    from fairseq.modules.base_layer import BaseSublayer
+def test_the_merged_layer_computes_what_each_worker_computed(trained, data_bin):
+    """The merged file, loaded as fairseq-eval-lm loads it (one process: BaseExpertsLayer with
+    both experts), sends each token to its greedy expert and gives what fairseq's BaseSublayers
+    of that expert's rank give, mixed by fairseq's sigmoid(x . c_e)."""
     from types import SimpleNamespace
 
-    from fairseq_smlp.moe.experts import ExpertFFN
+    from fairseq import checkpoint_utils
+    from fairseq.modules.base_layer import BaseSublayer
+
+    from fairseq_smlp.moe.base_experts import BaseExpertsLayer
 
     save, merged, _ = trained
-    model = load(merged)["model"]
+    models, _, _ = checkpoint_utils.load_model_ensemble_and_task([str(merged)], arg_overrides={"data": str(data_bin)})
+    layer = models[0].decoder.layers[1]
+    assert isinstance(layer, BaseExpertsLayer) and layer.router.centroids.size(0) == WORKERS
     ranks = [load(save / f"checkpoint_last-rank-{r}.pt")["model"] for r in range(WORKERS)]
-    centroids = model["decoder.layers.1.router.centroids"]
-    x = torch.randn(40, 16, generator=torch.Generator().manual_seed(0))
-    expert = (x @ centroids.t()).argmax(1)
+    x = torch.randn(40, 1, 16, generator=torch.Generator().manual_seed(0))
+    layer.eval()
+    with torch.no_grad():
+        out = layer(x)[0].squeeze(1)
+        scores = x.squeeze(1) @ ranks[0]["decoder.layers.1.expert_centroids"].t()
+    expert = scores.argmax(1)
     assert set(expert.tolist()) == set(range(WORKERS))  # both experts get tokens
-    h = x.clone()
-    for s in range(2):
-        ffn = ExpertFFN(WORKERS, 16, 32, pre_norm=True, activation="relu")
-        ffn.load_state_dict({k.split(".")[-1]: v for k, v in model.items() if k.startswith(f"decoder.layers.1.experts.sublayers.{s}.")})
-        with torch.no_grad():
-            h = h + torch.stack([ffn(h[i].expand(WORKERS, 1, 16))[e, 0] for i, e in enumerate(expert.tolist())])
     args = SimpleNamespace(decoder_embed_dim=16, decoder_ffn_embed_dim=32, activation_fn="relu")
     for r in range(WORKERS):
         sublayers = torch.nn.Sequential(*(BaseSublayer(args) for _ in range(2)))
         sublayers.load_state_dict({k.split("expert_network.")[1]: v for k, v in ranks[r].items() if ".expert_network." in k})
+        mine = expert == r
         with torch.no_grad():
-            mine = expert == r
-            torch.testing.assert_close(h[mine], sublayers(x[mine]), rtol=1e-5, atol=1e-5)
+            xs = x.squeeze(1)[mine]
+            alpha = torch.sigmoid(scores[mine, r]).unsqueeze(1)
+            torch.testing.assert_close(out[mine], alpha * sublayers(xs) + (1 - alpha) * xs, rtol=1e-5, atol=1e-5)
 
 
 def test_reshard_to_the_same_workers_is_the_identity_and_others_are_refused(trained, tmp_path):

@@ -31,7 +31,8 @@ FAMILIES = {
     "switch": lambda: _baseline("switch_lm_tiny", "--moe-experts", "4"),
     "gshard": lambda: _baseline("gshard_lm_tiny", "--moe-experts", "4", "--moe-second-expert-policy", "all"),
     "hash": lambda: _baseline("hash_lm_tiny", "--moe-experts", "4"),
-    "base": lambda: _baseline("base_lm_tiny", "--base-sublayers", "2"),
+    "base": lambda: _baseline("base_lm_tiny", "--base-sublayers", "2"),  # one process: all 4 experts (BaseExpertsLayer)
+    "base_fairseq": lambda: _baseline("base_lm_tiny", "--base-sublayers", "2", "--base-experts", "0"),  # fairseq's BaseLayer
 }
 # (weights dtype, autocast dtype or None)
 MODES = {

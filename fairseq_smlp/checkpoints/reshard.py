@@ -200,7 +200,7 @@ def base_layer_keys(model_state) -> set:
 
 def base_layers_to_experts(models):
     """W rank files' fairseq BaseLayers -> one BaseExpertsLayer with E = W experts (the layout a
-    single process builds for Base Layers: modules/base_experts.py, BaseRouter + S stacked
+    single process builds for Base Layers: moe/base_experts.py, BaseRouter + S stacked
     residual ExpertFFN sublayers, fairseq's maths). models: the W ranks' model states, in rank
     order (rank r holds expert r). Returns {key: tensor} of the new layer's parameters; every
     BaseLayer key of the input is replaced.
