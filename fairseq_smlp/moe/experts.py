@@ -4,6 +4,8 @@ Written by hand rather than with fairscale's MOELayer: MOELayer needs a process 
 and a fixed capacity; tMoE's balanced assignment needs neither, and evaluation-time
 greedy routing has uneven loads that a capacity would drop.
 """
+from typing import Optional
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -58,25 +60,63 @@ class ExpertFFN(nn.Module):
 
     def can_run_grouped(self, x: torch.Tensor) -> bool:
         """torch's grouped_mm runs on CPU (fp32/bf16) for rows whose byte strides are multiples
-        of 16; on CUDA it needs bf16 and SM >= 80, and it is not in autocast's cast lists."""
+        of 16; on CUDA it needs bf16 and SM >= 80. It is not in autocast's cast lists:
+        under CPU autocast forward_grouped casts to the autocast dtype itself."""
         grouped_mm = getattr(F, "grouped_mm", None)
-        aligned = all(d * x.element_size() % 16 == 0 for d in (self.embed_dim, self.fc1_weight.size(-1)))
+        dtype = _compute_dtype(x)
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        aligned = all(d * itemsize % 16 == 0 for d in (self.embed_dim, self.fc1_weight.size(-1)))
         return (
-            grouped_mm is not None and x.device.type == "cpu" and aligned and x.dtype == self.fc1_weight.dtype
-            and not torch.is_autocast_enabled("cpu")
+            grouped_mm is not None and x.device.type == "cpu" and aligned
+            and dtype in (torch.float32, torch.bfloat16) and (x.dtype == self.fc1_weight.dtype or torch.is_autocast_enabled("cpu"))
         )
 
-    def forward_grouped(self, x: torch.Tensor, row_expert: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """x: (M, H) rows grouped by local expert (row_expert: (M,) sorted; counts: (E_local,)) -> (M, H).
+    def forward_grouped(self, x: torch.Tensor, row_expert: Optional[torch.Tensor], counts: torch.Tensor) -> torch.Tensor:
+        """x: (M, H) rows grouped by local expert (counts: (E_local,) rows per expert;
+        row_expert: (M,) their experts, or None to derive it) -> (M, H).
 
         forward() on exactly the routed rows: each expert multiplies only its own rows, so
-        an uneven load costs no FLOPs on padding slots."""
+        an uneven load costs no FLOPs on padding slots. Biases are added to each expert's
+        block of rows in place (no (M, F) copy of the bias rows)."""
         offs = torch.cumsum(counts, 0).to(torch.int32)
-
-        def per_row(p):  # (E, 1, D) -> (M, D): each row's expert's vector
-            return p.squeeze(1).index_select(0, row_expert)
-
+        sizes = counts.tolist()
         if self.norm_weight is not None:
+            if row_expert is None:
+                row_expert = torch.repeat_interleave(torch.arange(counts.numel(), device=x.device), counts)
+
+            def per_row(p):  # (E, 1, D) -> (M, D): each row's expert's vector
+                return p.squeeze(1).index_select(0, row_expert)
+
             x = F.layer_norm(x, (self.embed_dim,)) * per_row(self.norm_weight) + per_row(self.norm_bias)
-        h = self.activation(F.grouped_mm(x, self.fc1_weight, offs=offs) + per_row(self.fc1_bias))
-        return F.grouped_mm(h, self.fc2_weight, offs=offs) + per_row(self.fc2_bias)
+        dtype = _compute_dtype(x)
+        h = F.grouped_mm(x.to(dtype), self.fc1_weight.to(dtype), offs=offs)
+        h = self.activation(_AddBlockBias.apply(h, self.fc1_bias, sizes))
+        y = F.grouped_mm(h.to(dtype), self.fc2_weight.to(dtype), offs=offs)
+        return _AddBlockBias.apply(y, self.fc2_bias, sizes)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul on x runs in: autocast's on the CPU when it is on, else x's."""
+    return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+
+
+class _AddBlockBias(torch.autograd.Function):
+    """y (M, D) rows in blocks of sizes[e] rows per expert; y[block e] += bias[e], in place.
+
+    bias: (E, 1, D). The gradient of bias[e] is the sum of the gradient over block e."""
+
+    @staticmethod
+    def forward(ctx, y, bias, sizes):
+        ctx.mark_dirty(y)
+        ctx.sizes, ctx.bias_dtype = sizes, bias.dtype
+        for block, b in zip(y.split(sizes), bias.to(y.dtype)):
+            block.add_(b)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_bias = None
+        if ctx.needs_input_grad[1]:
+            grad_bias = torch.stack([block.sum(0, keepdim=True, dtype=torch.float32) for block in grad.split(ctx.sizes)])
+            grad_bias = grad_bias.to(ctx.bias_dtype)
+        return grad, grad_bias, None

@@ -1,0 +1,195 @@
+"""The fast MoE paths (issue 13) equal the plain implementations they replaced
+(tests/moe_reference.py): outputs, gradients and routing decisions, in fp32 to 1e-6."""
+import pytest
+import torch
+
+import moe_reference as reference
+from fairseq_smlp.moe.dispatch import dispatch_to_experts, group_by_expert
+from fairseq_smlp.moe.experts import ExpertFFN
+
+TOL = dict(rtol=1e-6, atol=1e-6)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def random_experts(num_experts, hidden=8, ffn=16, pre_norm=True, seed=0):
+    torch.manual_seed(seed)
+    experts = ExpertFFN(num_experts, hidden, ffn, pre_norm=pre_norm)
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.normal_()
+    return experts
+
+
+def outputs_and_grads(fn, x, weight, experts):
+    """fn(x, weight) -> out; returns out and the gradients of x, weight and every expert parameter."""
+    experts.zero_grad()
+    x = x.clone().requires_grad_()
+    weight = weight.clone().requires_grad_() if weight is not None else None
+    out = fn(x, weight)
+    out.backward(torch.arange(out.numel(), dtype=out.dtype).view_as(out).sin())
+    grads = [x.grad] + ([weight.grad] if weight is not None else []) + [p.grad.clone() for p in experts.parameters()]
+    return [out.detach()] + grads
+
+
+def assert_all_close(actual, expected):
+    assert len(actual) == len(expected)
+    for a, b in zip(actual, expected):
+        torch.testing.assert_close(a, b, **TOL)
+
+
+def routing_case(kind, num_tokens, num_experts, seed=0):
+    """expert_index (N, k) of the kinds the routers produce."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "balanced":  # tMoE training: a permutation, N/E per expert
+        return (torch.randperm(num_tokens, generator=g) % num_experts).unsqueeze(1)
+    if kind == "uneven":  # HASH, greedy tMoE: every token kept, loads differ (an expert may get none)
+        return torch.randint(max(1, num_experts - 1), (num_tokens, 1), generator=g)
+    if kind == "dropped":  # Switch over capacity
+        index = torch.randint(num_experts, (num_tokens, 1), generator=g)
+        return index.masked_fill(torch.rand(num_tokens, 1, generator=g) < 0.3, -1)
+    if kind == "top2":  # GShard: two distinct experts, some assignments dropped, a token with none
+        first = torch.randint(num_experts, (num_tokens,), generator=g)
+        second = (first + 1 + torch.randint(num_experts - 1, (num_tokens,), generator=g)) % num_experts
+        index = torch.stack([first, second], 1)
+        index = index.masked_fill(torch.rand(num_tokens, 2, generator=g) < 0.25, -1)
+        index[0] = -1
+        return index
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("kind", ["balanced", "uneven", "dropped", "top2"])
+@pytest.mark.parametrize("pre_norm", [True, False])
+@pytest.mark.parametrize("num_experts", [1, 3, 4])
+def test_dispatch_equals_reference(kind, pre_norm, num_experts):
+    if kind == "top2" and num_experts < 2:
+        pytest.skip("top-2 needs two experts")
+    num_tokens = 24
+    experts = random_experts(num_experts, pre_norm=pre_norm)
+    index = routing_case(kind, num_tokens, num_experts)
+    x = torch.randn(num_tokens, 8)
+    weight = torch.rand(num_tokens, index.size(1))
+    fast = outputs_and_grads(lambda x, w: dispatch_to_experts(x, index, w, experts), x, weight, experts)
+    plain = outputs_and_grads(lambda x, w: reference.dispatch_to_experts(x, index, w, experts), x, weight, experts)
+    assert_all_close(fast, plain)
+
+
+@pytest.mark.parametrize("kind", ["balanced", "uneven"])
+def test_dispatch_without_weight_is_weight_one(kind):
+    """weight=None (HASH) gives what weight 1 gives, gradients included."""
+    experts = random_experts(4, pre_norm=False)
+    index = routing_case(kind, 20, 4)
+    x = torch.randn(20, 8)
+    fast = outputs_and_grads(lambda x, w: dispatch_to_experts(x, index, None, experts), x, None, experts)
+    plain = outputs_and_grads(lambda x, w: reference.dispatch_to_experts(x, index, torch.ones(20, 1), experts), x, None, experts)
+    assert_all_close(fast, plain)
+
+
+def test_grouping_is_stable_and_puts_dropped_last():
+    flat = torch.tensor([2, -1, 0, 2, 1, 0, -1, 2])
+    order, position, counts, num_kept = group_by_expert(flat, 3)
+    assert order.tolist() == [2, 5, 4, 0, 3, 7, 1, 6]
+    assert counts.tolist() == [2, 1, 3] and num_kept == 6
+    assert torch.equal(order[position], torch.arange(8))
+
+
+def test_grouped_experts_under_bf16_autocast_match_padded_slots():
+    """Uneven loads under CPU bf16 autocast run grouped_mm in bf16 (not the padded slots):
+    same result as the slots to bf16 precision."""
+    experts = random_experts(3, hidden=16, ffn=32, pre_norm=True)
+    rows = torch.randn(20, 16)
+    counts = torch.tensor([9, 0, 11])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert experts.can_run_grouped(rows)
+        grouped = experts.forward_grouped(rows, None, counts)
+        padded = reference.run_experts_padded(experts, rows, counts)
+    assert grouped.dtype == torch.bfloat16
+    torch.testing.assert_close(grouped.float(), padded.float(), rtol=0.05, atol=0.3)
+
+
+# ------------------------------------------------------------------ Switch and GShard routers
+def gate_router(cls, num_experts, policy=None, z_loss=0.0, capacity_factor=1.0, seed=0):
+    torch.manual_seed(seed)
+    kwargs = {"second_expert_policy": policy} if policy else {}
+    router = cls(8, num_experts, capacity_factor, 0.0, z_loss_weight=z_loss, **kwargs).train()
+    torch.nn.init.normal_(router.gate.weight)  # spread logits: uneven loads, drops
+    return router
+
+
+def route_and_grads(route, router, x):
+    """route(router, x) -> (index, weight, aux, (counts, dropped, total)) and the gradients of x
+    and the gate from sum(weight * r) + aux."""
+    router.zero_grad()
+    x = x.clone().requires_grad_()
+    torch.manual_seed(1)  # the same noise for sampling / random policies
+    index, weight, aux, (counts, dropped, total) = route(router, x)
+    (weight * torch.rand(weight.shape, generator=torch.Generator().manual_seed(2))).sum().add(aux).backward()
+    return index, [weight.detach(), aux.detach(), counts, dropped, total, x.grad, router.gate.weight.grad.clone()]
+
+
+def fast_route(router, x):
+    index, weight, stats = router(x)
+    return index, weight, stats.aux_loss, (stats.expert_counts, stats.dropped, stats.total)
+
+
+@pytest.mark.parametrize("num_experts", [2, 3, 8])
+@pytest.mark.parametrize("capacity_factor", [0.5, 1.25, 0.0])
+@pytest.mark.parametrize("z_loss", [0.0, 0.1])
+def test_top1_router_equals_reference(num_experts, capacity_factor, z_loss):
+    from fairseq_smlp.moe.router import Top1Router
+
+    router = gate_router(Top1Router, num_experts, z_loss=z_loss, capacity_factor=capacity_factor)
+    x = torch.randn(64, 8)
+    index, fast = route_and_grads(fast_route, router, x)
+    ref_index, plain = route_and_grads(reference.top1_route, router, x)
+    assert torch.equal(index, ref_index)
+    assert_all_close(fast, plain)
+
+
+@pytest.mark.parametrize("num_experts", [2, 3, 8])
+@pytest.mark.parametrize("policy", ["sampling", "all", "random"])
+@pytest.mark.parametrize("train", [True, False])
+def test_top2_router_equals_reference(num_experts, policy, train):
+    from fairseq_smlp.moe.router import Top2Router
+
+    router = gate_router(Top2Router, num_experts, policy=policy, z_loss=0.01, capacity_factor=1.0).train(train)
+    x = torch.randn(64, 8)
+    index, fast = route_and_grads(fast_route, router, x)
+    ref_index, plain = route_and_grads(reference.top2_route, router, x)
+    assert torch.equal(index, ref_index)
+    assert_all_close(fast, plain)
+
+
+# ------------------------------------------------------------------ balanced assignment
+@pytest.mark.parametrize("shape,scale", [
+    ((512, 4), 1.0), ((600, 8), 3.0), ((480, 16), 1.0), ((257, 2), 5.0), ((7, 4), 1.0),
+    ((6, 64, 4), 1.0), ((5, 48, 8), 2.0), ((3, 40, 16), 1.0), ((4, 9, 3), 0.1),
+])
+def test_price_assignment_equals_reference(shape, scale):
+    """Same assignment as sweeping every problem together to the end: a problem set aside
+    once balanced is a fixed point, and the unsorted topk picks the same two gains."""
+    from fairseq_smlp.moe.balanced_assignment import _capacities, _price_assignment
+
+    torch.manual_seed(0)
+    scores = torch.randn(*shape) * scale
+    capacity = _capacities(shape[-2], shape[-1], "cpu")
+    assert torch.equal(_price_assignment(scores, capacity), reference.price_assignment(scores, capacity))
+
+
+def test_price_assignment_with_ties_falls_back_like_reference():
+    """Identical items straddling a clearing price never balance: those problems go to the
+    fill after max_sweeps, exactly as before, while the others are solved on the way."""
+    from fairseq_smlp.moe.balanced_assignment import _capacities, _price_assignment
+
+    torch.manual_seed(0)
+    scores = torch.randn(4, 12, 3)
+    scores[1] = torch.tensor([1.0, 0.0, 0.0]).repeat(12, 1)  # every item identical
+    scores[3, :6] = scores[3, 0]
+    capacity = _capacities(12, 3, "cpu")
+    assert torch.equal(_price_assignment(scores, capacity, max_sweeps=5), reference.price_assignment(scores, capacity, max_sweeps=5))
