@@ -54,7 +54,8 @@ class ExpertFFN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (E_local, C, H) C rows per expert -> (E_local, C, H)."""
         if self.norm_weight is not None:
-            x = F.layer_norm(x, (self.embed_dim,)) * self.norm_weight + self.norm_bias
+            # per-expert affine in one op (norm_bias + x_hat * norm_weight): one pass less than * then +
+            x = torch.addcmul(self.norm_bias, F.layer_norm(x, (self.embed_dim,)), self.norm_weight)
         h = self.activation(torch.baddbmm(self.fc1_bias, x, self.fc1_weight))
         return torch.baddbmm(self.fc2_bias, h, self.fc2_weight)
 
