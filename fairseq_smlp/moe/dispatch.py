@@ -81,9 +81,14 @@ def dispatch_to_experts(x: torch.Tensor, expert_index: torch.Tensor, weight: Opt
     x: (N, H); expert_index: (N, k) long, -1 where an assignment was dropped;
     weight: (N, k) combine weight of each assignment, or None for weight 1 (HASH).
     Returns (N, H): sum_k w_k f_{e_k}(x), zero for a token with no kept assignment (it
-    passes through the caller's residual).
+    passes through the caller's residual), in the experts' output dtype (under CPU autocast
+    bf16, as an autocast linear layer returns; the caller's residual add promotes it exactly).
     """
     num_tokens, k = expert_index.shape
+    if experts.world_size == 1:  # (rows between workers keep their dtype)
+        # experts that start with a matmul cast their rows to the autocast dtype anyway: cast
+        # once before grouping, and move half the bytes (a pre-norm expert normalises fp32 rows)
+        x = x.to(experts.input_dtype(x))
     grouping = group_by_expert(expert_index.reshape(-1), experts.num_experts)
     order, position, counts, num_kept = grouping
     run_local = functools.partial(run_experts, experts)
@@ -96,15 +101,15 @@ def dispatch_to_experts(x: torch.Tensor, expert_index: torch.Tensor, weight: Opt
     if k == 1 and num_kept == num_tokens:  # a permutation of the tokens
         out = run(_PermuteRows.apply(x, order, position))
         if weight is None:
-            return _PermuteRows.apply(out, position, order).to(x.dtype)
-        return _CombinePermuted.apply(out, weight, position, order).to(x.dtype)
+            return _PermuteRows.apply(out, position, order)
+        return _CombinePermuted.apply(out, weight, position, order)
 
     kept = order[:num_kept]  # general case: dropped assignments, or k > 1 (GShard)
     token = kept // k if k > 1 else kept
     out = run(x.index_select(0, token))  # (M, H), grouped by expert
     if weight is not None:
         out = out * weight.reshape(-1).index_select(0, kept).unsqueeze(-1).to(out.dtype)
-    return out.new_zeros(x.shape).index_add_(0, token, out).to(x.dtype)
+    return out.new_zeros(x.shape).index_add_(0, token, out)
 
 
 def run_experts(experts: ExpertFFN, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

@@ -59,6 +59,11 @@ class ExpertFFN(nn.Module):
         h = self.activation(torch.baddbmm(self.fc1_bias, x, self.fc1_weight))
         return torch.baddbmm(self.fc2_bias, h, self.fc2_weight)
 
+    def input_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """The dtype the experts' first op reads x in: the autocast dtype when that op is the
+        fc1 matmul (no pre-norm) under CPU autocast, else x's own."""
+        return _compute_dtype(x) if self.norm_weight is None and x.device.type == "cpu" else x.dtype
+
     def can_run_grouped(self, x: torch.Tensor) -> bool:
         """torch's grouped_mm runs on CPU (fp32/bf16) for rows whose byte strides are multiples
         of 16; on CUDA it needs bf16 and SM >= 80. It is not in autocast's cast lists:
@@ -88,7 +93,7 @@ class ExpertFFN(nn.Module):
             def per_row(p):  # (E, 1, D) -> (M, D): each row's expert's vector
                 return p.squeeze(1).index_select(0, row_expert)
 
-            x = F.layer_norm(x, (self.embed_dim,)) * per_row(self.norm_weight) + per_row(self.norm_bias)
+            x = torch.addcmul(per_row(self.norm_bias), F.layer_norm(x, (self.embed_dim,)), per_row(self.norm_weight))
         dtype = _compute_dtype(x)
         h = F.grouped_mm(x.to(dtype), self.fc1_weight.to(dtype), offs=offs)
         h = self.activation(_AddBlockBias.apply(h, self.fc1_bias, sizes))
