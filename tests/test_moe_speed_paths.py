@@ -226,3 +226,76 @@ def test_dispatch_under_bf16_autocast_matches_reference(pre_norm, kind):
     for a, b in zip(fast, plain):
         assert a.dtype == b.dtype
         torch.testing.assert_close(a, b, rtol=0.03, atol=0.03 * max(1.0, b.abs().max().item()))
+
+
+# ------------------------------------------------------------------ --moe-compile
+def _reset_compile_warning():
+    from fairseq_smlp.moe import compile as moe_compile
+
+    moe_compile._WARNED["fallback"] = False
+
+
+@pytest.mark.skipif(not __import__("fairseq_smlp.moe.compile", fromlist=["x"]).compiler_available(), reason="no C++ compiler for torch.compile")
+def test_compiled_hot_paths_equal_eager():
+    """--moe-compile: the experts' batched forward and the partial sMoE mixing give eager's
+    outputs and gradients to fp32 rounding (compiles two tiny graphs: tens of seconds)."""
+    from conftest import build_tiny_smlp
+    from fairseq_smlp.moe.compile import CompiledOrEager, compile_moe
+
+    experts = random_experts(2, hidden=8, ffn=16, pre_norm=True)
+    x = torch.randn(2, 6, 8)
+    eager = outputs_and_grads(lambda x, w: experts(x), x, None, experts)
+    compiled_forward = CompiledOrEager(experts.forward, "experts")
+    compiled = outputs_and_grads(lambda x, w: compiled_forward(x), x, None, experts)
+    assert compiled_forward.compiled is not None  # it did not fall back
+    assert_all_close(compiled, eager)
+
+    model = build_tiny_smlp(smoe_routing="partial", decoder_layers=2).train()
+    tokens = torch.randint(4, 40, (2, 24), generator=torch.Generator().manual_seed(0))
+
+    def logits_and_grads():
+        model.zero_grad()
+        out = model(tokens)[0]
+        out.float().pow(2).mean().backward()
+        return [out.detach()] + [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    eager = logits_and_grads()
+    assert compile_moe(model) == 2  # the tMoE experts and the partial sMoE of block 1
+    assert_all_close(logits_and_grads(), eager)
+    block = model.decoder.layers[1]
+    assert block.feature_moe.experts.forward.compiled is not None and block.token_mixing.gate.mix_routed.compiled is not None
+
+
+def test_moe_compile_without_compiler_runs_eager_with_one_log_line(monkeypatch, caplog):
+    from conftest import build_tiny_smlp
+    from fairseq_smlp.moe import compile as moe_compile
+
+    _reset_compile_warning()
+    monkeypatch.setattr(moe_compile, "compiler_available", lambda: False)
+    tokens = torch.randint(4, 40, (2, 24), generator=torch.Generator().manual_seed(0))
+    eager = build_tiny_smlp().eval()(tokens)[0]
+    with caplog.at_level("WARNING"):
+        model = build_tiny_smlp(moe_compile=True).eval()
+        out = model(tokens)[0]
+    assert torch.equal(out, eager)
+    warnings = [r for r in caplog.records if "--moe-compile" in r.getMessage()]
+    assert len(warnings) == 1 and "running eager" in warnings[0].getMessage()
+
+
+def test_compile_failure_at_first_call_falls_back_to_eager(monkeypatch, caplog):
+    from fairseq_smlp.moe import compile as moe_compile
+
+    _reset_compile_warning()
+
+    def failing_compile(fn):
+        def run(*args, **kwargs):
+            raise RuntimeError("compiler exploded")
+        return run
+
+    monkeypatch.setattr(torch, "compile", failing_compile)
+    wrapped = moe_compile.CompiledOrEager(lambda x: x * 2, "double")
+    with caplog.at_level("WARNING"):
+        assert torch.equal(wrapped(torch.ones(3)), torch.full((3,), 2.0))
+        assert torch.equal(wrapped(torch.ones(3)), torch.full((3,), 2.0))
+    assert wrapped.compiled is None
+    assert sum("compiler exploded" in r.getMessage() for r in caplog.records) == 1

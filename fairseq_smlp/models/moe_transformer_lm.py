@@ -34,6 +34,7 @@ from fairseq.modules.checkpoint_activations import checkpoint_wrapper
 from fairseq.modules.transformer_layer import TransformerDecoderLayerBase
 
 from ..moe.router import HashRouter, RoutingStats, balanced_hash_table, check_expert_count, check_finite, name_routers, random_hash_table
+from ..moe.compile import compile_moe
 from ..moe.token_moe import MoEArgs, TokenMoE
 from .archs import register_archs
 from .vocabulary import VocabularyCheck
@@ -63,6 +64,7 @@ class MoETransformerLanguageModelConfig(TransformerLanguageModelConfig):
         default="balanced", metadata={"help": "hash: token-id -> expert table, balanced by the dictionary's token counts or uniform at random"}
     )
     hash_seed: int = field(default=0, metadata={"help": "hash: seed of the random table"})
+    moe_compile: bool = field(default=False, metadata={"help": "torch.compile the MoE hot paths (experts' batched forward, partial-prediction sMoE mixing); off by default, eager with one log line where the compiler cannot run"})
 
 
 def is_moe_layer(index: int, moe_freq: int) -> bool:
@@ -279,7 +281,10 @@ class MoETransformerLanguageModel(VocabularyCheck, TransformerLanguageModel):
         if args.max_target_positions is None:
             args.max_target_positions = args.tokens_per_sample
         embed_tokens = cls.build_embedding(args, task.source_dictionary, args.decoder_input_dim)
-        return cls(MoETransformerDecoder(args, task.target_dictionary, embed_tokens, no_encoder_attn=True))
+        model = cls(MoETransformerDecoder(args, task.target_dictionary, embed_tokens, no_encoder_attn=True))
+        if getattr(args, "moe_compile", False):
+            compile_moe(model)
+        return model
 
 
 # ----------------------------------------------------------------- architectures
