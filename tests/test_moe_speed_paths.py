@@ -299,3 +299,26 @@ def test_compile_failure_at_first_call_falls_back_to_eager(monkeypatch, caplog):
         assert torch.equal(wrapped(torch.ones(3)), torch.full((3,), 2.0))
     assert wrapped.compiled is None
     assert sum("compiler exploded" in r.getMessage() for r in caplog.records) == 1
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_finite_checks_still_catch_every_non_finite_value(bad):
+    """The checks look at the sum first (one reduction): any NaN/inf makes it non-finite."""
+    from fairseq_smlp.moe.balanced_assignment import balanced_assignment
+    from fairseq_smlp.moe.router import check_finite
+
+    scores = torch.randn(16, 4)
+    scores[5, 2] = bad
+    with pytest.raises(FloatingPointError, match="non-finite router logits in here"):
+        check_finite(scores, "here")
+    with pytest.raises(FloatingPointError, match="non-finite routing scores"):
+        balanced_assignment(scores)
+
+
+def test_finite_checks_accept_large_finite_values_whose_sum_overflows():
+    from fairseq_smlp.moe.balanced_assignment import balanced_assignment
+    from fairseq_smlp.moe.router import check_finite
+
+    scores = torch.full((8, 2), 3e38)
+    check_finite(scores, "here")
+    assert torch.bincount(balanced_assignment(scores), minlength=2).tolist() == [4, 4]
