@@ -105,20 +105,6 @@ def test_grouping_is_stable_and_puts_dropped_last():
     assert torch.equal(order[position], torch.arange(8))
 
 
-def test_grouped_experts_under_bf16_autocast_match_padded_slots():
-    """Uneven loads under CPU bf16 autocast run grouped_mm in bf16 (not the padded slots):
-    same result as the slots to bf16 precision."""
-    experts = random_experts(3, hidden=16, ffn=32, pre_norm=True)
-    rows = torch.randn(20, 16)
-    counts = torch.tensor([9, 0, 11])
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert experts.can_run_grouped(rows)
-        grouped = experts.forward_grouped(rows, None, counts)
-        padded = reference.run_experts_padded(experts, rows, counts)
-    assert grouped.dtype == torch.bfloat16
-    torch.testing.assert_close(grouped.float(), padded.float(), rtol=0.05, atol=0.3)
-
-
 # ------------------------------------------------------------------ Switch and GShard routers
 def gate_router(cls, num_experts, policy=None, z_loss=0.0, capacity_factor=1.0, seed=0):
     torch.manual_seed(seed)
@@ -221,6 +207,8 @@ def test_dispatch_under_bf16_autocast_matches_reference(pre_norm, kind):
                 return fn(x, index, w, experts).float()
         return run
 
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not experts.can_run_grouped(x.bfloat16())  # uneven loads: padded slots in bf16
     fast = outputs_and_grads(under_autocast(dispatch_to_experts), x, weight, experts)
     plain = outputs_and_grads(under_autocast(reference.dispatch_to_experts), x, weight, experts)
     for a, b in zip(fast, plain):

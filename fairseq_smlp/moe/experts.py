@@ -66,15 +66,14 @@ class ExpertFFN(nn.Module):
 
     def can_run_grouped(self, x: torch.Tensor) -> bool:
         """torch's grouped_mm runs on CPU (fp32/bf16) for rows whose byte strides are multiples
-        of 16; on CUDA it needs bf16 and SM >= 80. It is not in autocast's cast lists:
-        under CPU autocast forward_grouped casts to the autocast dtype itself."""
+        of 16; on CUDA it needs bf16 and SM >= 80. Not under CPU autocast: grouped_mm is not
+        in autocast's cast lists, and in bf16 its small per-expert products measured slower
+        than the padded batched matmul (benchmarks/layer_microbench.py, Switch/GShard/HASH)."""
         grouped_mm = getattr(F, "grouped_mm", None)
-        dtype = _compute_dtype(x)
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        aligned = all(d * itemsize % 16 == 0 for d in (self.embed_dim, self.fc1_weight.size(-1)))
+        aligned = all(d * x.element_size() % 16 == 0 for d in (self.embed_dim, self.fc1_weight.size(-1)))
         return (
-            grouped_mm is not None and x.device.type == "cpu" and aligned
-            and dtype in (torch.float32, torch.bfloat16) and (x.dtype == self.fc1_weight.dtype or torch.is_autocast_enabled("cpu"))
+            grouped_mm is not None and x.device.type == "cpu" and aligned and x.dtype == self.fc1_weight.dtype
+            and not torch.is_autocast_enabled("cpu")
         )
 
     def forward_grouped(self, x: torch.Tensor, row_expert: Optional[torch.Tensor], counts: torch.Tensor) -> torch.Tensor:
@@ -94,11 +93,8 @@ class ExpertFFN(nn.Module):
                 return p.squeeze(1).index_select(0, row_expert)
 
             x = torch.addcmul(per_row(self.norm_bias), F.layer_norm(x, (self.embed_dim,)), per_row(self.norm_weight))
-        dtype = _compute_dtype(x)
-        h = F.grouped_mm(x.to(dtype), self.fc1_weight.to(dtype), offs=offs)
-        h = self.activation(_AddBlockBias.apply(h, self.fc1_bias, sizes))
-        y = F.grouped_mm(h.to(dtype), self.fc2_weight.to(dtype), offs=offs)
-        return _AddBlockBias.apply(y, self.fc2_bias, sizes)
+        h = self.activation(_AddBlockBias.apply(F.grouped_mm(x, self.fc1_weight, offs=offs), self.fc1_bias, sizes))
+        return _AddBlockBias.apply(F.grouped_mm(h, self.fc2_weight, offs=offs), self.fc2_bias, sizes)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
