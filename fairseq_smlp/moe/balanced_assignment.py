@@ -34,7 +34,7 @@ def balanced_assignment(scores: torch.Tensor, solver: str = "torch") -> torch.Te
     (experts 0.. take the smaller share when E does not divide N).
     solver "torch" (default): dual price search + capacity fill below, vectorised over
     the items, on the scores' device; "libbase": fairseq's compiled auction (Base Layers),
-    on the CPU. With it the tMoE layer takes 0.84-0.93x its time with libbase
+    on the CPU. With it the tMoE layer takes 0.83-0.99x its time with libbase
     (benchmarks/layer_microbench.py), and its total score is >= libbase's (tested).
     """
     num_items, num_experts = scores.shape[-2:]
