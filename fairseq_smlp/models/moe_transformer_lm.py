@@ -38,6 +38,7 @@ from fairseq.modules.transformer_layer import TransformerDecoderLayerBase
 
 from ..moe.base_experts import BaseExpertsLayer
 from ..moe.router import HashRouter, RoutingStats, balanced_hash_table, check_expert_count, check_finite, name_routers, random_hash_table
+from ..moe.compile import compile_moe
 from ..moe.token_moe import MoEArgs, TokenMoE
 from ..validation import check_config
 from .archs import register_archs
@@ -81,6 +82,7 @@ class MoETransformerLanguageModelConfig(TransformerLanguageModelConfig):
                                  "(BaseExpertsLayer); with W workers: fairseq's BaseLayer, one expert per worker, "
                                  "so it must be W. 0: one per worker (one process: a single expert)"}
     )
+    moe_compile: bool = field(default=False, metadata={"help": "torch.compile the MoE hot paths (experts' batched forward, partial-prediction sMoE mixing); off by default, eager with one log line where the compiler cannot run"})
 
 
 def is_moe_layer(index: int, moe_freq: int) -> bool:
@@ -358,7 +360,10 @@ class MoETransformerLanguageModel(TransformerLanguageModel):
         if args.max_target_positions is None:
             args.max_target_positions = args.tokens_per_sample
         embed_tokens = cls.build_embedding(args, task.source_dictionary, args.decoder_input_dim)
-        return cls(MoETransformerDecoder(args, task.target_dictionary, embed_tokens, no_encoder_attn=True))
+        model = cls(MoETransformerDecoder(args, task.target_dictionary, embed_tokens, no_encoder_attn=True))
+        if getattr(args, "moe_compile", False):
+            compile_moe(model)
+        return model
 
     def load_state_dict(self, state_dict, *args, **kwargs):
         check_base_layer_layout(self, state_dict)

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from ..modules.blocks import GatedMLPBlock, SparseBlock
 from ..modules.spatial_gating import SpatialGateArgs, SpatialGatingUnit
+from ..moe.compile import compile_moe
 from ..moe.router import check_expert_count, name_routers
 from ..moe.token_moe import MoEArgs, TokenMoE
 from ..validation import check_config
@@ -55,6 +56,7 @@ class SmlpConfig(FairseqDataclass):
                                    "torch (vectorised dual prices, exact optimum when prices converge) or fairseq's compiled libbase auction"}
     )
     smoe_expert_parallel: bool = field(default=False, metadata={"help": "shard the sMoE spatial experts over the data-parallel workers (deterministic routing; default: replicated on every worker)"})
+    moe_compile: bool = field(default=False, metadata={"help": "torch.compile the MoE hot paths (experts' batched forward, partial-prediction sMoE mixing); off by default, eager with one log line where the compiler cannot run"})
     spatial_init_eps: float = field(default=1e-3, metadata={"help": "spatial matrices start uniform in +-eps/T_max (bias 1)"})
     dropout: float = field(default=0.1, metadata={"help": "dropout on embeddings and block outputs"})
     share_decoder_input_output_embed: bool = field(default=True, metadata={"help": "tie input and output embeddings"})
@@ -94,7 +96,10 @@ class SmlpLanguageModel(FairseqLanguageModel):
                 "not be scored, and only that task tells fairseq-eval-lm so"
             )
         embed_tokens = Embedding(len(task.source_dictionary), cfg.decoder_embed_dim, task.source_dictionary.pad())
-        return cls(SmlpDecoder(cfg, task.target_dictionary, embed_tokens))
+        model = cls(SmlpDecoder(cfg, task.target_dictionary, embed_tokens))
+        if cfg.moe_compile:
+            compile_moe(model)
+        return model
 
 
 class SmlpDecoder(FairseqIncrementalDecoder):
