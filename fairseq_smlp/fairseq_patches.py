@@ -5,6 +5,7 @@ Importing this module applies the two that must precede fairseq's import; `insta
 (called once by the plugin's __init__) applies the rest. Patches that only concern
 expert-parallel runs change nothing unless the model holds sharded experts.
 """
+import contextlib
 import copy
 import functools
 import logging
@@ -13,6 +14,7 @@ import sys
 import types
 from pathlib import Path
 from typing import Optional
+from unittest import mock
 
 import numpy as np
 import torch
@@ -454,6 +456,35 @@ def _patch_fp16_master_weights(fp16_optimizer) -> None:
                 master.copy_(value)
 
     mixin.state_dict, mixin.load_state_dict = state_dict_with_master, load_state_dict_with_master
+
+
+
+# ------------------------------------------------------------------ scoped: one-process BaseLayer
+class _LocalAll2All(torch.autograd.Function):
+    """All-to-all among one worker: every token stays where it is."""
+
+    @staticmethod
+    def forward(ctx, xs, input_splits=None, output_splits=None):
+        return xs.clone()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return grad_output, None, None
+
+
+@contextlib.contextmanager
+def base_layer_as_only_worker():
+    """fairseq's BaseLayer asks torch.distributed for its rank and all-to-all even in one
+    process: give it rank 0 and the identity all-to-all while no process group exists (one
+    process, e.g. tests or --base-experts 0); nothing changes when torch.distributed is set up."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        yield
+        return
+    from fairseq.distributed import utils as distributed_utils
+    from fairseq.modules import base_layer
+
+    with mock.patch.object(distributed_utils, "get_data_parallel_rank", lambda: 0), mock.patch.object(base_layer, "All2All", _LocalAll2All):
+        yield
 
 
 def install() -> None:

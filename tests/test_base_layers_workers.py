@@ -136,11 +136,11 @@ def _uneven_worker(rank, port, out):
     from types import SimpleNamespace
 
     import fairseq_smlp  # noqa: F401
-    from fairseq_smlp.models.moe_transformer_lm import SingleProcessBaseLayer
+    from fairseq_smlp.moe.fairseq_base_layer import FairseqBaseLayer
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    layer = SingleProcessBaseLayer(SimpleNamespace(decoder_embed_dim=8, decoder_ffn_embed_dim=16, base_sublayers=1,
+    layer = FairseqBaseLayer(SimpleNamespace(decoder_embed_dim=8, decoder_ffn_embed_dim=16, base_sublayers=1,
                                                    base_shuffle=1, activation_fn="relu"))
     try:
         layer(torch.randn(6 if rank == 0 else 4, 1, 8, requires_grad=True))

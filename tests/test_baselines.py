@@ -345,7 +345,7 @@ def test_base_layer_in_one_process_is_fairseqs_maths():
     """fairseq's BaseLayer (--base-experts 0) in one worker: every token goes to the one
     expert, mixed in by sigmoid(x . c). E experts in one process: test_fair_baselines.py."""
     model = build("base_lm_tiny", TRANSFORMER_NO_DROPOUT + ["--base-experts", "0"]).eval()
-    layer = next(m for m in model.modules() if type(m).__name__ == "SingleProcessBaseLayer")
+    layer = next(m for m in model.modules() if type(m).__name__ == "FairseqBaseLayer")
     x = torch.randn(5, 2, layer.expert_centroids.size(1))
     with torch.no_grad():
         out = layer(x)[0]
