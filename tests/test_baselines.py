@@ -41,14 +41,7 @@ FAMILIES = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models are latency-bound: with two threads each small op waits for the other
-    core, which other processes may hold. One thread is faster and steadier here."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build(arch, args=(), seed=0):

@@ -50,12 +50,7 @@ VARIANTS = {  # further routes through the export
 ALL = {**FAMILIES, **VARIANTS}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_checkpoint(path, arch, options, overrides=None, seed=0):

@@ -17,12 +17,7 @@ SMALL = ["--decoder-embed-dim", "16", "--decoder-ffn-embed-dim", "32", "--decode
          "--dropout", "0", "--attention-dropout", "0"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build(arch, args=(), seed=0):

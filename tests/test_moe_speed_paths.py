@@ -16,12 +16,7 @@ def assert_close_fp32(actual, expected):
     torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-6 * max(1.0, scale))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_experts(num_experts, hidden=8, ffn=16, pre_norm=True, seed=0):
