@@ -156,6 +156,7 @@ FLAGS: Dict[str, Range] = {
     "--tmoe-ffn-embed-dim": count(),
     "--partial-prefix-ratio": Range(0, 1, low_open=True, high_open=True),
     "--spatial-init-eps": NON_NEGATIVE,
+    "--expert-dropout": PROBABILITY,  # also the baselines'
     # ---- Transformer-MoE baselines (MoETransformerLanguageModelConfig)
     "--moe-freq": count(0, note="0: no MoE layer"),
     "--moe-experts": count(),
@@ -164,6 +165,7 @@ FLAGS: Dict[str, Range] = {
     "--moe-eval-capacity-factor": Range(note="<= 0: no limit"),
     "--moe-router-z-loss": NON_NEGATIVE,
     "--hash-seed": SEED,
+    "--base-experts": count(0, note="0: one per worker"),
     # ---- criterion (MoECrossEntropyConfig)
     "--moe-aux-loss-weight": NON_NEGATIVE,
     # ---- our commands' own options
