@@ -39,6 +39,7 @@ nll in nats per token. `render` writes PREFIX.json (summary), PREFIX.md (tables:
 the token count at which each sparse model passes its dense counterpart) and PREFIX_*.png.
 """
 import argparse
+import gc
 import json
 import math
 import os
@@ -294,6 +295,8 @@ def train_model(name: str, data_bin: Path, args, log) -> None:
                 record["valid_nll_training_routing"] = validation_nll(run, indices, args.precision, training_routing=True)
             log(record)
     log({"kind": "done", "model": name, "seconds": round(seconds, 1), "tokens": tokens, "updates": updates})
+    del run, probe  # the next model starts from a clean slate (a long queue runs in one process)
+    gc.collect()
 
 
 # --------------------------------------------------------------------------- records
@@ -481,7 +484,37 @@ def write_plots(prefix: Path, meta: dict, models: dict) -> list:
         fig.savefig(out, dpi=100)
         plt.close(fig)
         written.append(out)
+    written += write_router_plot(prefix, meta, models, plt)
     return written
+
+
+def write_router_plot(prefix: Path, meta: dict, models: dict, plt) -> list:
+    """Router health along the curves: load entropy and the share of tokens whose expert changed
+    since the previous evaluation, each averaged over the model's routers."""
+    routed = {n: m for n, m in models.items() if any(e["router"] for e in m["eval"])}
+    if not routed:
+        return []
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    for name in sorted(routed):
+        evals = [e for e in routed[name]["eval"] if e["router"]]
+        tokens = [e["tokens"] for e in evals]
+        ls = {4: "--", 16: "-", 64: "-."}.get(routed[name]["start"]["experts"], ":")
+        mean = lambda e, k: sum(r.get(k, float("nan")) for r in e["router"].values()) / len(e["router"])  # noqa: E731
+        axes[0].plot(tokens, [mean(e, "entropy") for e in evals], ls=ls, label=name)
+        axes[1].plot(tokens, [sum(r["unused"] for r in e["router"].values()) for e in evals], ls=ls, label=name)
+        axes[2].plot(tokens[1:], [mean(e, "changed") for e in evals[1:]], ls=ls, label=name)
+    titles = ("load entropy (1 = balanced), evaluation routing", "unused experts (all layers)", "tokens whose expert changed since the previous evaluation")
+    for ax, title in zip(axes, titles):
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("training tokens")
+        ax.grid(True, alpha=0.3)
+    axes[2].legend(fontsize=7, ncol=2)
+    fig.suptitle(f"{meta['regime']}: router health on the validation blocks")
+    fig.tight_layout()
+    out = f"{prefix}_router.png"
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return [out]
 
 
 def render(prefix: Path) -> None:

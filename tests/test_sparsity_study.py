@@ -103,7 +103,7 @@ def test_short_run_writes_records_table_and_plots_and_resumes(data_bin, tmp_path
     assert set(base_eval["router"]) == {"layers.1.base_layer"}
     table = (tmp_path / "study_lr0.002.md").read_text()
     assert "| switch_e4 | 4 |" in table and "| transformer | - |" in table
-    assert (tmp_path / "study_lr0.002_transformer_moe.png").exists()
+    assert (tmp_path / "study_lr0.002_transformer_moe.png").exists() and (tmp_path / "study_lr0.002_router.png").exists()
     summary = json.loads((tmp_path / "study_lr0.002.json").read_text())["rows"]
     assert summary["switch_e4"]["dense"] == "transformer" and "valid_ppl_gap_pct" in summary["switch_e4"]
     # the same paired batches: both models' online losses were measured on the same tokens
