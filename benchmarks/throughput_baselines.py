@@ -2,7 +2,7 @@
 
     python benchmarks/throughput_baselines.py [--archs A B ...] [--vocab 8000]
         [--tokens-per-sample 128] [--max-tokens 2048] [--steps 10] [--warmup 3] [--threads N]
-        [--device cpu|cuda] [--dtype fp32|bf16]
+        [--device cpu|cuda] [--dtype fp32|bf16] [--moe-compile-rows]
 
 Each arch is built as fairseq-train builds it (fairseq_smlp.flops.build_model), then
 trained for warmup + steps updates on random tokens with the moe_cross_entropy criterion
@@ -11,6 +11,8 @@ weights and routers); tokens/s = tokens per batch * steps / wall time of the tim
 The matmul peak of the same device and dtype is measured in the same run (machine load
 drifts), and the model FLOP utilisation is 3 * forward FLOPs per token * tokens/s / peak
 (backward ~ 2x forward).
+--moe-compile-rows adds, after each MoE arch, the same arch built with --moe-compile
+(torch.compile of the MoE hot paths), measured in the same run.
 Results: benchmarks/results/throughput_baselines.{json,md}.
 """
 import argparse
@@ -53,12 +55,12 @@ def matmul_peak_gflops(n: int = 1024, repeats: int = 10, device: str = "cpu", dt
     return 2 * n ** 3 / best / 1e9
 
 
-def measure(arch: str, args) -> dict:
+def measure(arch: str, args, model_args=()) -> dict:
     from fairseq_smlp.criterions.moe_cross_entropy import MoECrossEntropyCriterion
 
     task = dummy_task(args.vocab)
     torch.manual_seed(0)
-    model, seq_len = build_model(arch, [], seq_len=args.tokens_per_sample, vocab=args.vocab, device=args.device, task=task)
+    model, seq_len = build_model(arch, list(model_args), seq_len=args.tokens_per_sample, vocab=args.vocab, device=args.device, task=task)
     model.train()
     criterion = MoECrossEntropyCriterion(task, moe_aux_loss_weight=0.01, no_fused_output_loss=args.no_fused_output_loss)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
@@ -91,7 +93,7 @@ def measure(arch: str, args) -> dict:
     flops = count_flops(model, seq_len)
     params = count_params(model)
     return {
-        "arch": arch,
+        "arch": arch + "".join(f" {a}" for a in model_args),
         "tokens_per_s": round(tokens_per_s, 1),
         "seconds_per_update": round(elapsed / args.steps, 4),
         "tokens_per_update": batch * seq_len,
@@ -138,6 +140,7 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="bf16: autocast (weights and routers stay fp32)")
+    parser.add_argument("--moe-compile-rows", action="store_true", help="also measure each MoE arch with --moe-compile")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "throughput_baselines"))
     args = parser.parse_args(argv)
     if args.threads:
@@ -146,12 +149,16 @@ def main(argv=None):
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible to torch")
     peak = matmul_peak_gflops(device=args.device, dtype=args.dtype)
+    variants = [(arch, ()) for arch in args.archs]
+    if args.moe_compile_rows:
+        moe_archs = ("smlp_lm", "switch_lm", "gshard_lm", "hash_lm")
+        variants = [v for arch in args.archs for v in [(arch, ())] + ([(arch, ("--moe-compile",))] if arch.startswith(moe_archs) else [])]
     runs = []
-    for arch in args.archs:
-        r = measure(arch, args)
+    for arch, model_args in variants:
+        r = measure(arch, args, model_args)
         r["mfu"] = round(3 * r["forward_flops_per_token"] * r["tokens_per_s"] / (peak * 1e9), 4)
         runs.append(r)
-        print(f"{arch:22} {r['tokens_per_s']:10,.0f} tokens/s  ({r['seconds_per_update']:.3f} s/update)", flush=True)
+        print(f"{r['arch']:22} {r['tokens_per_s']:10,.0f} tokens/s  ({r['seconds_per_update']:.3f} s/update)", flush=True)
     result = {
         **run_metadata("throughput_baselines.py", argv, args.device),
         "device": args.device,

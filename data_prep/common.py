@@ -4,6 +4,7 @@
     encode_file          text file -> one line of space-separated pieces (or GPT-2 ids) per line
     binarize             fairseq-preprocess --only-source -> data-bin/{dict.txt,train,valid,test}.{bin,idx}
     Stamp                a small json file that lets a rerun skip work whose inputs did not change
+    staging / publish    build every output in OUT/.partial, move it into OUT only when all succeeded
 
 The heavy lifting is done by sentencepiece and fairseq-preprocess; this module only wires them
 together, adds progress output and keeps line alignment (line i of an encoded file is line i of
@@ -16,6 +17,7 @@ import logging
 import multiprocessing
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 from tqdm import tqdm
@@ -67,20 +69,65 @@ class Stamp:
         self.path.write_text(json.dumps(self.record, indent=2, sort_keys=True) + "\n")
 
 
+# --------------------------------------------------------------------------- building outputs
+
+STAGING = ".partial"
+
+
+@contextmanager
+def staging(out_dir):
+    """A fresh OUT/.partial folder to build into (one left by a killed run is ours: removed).
+
+    On failure it is removed, and so is OUT if this call created it: a failed run leaves the
+    outputs of the previous run (or nothing), never a half-built data-bin.
+    """
+    out_dir = Path(out_dir)
+    created = not out_dir.exists()
+    tmp = out_dir / STAGING
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if created and out_dir.is_dir() and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+        raise
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def publish(tmp, out_dir):
+    """Move everything built in `tmp` into out_dir, replacing what has the same name."""
+    for src in sorted(Path(tmp).iterdir()):
+        dst = Path(out_dir) / src.name
+        if dst.is_dir() and not dst.is_symlink():
+            shutil.rmtree(dst)
+        elif dst.exists() or dst.is_symlink():
+            dst.unlink()
+        os.replace(src, dst)
+
+
 # --------------------------------------------------------------------------- sentencepiece
 
 SPM_SEED = 1234
 
 
-def train_sentencepiece(train_file, model_prefix, vocab_size, workers, max_sentences=0):
+SPM_MAX_SENTENCE_BYTES = 4192  # sentencepiece's default max_sentence_length
+SPM_LIMIT_BYTES = 2 ** 31 - 1  # the largest max_sentence_length it takes (an int32)
+
+
+def train_sentencepiece(train_file, model_prefix, vocab_size, workers, max_sentences=0, longest_line=0):
     """Train a sentencepiece BPE model on `train_file`; writes <model_prefix>.model/.vocab.
 
     identity normalisation (no NFKC) keeps the characters as they are, so decoding an encoded
     line gives back the input line up to whitespace: " ".join(line.split()), i.e. every run of
     Unicode whitespace becomes one space and the line's ends are stripped (see encode_file).
     max_sentences > 0 trains on a seeded random sample of that many lines (for huge corpora);
-    0 uses every line, which is fully deterministic. Lines over 4192 bytes (sentencepiece's
-    max_sentence_length) are left out of training only; they are still encoded.
+    0 uses every line, which is fully deterministic. sentencepiece silently leaves out lines
+    longer than its max_sentence_length (4192 bytes by default), and a corpus of such lines
+    then fails with a message about the vocabulary size: the limit is raised to
+    `longest_line` (bytes, from text_files.scan) so that every line is used.
     """
     import sentencepiece as spm
 
@@ -94,6 +141,7 @@ def train_sentencepiece(train_file, model_prefix, vocab_size, workers, max_sente
         normalization_rule_name="identity",
         num_threads=workers,
         minloglevel=2,  # sentencepiece is very chatty at INFO
+        max_sentence_length=max(SPM_MAX_SENTENCE_BYTES, longest_line + 1),
     )
     if max_sentences > 0:
         kwargs.update(input_sentence_size=max_sentences, shuffle_input_sentence=True)

@@ -50,13 +50,19 @@ import random
 import time
 from pathlib import Path
 
+from fairseq_smlp import text_files
+from fairseq_smlp.validation import FlagError, check_args, check_value
+
 from data_prep.common import (
+    SPM_LIMIT_BYTES,
     Stamp,
     binarize,
     encode_file,
     log,
     md5_file,
+    publish,
     split_outputs,
+    staging,
     train_sentencepiece,
 )
 
@@ -94,20 +100,38 @@ def parse_inputs(specs):
     return corpora
 
 
-def iter_documents(files):
-    """Yield each document as a list of lines (no newline); blank lines separate documents."""
+def iter_documents(files, name="corpus"):
+    """Yield each document as a list of lines (no newline); blank lines separate documents.
+    A byte that is not UTF-8 is a TextFileError naming the file, line and byte offset."""
     for path in files:
         doc = []
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                line = line.rstrip("\n")
-                if line.strip():
-                    doc.append(line)
-                elif doc:
-                    yield doc
-                    doc = []
+        for line in text_files.lines(path, flag=f"--input {name}="):
+            if line.strip():
+                doc.append(line)
+            elif doc:
+                yield doc
+                doc = []
         if doc:  # a file's end also ends its last document
             yield doc
+
+
+def count_documents(corpora, valid_fraction):
+    """{name: documents}: reads every input once, so that a file that is not UTF-8, a corpus
+    without documents, or a --valid-fraction that holds out nothing (or everything) is an
+    error before anything is written."""
+    counts = {}
+    for name, files in corpora:
+        counts[name] = sum(1 for _ in iter_documents(files, name))
+        if counts[name] == 0:
+            if len(files) == 1:  # the file is empty or blank: the reader's own error names it
+                text_files.scan(files[0], flag=f"--input {name}=", what="documents")
+            raise ValueError(f"--input {name}: no documents in its {len(files)} files (empty, or blank lines only)")
+    held_out = sum(round(valid_fraction * n) for n in counts.values())
+    total = sum(counts.values())
+    if held_out == 0 or held_out == total:
+        raise FlagError(f"--valid-fraction {valid_fraction} holds out {held_out} of {total:,} documents: the "
+                        f"{'validation' if held_out == 0 else 'training'} set would be empty")
+    return counts
 
 
 def _fingerprint(files):
@@ -129,8 +153,9 @@ def pick_valid(n_docs, fraction, seed, name):
     return set(random.Random(f"{seed}:{name}").sample(range(n_docs), k))
 
 
-def split_corpora(corpora, out_dir, valid_fraction, seed):
-    """Stream every corpus twice (count, then write): memory stays small for any corpus size."""
+def split_corpora(corpora, out_dir, valid_fraction, seed, counts):
+    """Stream every corpus a second time (count_documents was the first): memory stays small
+    for any corpus size. Writes out_dir/train.txt and valid.txt."""
     out_dir = Path(out_dir)
     stats = {}
     tmp = {s: out_dir / f"{s}.txt.tmp" for s in ("train", "valid")}
@@ -139,9 +164,9 @@ def split_corpora(corpora, out_dir, valid_fraction, seed):
     ) as fvalid:
         for name, files in corpora:
             t0 = time.time()
-            n_docs = sum(1 for _ in iter_documents(files))
+            n_docs = counts[name]
             held_out = pick_valid(n_docs, valid_fraction, seed, name)
-            for i, doc in enumerate(iter_documents(files)):
+            for i, doc in enumerate(iter_documents(files, name)):
                 f = fvalid if i in held_out else ftrain
                 f.write("\n".join(doc) + "\n\n")  # the empty line marks the document's end
             stats[name] = {"train": n_docs - len(held_out), "valid": len(held_out)}
@@ -160,12 +185,10 @@ def split_corpora(corpora, out_dir, valid_fraction, seed):
 def _check_options(bpe, valid_fraction, vocab_size, workers, gpt2_encoder_json, gpt2_vocab_bpe, srcdict):
     if bpe not in BPE_CHOICES:
         raise ValueError(f"--bpe {bpe!r}: expected one of {', '.join(BPE_CHOICES)}")
-    if not 0.0 < valid_fraction < 1.0:
-        raise ValueError(f"--valid-fraction {valid_fraction}: must be between 0 and 1")
-    if workers < 1:
-        raise ValueError(f"--workers {workers}: need at least 1")
-    if bpe == "sentencepiece" and vocab_size < 8:
-        raise ValueError(f"--vocab-size {vocab_size}: too small for a BPE vocabulary")
+    check_value("--valid-fraction", valid_fraction)
+    check_value("--workers", workers)
+    if bpe == "sentencepiece":
+        check_value("--vocab-size", vocab_size)
     if bpe == "gpt2":
         for flag, path in (("--gpt2-encoder-json", gpt2_encoder_json), ("--gpt2-vocab-bpe", gpt2_vocab_bpe)):
             if path is None:
@@ -193,9 +216,9 @@ def prepare_paper_corpus(
 ):
     """Split, encode and binarize; returns out_dir/data-bin. `inputs` is a list of 'NAME=PATH'."""
     _check_options(bpe, valid_fraction, vocab_size, workers, gpt2_encoder_json, gpt2_vocab_bpe, srcdict)
+    check_value("--spm-max-sentences", spm_max_sentences)
     corpora = parse_inputs(inputs)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
 
     # step 1: train/valid split (skipped when the inputs, fraction and seed are unchanged)
     split_record = {
@@ -209,8 +232,11 @@ def prepare_paper_corpus(
     if split_stamp.is_current():
         log(f"{text['train']} and {text['valid']} are up to date: skipping the split")
     else:
-        split_stamp.invalidate()
-        split_corpora(corpora, out_dir, valid_fraction, seed)
+        counts = count_documents(corpora, valid_fraction)  # every input checked before anything is written
+        with staging(out_dir) as tmp:
+            split_corpora(corpora, tmp, valid_fraction, seed, counts)
+            split_stamp.invalidate()
+            publish(tmp, out_dir)
         split_stamp.write()
 
     # step 2: BPE + binarize (skipped when the split and the options are unchanged)
@@ -228,25 +254,27 @@ def prepare_paper_corpus(
     if stamp.is_current():
         log(f"{data_bin} is up to date: nothing to do")
         return data_bin
-    stamp.invalidate()
+    with staging(out_dir) as tmp:  # built in out_dir/.partial, moved into place when all succeeded
+        if bpe != "none":
+            encoded = {s: tmp / "bpe" / f"{s}.txt" for s in text}
+            encoded["train"].parent.mkdir()
+            if bpe == "sentencepiece":
+                longest = text_files.scan(text["train"], max_line_bytes=SPM_LIMIT_BYTES - 1).longest
+                log(f"training sentencepiece BPE ({vocab_size} pieces) on {text['train']}")
+                train_sentencepiece(text["train"], tmp / "spm", vocab_size, workers, spm_max_sentences, longest)
+                how = dict(spm_model=tmp / "spm.model")
+            else:
+                how = dict(gpt2_files=(gpt2_encoder_json, gpt2_vocab_bpe))
+            for s in text:
+                encode_file(text[s], encoded[s], workers, **how)
+            text = encoded
 
-    if bpe != "none":
-        encoded = {s: out_dir / "bpe" / f"{s}.txt" for s in text}
-        encoded["train"].parent.mkdir(exist_ok=True)
-        if bpe == "sentencepiece":
-            spm_prefix = out_dir / "spm"
-            log(f"training sentencepiece BPE ({vocab_size} pieces) on {text['train']}")
-            train_sentencepiece(text["train"], spm_prefix, vocab_size, workers, spm_max_sentences)
-            how = dict(spm_model=spm_prefix.with_suffix(".model"))
-        else:
-            how = dict(gpt2_files=(gpt2_encoder_json, gpt2_vocab_bpe))
-        for s in text:
-            encode_file(text[s], encoded[s], workers, **how)
-        text = encoded
-
-    t0 = time.time()
-    binarize(data_bin, text["train"], text["valid"], workers=workers, srcdict=srcdict)
-    log(f"binarized into {data_bin} in {time.time() - t0:.1f}s")
+        t0 = time.time()
+        binarize(tmp / "data-bin", text["train"], text["valid"], workers=workers, srcdict=srcdict)
+        log(f"binarized in {time.time() - t0:.1f}s")
+        stamp.invalidate()
+        publish(tmp, out_dir)
+    log(f"wrote {data_bin}")
     stamp.write()
     return data_bin
 
@@ -267,6 +295,7 @@ def cli_main(argv=None):
     p.add_argument("--srcdict", help="fixed fairseq dictionary, e.g. fairseq's gpt2_bpe/dict.txt")
     p.add_argument("--workers", type=int, default=2, help="processes for encoding and binarizing")
     a = p.parse_args(argv)
+    check_args(p, a)
     try:
         data_bin = prepare_paper_corpus(
             a.out_dir, a.input, a.valid_fraction, a.seed, a.bpe, a.vocab_size,

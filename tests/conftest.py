@@ -16,6 +16,17 @@ os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # fairseq checkp
 os.environ["SMLP_SHARED_DATA"] = os.environ["SMLP_ZEROSHOT_DIR"] = str(REPO / "tests" / "no-shared-data")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models are latency-bound: with two threads each small op waits for the other
+    core, which other processes may hold. One thread is faster and steadier here.
+    A module opts in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_dictionary(size: int = 40):
     from fairseq.data import Dictionary
 

@@ -41,14 +41,7 @@ FAMILIES = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models are latency-bound: with two threads each small op waits for the other
-    core, which other processes may hold. One thread is faster and steadier here."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build(arch, args=(), seed=0):
@@ -345,7 +338,7 @@ def test_base_layer_in_one_process_is_fairseqs_maths():
     """fairseq's BaseLayer (--base-experts 0) in one worker: every token goes to the one
     expert, mixed in by sigmoid(x . c). E experts in one process: test_fair_baselines.py."""
     model = build("base_lm_tiny", TRANSFORMER_NO_DROPOUT + ["--base-experts", "0"]).eval()
-    layer = next(m for m in model.modules() if type(m).__name__ == "SingleProcessBaseLayer")
+    layer = next(m for m in model.modules() if type(m).__name__ == "FairseqBaseLayer")
     x = torch.randn(5, 2, layer.expert_centroids.size(1))
     with torch.no_grad():
         out = layer(x)[0]

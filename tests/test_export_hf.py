@@ -1,6 +1,7 @@
 """Export to Hugging Face transformers: every family reproduces fairseq's logits, every checkpoint
 tensor is accounted for, rank files export like their resharded file, generate() equals full
 forwards, the loss scores what fairseq scores, and the tokenizers give fairseq's ids."""
+import contextlib
 import json
 import os
 import subprocess
@@ -50,12 +51,7 @@ VARIANTS = {  # further routes through the export
 ALL = {**FAMILIES, **VARIANTS}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_checkpoint(path, arch, options, overrides=None, seed=0):
@@ -254,10 +250,30 @@ def test_bf16_load_runs_every_block(name, exported):
     out = exported(name)[1]
     hf32 = load_exported(out)
     hf16 = type(hf32).from_pretrained(out, dtype=torch.bfloat16).eval()
-    x = token_ids()
-    with torch.no_grad():
-        assert (hf16(x).logits.float() - hf32(x).logits).abs().max().item() < 0.1
-    assert hf16.generate(x[:, :4], max_new_tokens=3, do_sample=False, pad_token_id=1).shape == (3, 7)
+    x = token_ids(batch=8)
+    with torch.no_grad(), token_routing(hf32) as routed32, token_routing(hf16) as routed16:
+        diff = (hf16(x).logits.float() - hf32(x).logits).abs().amax(dim=(1, 2))  # (B,)
+    # a Switch/GShard decision (expert or capacity drop) that bf16 inputs flip near a tie is
+    # another valid routing, not a numerical error: compare the sequences none was flipped in
+    flipped = torch.zeros(x.size(0), dtype=torch.bool)
+    for a, b in zip(routed32, routed16):  # (T * B, k), tokens time-major as fairseq queues them
+        flipped |= (a != b).any(-1).view(x.size(1), x.size(0)).any(0)
+    assert flipped.sum() <= x.size(0) // 2 and diff[~flipped].max().item() < 0.1
+    assert x.size(0) == 8 and hf16.generate(x[:3, :4], max_new_tokens=3, do_sample=False, pad_token_id=1).shape == (3, 7)
+
+
+@contextlib.contextmanager
+def token_routing(model):
+    """Collects the expert index (N, k) each Top-1/Top-2 router returns, in call order."""
+    seen, hooks = [], []
+    for module in model.modules():
+        if type(module).__name__ in ("Top1Router", "Top2Router"):
+            hooks.append(module.register_forward_hook(lambda mod, args, out: seen.append(out[0])))
+    try:
+        yield seen
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def test_left_padded_batch_generates_what_each_prompt_generates_alone(exported):

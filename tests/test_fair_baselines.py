@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from fairseq_smlp.flops import build_model, count_flops, count_params, dummy_task
-from fairseq_smlp.models.moe_transformer_lm import SingleProcessBaseLayer
+from fairseq_smlp.moe.fairseq_base_layer import FairseqBaseLayer
 from fairseq_smlp.moe import router as routers
 from fairseq_smlp.moe.base_experts import BaseExpertsLayer
 from fairseq_smlp.moe.experts import ExpertFFN
@@ -17,12 +17,7 @@ SMALL = ["--decoder-embed-dim", "16", "--decoder-ffn-embed-dim", "32", "--decode
          "--dropout", "0", "--attention-dropout", "0"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build(arch, args=(), seed=0):
@@ -132,9 +127,9 @@ def test_expert_dropout_flag_reaches_every_family():
 
 
 # ---------------------------------------------------------------- Base Layers with E experts
-def fairseq_layer_with_weights_of(ours: BaseExpertsLayer, expert: int, args) -> SingleProcessBaseLayer:
+def fairseq_layer_with_weights_of(ours: BaseExpertsLayer, expert: int, args) -> FairseqBaseLayer:
     """fairseq's BaseLayer (one worker, one expert) holding expert `expert` of our layer."""
-    theirs = SingleProcessBaseLayer(args)
+    theirs = FairseqBaseLayer(args)
     with torch.no_grad():
         theirs.expert_centroids.copy_(ours.router.centroids[expert : expert + 1])
         for sub, stacked in zip(theirs.expert_network, ours.experts.sublayers):
@@ -223,7 +218,7 @@ def test_base_lm_has_its_arch_expert_count_in_one_process():
     assert [s.layer for s in stats] == ["layers.1.base_layer"]
     assert stats[0].expert_counts.tolist() == [8.0] * 4  # 32 tokens, balanced
     # --base-experts 0: fairseq's BaseLayer, one expert per worker (one process: a single expert)
-    assert isinstance(build("base_lm_tiny", SMALL + ["--base-experts", "0"]).decoder.layers[1], SingleProcessBaseLayer)
+    assert isinstance(build("base_lm_tiny", SMALL + ["--base-experts", "0"]).decoder.layers[1], FairseqBaseLayer)
 
 
 def test_several_workers_use_fairseqs_base_layer_with_one_expert_each():
@@ -231,7 +226,7 @@ def test_several_workers_use_fairseqs_base_layer_with_one_expert_each():
 
     with mock.patch.object(distributed_utils, "get_data_parallel_world_size", lambda: 4):
         layer = build_model("base_lm_tiny", SMALL, seq_len=SEQ, vocab=VOCAB, device="meta")[0].decoder.layers[1]
-        assert isinstance(layer, SingleProcessBaseLayer) and layer.expert_centroids.size(0) == 4
+        assert isinstance(layer, FairseqBaseLayer) and layer.expert_centroids.size(0) == 4
         with pytest.raises(ValueError, match="--base-experts 8 with 4 data-parallel workers"):
             build_model("base_lm_tiny", SMALL + ["--base-experts", "8"], seq_len=SEQ, vocab=VOCAB, device="meta")
 

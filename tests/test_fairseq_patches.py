@@ -10,6 +10,7 @@ import torch
 
 import fairseq_smlp  # noqa: F401  (installs the patches)
 from fairseq_smlp import fairseq_patches
+from fairseq_smlp.checkpoints import file_safety
 from fairseq_smlp.checkpoints.file_safety import CorruptCheckpointError
 
 
@@ -117,3 +118,230 @@ def test_plain_log_line_keeps_the_routing_summary():
     assert set(simple._format_stats(stats)) == {"loss", "moe_load_max"}
     json_bar = progress_bar.JsonProgressBar([], epoch=1, log_interval=1)
     assert "moe/L1_feature_moe_load_max" in json_bar._format_stats(stats)
+
+
+def _expert_overflow_worker(rank, port, out):
+    import torch.distributed as dist
+    from fairseq import utils
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    shared, expert = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
+    expert.expert = True
+    shared.grad, expert.grad = torch.ones(3), torch.ones(2)
+    if rank == 1:
+        expert.grad[0] = float("inf")  # only rank 1's expert overflowed
+    norms = [utils.clip_grad_norm_([shared, expert], 0.0).item()]
+    expert.grad[0] = 1.0
+    norms.append(utils.clip_grad_norm_([shared, expert], 0.0).item())
+    torch.save(norms, f"{out}.{rank}")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_overflow_in_one_ranks_expert_gradient_is_an_overflow_on_every_rank(tmp_path):
+    """fairseq's grad norm leaves expert gradients out (so the fp16 loss scaler never saw an
+    inf there, and the expert's weights became inf); now the norm is inf on every rank, so all
+    ranks skip the step together (an expert differs per rank, shared weights must not)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_expert_overflow_worker, args=(port, str(tmp_path / "norms")), nprocs=2, start_method="spawn")
+    for rank in range(2):
+        first, second = torch.load(tmp_path / f"norms.{rank}")
+        assert first == float("inf")
+        assert abs(second - 3 ** 0.5) < 1e-6  # clean: the norm of the shared gradient, as fairseq's
+
+
+def one_process_trainer(sharded=False):
+    return SimpleNamespace(checkpoint_suffix="", data_parallel_world_size=1, data_parallel_rank=0, has_sharded_experts=sharded)
+
+
+def checkpoint_config(**fields):
+    from omegaconf import OmegaConf
+
+    base = dict(restore_file="checkpoint_last.pt", save_dir="ckpts", finetune_from_model=None, load_checkpoint_on_all_dp_ranks=False)
+    return OmegaConf.create({**base, **fields})
+
+
+def test_resume_explicit_restore_file_must_exist(tmp_path):
+    """fairseq trained from scratch (and overwrote checkpoint_last.pt) when --restore-file did
+    not exist; the patched load_checkpoint stops before anything is built or written."""
+    from fairseq import checkpoint_utils
+
+    missing = str(tmp_path / "checkpoint_9_99.pt")
+    with pytest.raises(FileNotFoundError, match=rf"--restore-file {missing}: {missing} does not exist"):
+        checkpoint_utils.load_checkpoint(checkpoint_config(restore_file=missing), one_process_trainer())
+    cfg = checkpoint_config(save_dir=str(tmp_path))  # the default restore file, no checkpoint yet: a first launch
+    assert fairseq_patches.resume_config(cfg, one_process_trainer()) is cfg
+
+
+def test_resume_takes_a_rank_files_name_on_disk(tmp_path):
+    """With rank files, --restore-file checkpoint_1_20-rank-0.pt stands for checkpoint_1_20.pt
+    (fairseq appends each rank's suffix; it looked for ...-rank-0-rank-0.pt)."""
+    torch.save({"optimizer_history": [{"num_updates": 20}]}, tmp_path / "checkpoint_1_20-rank-1.pt")
+    trainer = SimpleNamespace(checkpoint_suffix="-rank-1", data_parallel_world_size=2, data_parallel_rank=1, has_sharded_experts=True)
+    cfg = checkpoint_config(restore_file=str(tmp_path / "checkpoint_1_20-rank-0.pt"))
+    gathered = []
+
+    def gather(obj, trainer):  # what rank 0 would contribute: the same update
+        gathered.append(obj)
+        return [(str(tmp_path / "checkpoint_1_20-rank-0.pt"), 20), obj]
+
+    original, fairseq_patches._gather = fairseq_patches._gather, gather
+    try:
+        resolved = fairseq_patches.resume_config(cfg, trainer)
+    finally:
+        fairseq_patches._gather = original
+    assert resolved.restore_file == str(tmp_path / "checkpoint_1_20.pt")
+    assert gathered == [(str(tmp_path / "checkpoint_1_20-rank-1.pt"), 20)]
+
+
+def test_fp16_master_weights_travel_with_the_optimizer_state():
+    """--fp16 keeps fp32 master copies that fairseq's checkpoint left out: a resume rebuilt
+    them from the fp16 weights (rounded) and the run drifted. Now they are saved and restored."""
+    from fairseq import optim, options
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+    argv = ["/data", "--task", "language_modeling", "--arch", "transformer_lm", "--optimizer", "adam", "--lr", "0.01",
+            "--fp16", "--fp16-no-flatten-grads", "--cpu"]
+    cfg = convert_namespace_to_omegaconf(options.parse_args_and_arch(options.get_training_parser(), argv))
+    weight = torch.nn.Parameter(torch.full((4,), 1.0, dtype=torch.float16))
+    optimizer = optim.FP16Optimizer.build_optimizer(cfg, [weight])
+    optimizer.fp32_params[0].data.add_(1e-4)  # an update too small for fp16: lives in the master copy only
+    assert torch.equal(weight.data.float(), torch.ones(4))
+    state = optimizer.state_dict()
+    assert torch.equal(state["fp32_master"][0], torch.full((4,), 1.0001))
+
+    resumed = optim.FP16Optimizer.build_optimizer(cfg, [torch.nn.Parameter(weight.data.clone())])  # master from fp16: 1.0
+    resumed.load_state_dict(state)
+    assert torch.equal(resumed.fp32_params[0].data, torch.full((4,), 1.0001))
+    assert "fp32_master" in state  # the caller's dict is left whole
+
+
+def fake_trainer(save_fails):
+    from fairseq.trainer import Trainer
+
+    class Fake(Trainer):
+        has_sharded_experts = True  # saves on this rank without asking the process group
+        cfg = None
+
+        def __init__(self):
+            pass
+
+        def state_dict(self):
+            if save_fails:
+                raise OSError("No space left on device")
+            return {"extra_state": {}}
+
+    return Fake()
+
+
+def test_a_failed_crash_save_does_not_replace_the_real_error(tmp_path, caplog):
+    """fairseq saves crash.pt while handling the error that stopped training; if that save
+    fails, the user saw the save's error instead of the real one."""
+    trainer = fake_trainer(save_fails=True)
+    with caplog.at_level(logging.ERROR):
+        assert trainer.save_checkpoint(str(tmp_path / "crash.pt"), {}) is None
+    assert "could not save" in caplog.text and "No space left on device" in caplog.text and "the error that stopped training follows" in caplog.text
+    with pytest.raises(OSError, match="No space left"):  # every other save still fails loudly
+        trainer.save_checkpoint(str(tmp_path / "checkpoint_last.pt"), {})
+
+
+def test_crash_save_creates_the_save_dir_late(tmp_path):
+    trainer = fake_trainer(save_fails=False)
+    trainer.cfg = type("Cfg", (), {"checkpoint": type("C", (), {"write_checkpoints_asynchronously": False})})()
+    path = tmp_path / "not" / "yet" / "crash.pt"
+    trainer.save_checkpoint(str(path), {})
+    assert path.is_file() and not (path.parent / "crash.pt.tmp").exists()
+
+
+STALE = ["checkpoint_last.pt.tmp", "checkpoint_3_120.pt.tmp", "crash.pt.tmp", "checkpoint_last.pt.tmp-4242",
+         "checkpoint_best-rank-1.pt.tmp", "merged.pt.tmp"]
+KEPT = ["checkpoint_last.pt", "checkpoint_3_120.pt", "notes.tmp", "model.pt.tmp.bak", "x.pt.tmp-abc", "train.log", "tmp"]
+
+
+def test_stale_temporaries_and_nothing_else_are_removed_at_start(tmp_path):
+    from fairseq import checkpoint_utils
+
+    for name in STALE + KEPT:
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "folder.pt.tmp").mkdir()  # only files
+    checkpoint_utils.verify_checkpoint_directory(str(tmp_path))  # what fairseq-train runs at start
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(KEPT + ["folder.pt.tmp"])
+    assert file_safety.remove_stale_temporaries(str(tmp_path / "missing")) == []
+
+
+def test_every_fairseq_command_checks_its_numbers_first(monkeypatch):
+    """call_main (every fairseq command) refuses a number out of range with the flag named,
+    before `main` runs and without a traceback."""
+    from fairseq.distributed import utils as distributed_utils
+
+    from fairseq_smlp.dry_run import parse_fairseq_args
+
+    cfg = parse_fairseq_args(["DATA", "--arch", "smlp_lm_tiny", "--task", "smlp_language_modeling", "--dropout", "1.5", "--cpu"])
+    monkeypatch.setattr("sys.argv", ["fairseq-train"])
+    ran = []
+    with pytest.raises(SystemExit) as e:
+        distributed_utils.call_main(cfg, lambda cfg: ran.append(cfg))
+    assert str(e.value.code) == "fairseq-train: error: --dropout must be in [0, 1), got 1.5" and not ran
+
+
+def test_checkpoints_record_and_return_their_dictionary(tmp_path):
+    """Trainer.state_dict stores the dictionary's record (test_bad_input.py checks a real
+    checkpoint); load_checkpoint_to_cpu hands it to the model's load_state_dict."""
+    from fairseq import checkpoint_utils
+
+    from conftest import tiny_dictionary
+    from fairseq_smlp.models.vocabulary import fingerprint
+
+    record = fingerprint(tiny_dictionary(40))
+    state = {"model": {"w": torch.zeros(2)}, "dictionary": record, "args": None, "cfg": None, "last_optimizer_state": None,
+             "extra_state": {"train_iterator": {"epoch": 1}},
+             "optimizer_history": [{"criterion_name": "C", "optimizer_name": "O", "lr_scheduler_state": {"best": None}, "num_updates": 0}]}
+    torch.save(state, tmp_path / "c.pt")
+    state = checkpoint_utils.load_checkpoint_to_cpu(str(tmp_path / "c.pt"))
+    assert state["model"].dictionary == record and list(state["model"]) == ["w"]
+    del state["optimizer_history"]
+    torch.save(state, tmp_path / "old.pt")  # readable, but fairseq's upgrade fails: not called corrupt
+    with pytest.raises(KeyError, match="best_loss"):
+        checkpoint_utils.load_checkpoint_to_cpu(str(tmp_path / "old.pt"))
+
+
+def test_fairseq_generic_load_error_gives_way_to_the_plugin_cause():
+    try:
+        try:
+            raise ValueError("dictionary mismatch: ...")
+        except ValueError:
+            raise Exception("Cannot load model parameters from checkpoint x.pt; please ensure that the architectures match.")
+    except Exception as e:
+        generic = e
+    assert str(fairseq_patches.own_cause(generic)) == "dictionary mismatch: ..."
+    try:
+        try:
+            raise RuntimeError("size mismatch")
+        except RuntimeError:
+            raise Exception("Cannot load model parameters from checkpoint x.pt")
+    except Exception as e:
+        assert fairseq_patches.own_cause(e) is None  # torch's own errors keep fairseq's wording and context
+
+
+def test_base_layer_runs_as_the_only_worker_without_changing_fairseq_outside():
+    """fairseq's BaseLayer reads its rank and all-to-all from torch.distributed: inside the
+    scoped patch (no process group) it is rank 0 with an all-to-all that keeps every row, and
+    fairseq's own functions are back once it ends."""
+    from fairseq.distributed import utils as distributed_utils
+    from fairseq.modules import base_layer
+
+    rank_fn, all2all = distributed_utils.get_data_parallel_rank, base_layer.All2All
+    x = torch.randn(5, 3, requires_grad=True)
+    with fairseq_patches.base_layer_as_only_worker():
+        assert distributed_utils.get_data_parallel_rank() == 0
+        y = base_layer.All2All.apply(x, [5], [5])
+        y.sum().backward()
+    assert torch.equal(y, x) and torch.equal(x.grad, torch.ones_like(x))
+    assert distributed_utils.get_data_parallel_rank is rank_fn and base_layer.All2All is all2all

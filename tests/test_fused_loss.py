@@ -84,3 +84,21 @@ def test_bf16_autocast_keeps_the_softmax_in_fp32():
     torch.testing.assert_close(loss, ref, rtol=2e-2, atol=0)  # bf16 logits, fp32 softmax
     loss.backward()
     assert x.grad.dtype == torch.float32 and torch.isfinite(x.grad).all()
+
+
+def test_bf16_autocast_backward_matches_autocast_linear():
+    """Under autocast the backward's two matmuls run in bf16, as autocast's own linear +
+    cross-entropy does: gradients match that reference to bf16 precision."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(64, 16, generator=g, requires_grad=True)
+    w = torch.randn(50, 16, generator=g, requires_grad=True)
+    target = torch.randint(50, (64,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = LinearCrossEntropy.apply(x, w, target, -100)
+    gx, gw = torch.autograd.grad(loss, (x, w))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = torch.nn.functional.cross_entropy(torch.nn.functional.linear(x, w).float(), target, reduction="sum")
+    rx, rw = torch.autograd.grad(ref, (x, w))
+    assert gx.dtype == gw.dtype == torch.float32
+    torch.testing.assert_close(gx, rx, rtol=2e-2, atol=2e-2 * rx.abs().max().item())
+    torch.testing.assert_close(gw, rw, rtol=2e-2, atol=2e-2 * rw.abs().max().item())

@@ -10,7 +10,7 @@ import torch
 
 from conftest import build_tiny_smlp
 from fairseq_smlp.flops import build_model, dummy_task
-from fairseq_smlp.models import moe_transformer_lm
+from fairseq_smlp.moe import fairseq_base_layer
 from fairseq_smlp.moe import router as routers
 from fairseq_smlp.moe.router import Router, Top1Router, Top2Router, switch_aux_loss
 
@@ -74,14 +74,14 @@ def router_logits(monkeypatch):
         seen[layer] = logits.dtype
         check_finite(logits, layer)
 
-    for module in (routers, moe_transformer_lm):
+    for module in (routers, fairseq_base_layer):
         monkeypatch.setattr(module, "check_finite", spy)
     return seen
 
 
 def router_names(model):
     """Names of the modules that route on hidden states (HASH routes on token ids: no logits)."""
-    return {m.name for m in model.modules() if (isinstance(m, Router) or isinstance(m, moe_transformer_lm.SingleProcessBaseLayer)) and not isinstance(m, routers.HashRouter)}
+    return {m.name for m in model.modules() if (isinstance(m, Router) or isinstance(m, fairseq_base_layer.FairseqBaseLayer)) and not isinstance(m, routers.HashRouter)}
 
 
 SMLP_ROUTINGS = {

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from conftest import REPO
+from fairseq_smlp.rehearse import train_losses
 
 COMMON = [
     "--user-dir", "fairseq_smlp", "--task", "smlp_language_modeling", "--criterion", "moe_cross_entropy",
@@ -47,14 +48,6 @@ def train_cmd(data_bin, save_dir, family_args, workers=1):
     return cmd
 
 
-def losses(log: str) -> dict:
-    """{update: loss} of the per-update train_inner log lines."""
-    out = {}
-    for line in log.splitlines():
-        if "train_inner |" in line:
-            entry = json.loads(line.split("| ", 3)[-1])
-            out[int(entry["num_updates"])] = entry["loss"]
-    return out
 
 
 def run(cmd):
@@ -81,7 +74,7 @@ def load_model(path):
 
 
 def assert_resume_is_exact(reference_log, resumed_log, reference_ckpt, resumed_ckpt):
-    ref, resumed = losses(reference_log), losses(resumed_log)
+    ref, resumed = train_losses(reference_log), train_losses(resumed_log)
     # restarted from checkpoint_last.pt: update 8, or 4 if the kill came before 8 was copied onto it
     assert resumed and max(resumed) == UPDATES and min(resumed) in (5, 9), sorted(resumed)
     assert {u: ref[u] for u in resumed} == resumed

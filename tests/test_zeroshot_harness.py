@@ -5,12 +5,9 @@ import json
 
 import pytest
 
-pytest.importorskip("lm_eval")
-pytest.importorskip("datasets")
-
-from fairseq_smlp.eval import harness, zeroshot  # noqa: E402
-from fairseq_smlp.eval.scoring import Candidate  # noqa: E402
-from zeroshot_helpers import rolling_text, run, tiny_checkpoint, write_task_files  # noqa: E402
+from fairseq_smlp.eval import harness, zeroshot  # lm-eval is in the test extra: no skip
+from fairseq_smlp.eval.scoring import Candidate
+from zeroshot_helpers import rolling_text, run, tiny_checkpoint, write_task_files
 
 SIX = ["copa", "piqa", "storycloze", "winogrande", "hellaswag", "record"]
 

@@ -63,7 +63,8 @@ SMLP_ARGS = ["--user-dir", str(REPO / "fairseq_smlp"), "--arch", "smlp_lm_tiny",
 KINDS = {  # kind -> (fairseq-train arguments, task)
     "transformer": (TRANSFORMER_ARGS, "language_modeling"),
     "smlp": (SMLP_ARGS, "language_modeling"),  # deterministic sMoE + token-routed tMoE
-    "smlp_partial": (SMLP_ARGS + ["--smoe-routing", "partial"], "smlp_language_modeling"),
+    # partial routing trains only with a criterion that leaves out the routing prefix
+    "smlp_partial": (SMLP_ARGS + ["--smoe-routing", "partial", "--criterion", "moe_cross_entropy"], "smlp_language_modeling"),
 }
 
 

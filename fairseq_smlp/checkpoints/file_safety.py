@@ -5,9 +5,19 @@ but then COPIES it onto the other names (checkpoint_last.pt, checkpoint_best.pt)
 a crash or `kill -9` during that copy leaves a truncated checkpoint_last.pt, the very file a
 restart loads. fairseq_patches.py routes that copy through `atomic_copy` and every
 checkpoint load through `load_or_explain`.
+
+Every such write goes through a temporary file next to its target (fairseq's
+`checkpoint_X.pt.tmp`, atomic_copy's `checkpoint_last.pt.tmp-PID`, reshard's `OUT.pt.tmp`);
+a kill or a full disk leaves it behind, so `remove_stale_temporaries` deletes exactly those
+names when the next run starts in that directory.
 """
+import logging
 import os
+import re
 import shutil
+
+logger = logging.getLogger(__name__)
+TEMPORARY = re.compile(r".+\.pt\.tmp(-\d+)?")  # the temporary names of the writes above, nothing else
 
 
 class CorruptCheckpointError(RuntimeError):
@@ -27,13 +37,46 @@ def atomic_copy(src: str, dst: str) -> None:
             os.remove(tmp)
 
 
+def remove_stale_temporaries(directory: str) -> list:
+    """Delete the temporary files an interrupted checkpoint write left in `directory` (not
+    recursive; only names matching TEMPORARY); returns their paths."""
+    if not os.path.isdir(directory):
+        return []
+    removed = []
+    for name in sorted(os.listdir(directory)):
+        path = os.path.join(directory, name)
+        if TEMPORARY.fullmatch(name) and os.path.isfile(path):
+            os.remove(path)
+            removed.append(path)
+            logger.warning(f"removed {path}: the temporary file of a checkpoint write that was interrupted (kill, full disk)")
+    return removed
+
+
+def readable(path: str) -> bool:
+    """Whether torch can unpickle the file (mmap first: the tensors are not read into memory;
+    then without, for files in torch's legacy format, which mmap does not take)."""
+    import torch
+
+    for extra in ({"mmap": True}, {}):
+        try:
+            torch.load(path, map_location="cpu", weights_only=False, **extra)
+            return True
+        except Exception:
+            continue
+    return False
+
+
 def load_or_explain(load, path, *args, **kwargs):
-    """Run `load(path, ...)`; a file that cannot be unpickled is reported by name."""
+    """Run `load(path, ...)`; a file that cannot be unpickled is reported by name. Errors
+    after a successful unpickling (fairseq upgrading the state, a plugin check) are not
+    corruption and pass through as they are."""
     try:
         return load(path, *args, **kwargs)
     except FileNotFoundError:
         raise
     except Exception as e:  # torch.load raises RuntimeError, EOFError, UnpicklingError, zipfile errors...
+        if readable(path):
+            raise
         size = os.path.getsize(path) if os.path.exists(path) else 0
         raise CorruptCheckpointError(
             f"checkpoint {path} ({size:,} bytes) is truncated or corrupted and cannot be loaded "

@@ -16,8 +16,18 @@ mismatched file fails with that hint (ExpertFFN._load_from_state_dict).
 
 fairseq 0.12 saves on rank 0 only and has no hook for this: fairseq_patches.py wraps the
 Trainer members that decide who saves, under which name and what; they change behaviour
-only when the model holds sharded experts.
+only when the model holds sharded experts. At load, the ranks agree on the update they
+resume from (below).
 """
+import logging
+import os
+import re
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+logger = logging.getLogger(__name__)
+
 SUPPORTED_DDP = ("legacy_ddp", "no_c10d")
 
 
@@ -56,3 +66,95 @@ def metadata(model, world_size: int, rank: int) -> dict:
         "expert_params": [n for n, p in named if getattr(p, "expert_sharded", False)],
         "param_names": [n for n, _ in named],
     }
+
+
+# ------------------------------------------------------------------ resume: which file
+# After a kill the ranks' newest files can hold different updates (rank 0 had copied update 20
+# onto its checkpoint_last, rank 1 not yet); ranks resuming from different updates wait on each
+# other forever. At load the ranks therefore agree on the newest update that EVERY rank saved
+# (fairseq_patches.py gathers each rank's `saved_updates` and calls `agree_on_update`).
+RANK_FILE = re.compile(r"-rank-(\d+)\.pt$")
+INTERVAL_FILE = re.compile(r"^checkpoint_\d+_(\d+)\.pt$")  # checkpoint_<epoch>_<updates>.pt (suffix removed)
+EPOCH_FILE = re.compile(r"^checkpoint\d+\.pt$")  # checkpoint<epoch>.pt
+
+
+class ResumeError(RuntimeError):
+    pass
+
+
+def strip_rank_suffix(path: str) -> str:
+    """checkpoint_1_20-rank-0.pt -> checkpoint_1_20.pt (fairseq appends each rank's own suffix)."""
+    return RANK_FILE.sub(".pt", path)
+
+
+def updates_in(path: str) -> int:
+    """The update count a checkpoint was saved at (memory-mapped: the tensors are not read)."""
+    try:
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except RuntimeError:  # an old (non-zip) file cannot be memory-mapped
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    return int(state["optimizer_history"][-1]["num_updates"])
+
+
+def saved_updates(save_dir: str, suffix: str) -> Dict[int, str]:
+    """{updates: file} of this rank's resumable checkpoints in save_dir: checkpoint_last,
+    interval (checkpoint_E_U) and epoch (checkpointE) files; checkpoint_last preferred.
+    An unreadable file (truncated by a kill) is left out with a warning."""
+    if not os.path.isdir(save_dir):
+        return {}
+    found = {}
+    for name in sorted(os.listdir(save_dir)):
+        if not name.endswith(f"{suffix}.pt"):
+            continue
+        plain = name[: len(name) - len(f"{suffix}.pt")] + ".pt"
+        path = os.path.join(save_dir, name)
+        interval = INTERVAL_FILE.match(plain)
+        if interval:
+            found.setdefault(int(interval.group(1)), path)
+        elif EPOCH_FILE.match(plain) or plain == "checkpoint_last.pt":
+            try:
+                updates = updates_in(path)
+            except Exception as e:  # noqa: BLE001  (any unpickling error: the file is skipped, and said so)
+                logger.warning(f"resume: {path} cannot be read ({type(e).__name__}: {e}); not considered")
+                continue
+            if plain == "checkpoint_last.pt":
+                found[updates] = path
+            else:
+                found.setdefault(updates, path)
+    return found
+
+
+def describe(per_rank: List[Dict[int, str]]) -> str:
+    lines = []
+    for rank, files in enumerate(per_rank):
+        listed = ", ".join(f"{os.path.basename(p)} @ update {u}" for u, p in sorted(files.items(), reverse=True))
+        lines.append(f"  rank {rank}: {listed or 'no checkpoint'}")
+    return "\n".join(lines)
+
+
+def agree_on_update(per_rank: List[Dict[int, str]], save_dir: str) -> Optional[int]:
+    """The newest update every rank saved; None when no rank saved any (a first launch).
+    Raises ResumeError, naming every rank's files, when the ranks share no update."""
+    if not any(per_rank):
+        return None
+    common = set.intersection(*(set(files) for files in per_rank))
+    if not common:
+        raise ResumeError(
+            f"cannot resume from --save-dir {save_dir}: the ranks' checkpoints hold no common update "
+            f"(each rank must resume from the same update, or they wait on each other forever):\n{describe(per_rank)}\n"
+            "Resume from a checkpoint every rank has (--restore-file SAVE_DIR/checkpoint_E_U.pt), or start in a new --save-dir."
+        )
+    return max(common)
+
+
+def check_same_update(per_rank: List[Tuple[str, Optional[int]]], flag: str) -> None:
+    """An explicit --restore-file: every rank's file exists and holds the same update."""
+    missing = [f"  rank {r}: {path}" for r, (path, updates) in enumerate(per_rank) if updates is None]
+    if missing:
+        raise ResumeError(f"{flag} does not exist for every rank:\n" + "\n".join(missing))
+    if len({updates for _, updates in per_rank}) > 1:
+        listed = "\n".join(f"  rank {r}: {path} @ update {u}" for r, (path, u) in enumerate(per_rank))
+        raise ResumeError(
+            f"{flag}: the ranks' files hold different updates, and ranks resuming from different updates "
+            f"wait on each other forever:\n{listed}\nPass an interval checkpoint every rank wrote (checkpoint_E_U.pt)."
+        )

@@ -20,6 +20,7 @@ from fairseq.criterions import FairseqCriterion, register_criterion
 from fairseq.dataclass import FairseqDataclass
 
 from ..fairseq_patches import PER_LAYER_PREFIX
+from ..validation import check_value
 from .fused_output_loss import LinearCrossEntropy, fused_output_weight
 
 
@@ -56,8 +57,11 @@ class MoECrossEntropyCriterion(FairseqCriterion):
     the model's `score_from` (partial-prediction routing) are not scored.
     """
 
+    honours_score_from = True  # positions before the model's score_from are not scored (tasks check it)
+
     def __init__(self, task, moe_aux_loss_weight, no_fused_output_loss=False):
         super().__init__(task)
+        check_value("--moe-aux-loss-weight", moe_aux_loss_weight)
         self.aux_weight = moe_aux_loss_weight
         self.fused = not no_fused_output_loss
 

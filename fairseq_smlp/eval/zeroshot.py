@@ -20,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from ..validation import check_args
 from .scoring import CandidateBuilder, encode_examples, evaluate_task
 from .text import NORMALIZATIONS, TextEncoder
 from .zeroshot_tasks import TASKS, TaskFileError, find_task_file, task_from_file
@@ -336,6 +337,7 @@ def cli_main(argv=None):
                         stream=sys.stderr)
     parser = get_parser()
     args = parser.parse_args(argv)
+    check_args(parser, args)  # the plugin's table of ranges (validation.py)
     if args.batch_size < 1:
         parser.error("--batch-size must be >= 1")
     if args.max_examples is not None and args.max_examples < 1:

@@ -24,13 +24,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
+from .. import text_files
+from ..text_files import TextFileError
 
-class TaskFileError(ValueError):
+
+class TaskFileError(TextFileError):
     """A malformed task file: the message starts with 'file:line:' ('file:' when the
     problem is the whole file)."""
 
     def __init__(self, path, lineno: Optional[int], message: str):
-        super().__init__(f"{path}:{lineno}: {message}" if lineno else f"{path}: {message}")
+        super().__init__(path, lineno, message)
 
 
 @dataclass
@@ -66,21 +69,12 @@ class Example:
 
 def read_text(path) -> str:
     """The whole file as text; an error naming the file (and the line and byte offset of
-    the first byte that is not UTF-8) if it is missing, not UTF-8 or empty."""
-    path = Path(path)
-    if not path.is_file():
-        raise TaskFileError(path, None, "no such file" if not path.exists() else "not a file")
-    data = path.read_bytes()
+    the first byte that is not UTF-8) if it is missing, not UTF-8 or empty (the reader
+    data_prep uses too: fairseq_smlp/text_files.py)."""
     try:
-        text = data.decode("utf-8-sig")  # a leading byte-order mark is not part of the text
-    except UnicodeDecodeError as e:
-        offset = e.start + (3 if data.startswith(b"\xef\xbb\xbf") else 0)
-        lineno = data[:offset].count(b"\n") + 1
-        raise TaskFileError(path, lineno, f"not UTF-8: byte {data[offset:offset + 1]!r} at byte offset "
-                                          f"{offset} ({e.reason})") from None
-    if not text.strip():
-        raise TaskFileError(path, None, "empty file: no examples")
-    return text
+        return text_files.read_text(path, what="examples")
+    except TextFileError as e:
+        raise TaskFileError(e.path, e.lineno, e.detail) from None
 
 
 def nonempty(examples: List[Example], path) -> List[Example]:

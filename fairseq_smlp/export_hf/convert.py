@@ -17,7 +17,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-# Resharding lives with the checkpoint code, which the lead may move: import it from here only.
+# rank files of any world size are resharded to one worker first (checkpoints/reshard.py)
 from ..checkpoints.reshard import rank_files, reshard
 
 

@@ -17,30 +17,28 @@ The dense baselines `transformer_lm_*` are fairseq's `transformer_lm` with match
 The decoder returns the routing statistics of every MoE layer in extra["moe_stats"] for
 the `moe_cross_entropy` criterion.
 """
-import contextlib
 from dataclasses import dataclass, field
-from unittest import mock
 
 import torch
 import torch.nn as nn
 from fairseq.dataclass import ChoiceEnum
-from fairseq.distributed import utils as distributed_utils
-from fairseq.models import register_model, register_model_architecture
+from fairseq.models import register_model
 from fairseq.models.transformer import TransformerConfig, TransformerDecoder
 from fairseq.models.transformer_lm import (
     TransformerLanguageModel,
     TransformerLanguageModelConfig,
     base_lm_architecture,
 )
-from fairseq.modules import base_layer
 from fairseq.modules.checkpoint_activations import checkpoint_wrapper
 from fairseq.modules.transformer_layer import TransformerDecoderLayerBase
 
 from ..moe.base_experts import BaseExpertsLayer
-from ..moe.router import HashRouter, RoutingStats, balanced_hash_table, check_expert_count, check_finite, name_routers, random_hash_table
+from ..moe.fairseq_base_layer import FairseqBaseLayer, build_base_layer, check_base_layer_layout
+from ..moe.router import HashRouter, balanced_hash_table, check_expert_count, name_routers, random_hash_table
+from ..moe.compile import compile_moe
 from ..moe.token_moe import MoEArgs, TokenMoE
+from ..validation import check_config
 from .archs import register_archs
-from .vocabulary import VocabularyCheck
 
 
 @dataclass
@@ -81,6 +79,7 @@ class MoETransformerLanguageModelConfig(TransformerLanguageModelConfig):
                                  "(BaseExpertsLayer); with W workers: fairseq's BaseLayer, one expert per worker, "
                                  "so it must be W. 0: one per worker (one process: a single expert)"}
     )
+    moe_compile: bool = field(default=False, metadata={"help": "torch.compile the MoE hot paths (experts' batched forward, partial-prediction sMoE mixing); off by default, eager with one log line where the compiler cannot run"})
 
 
 def is_moe_layer(index: int, moe_freq: int) -> bool:
@@ -161,98 +160,6 @@ def _identity(x):
     return x
 
 
-# ----------------------------------------------------------------- Base Layers
-class _LocalAll2All(torch.autograd.Function):
-    """All-to-all among one worker: every token stays where it is."""
-
-    @staticmethod
-    def forward(ctx, xs, input_splits=None, output_splits=None):
-        return xs.clone()
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        return grad_output, None, None
-
-
-@contextlib.contextmanager
-def _single_worker():
-    """Run fairseq's BaseLayer code as the only worker when no process group exists:
-    rank 0 and an identity all-to-all. Nothing changes when torch.distributed is set up."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        yield
-        return
-    with mock.patch.object(distributed_utils, "get_data_parallel_rank", lambda: 0), mock.patch.object(base_layer, "All2All", _LocalAll2All):
-        yield
-
-
-class SingleProcessBaseLayer(base_layer.BaseLayer):
-    """fairseq's BaseLayer (Base Layers, Lewis et al. 2021), one expert per worker, that
-    also runs in a single process (then: one expert, the identity all-to-all).
-
-    Its maths are fairseq's; this subclass only (1) supplies rank 0 and the local
-    all-to-all when torch.distributed is not initialised, and (2) records the expert load
-    of each batch for the training log.
-    """
-
-    def __init__(self, args):
-        with _single_worker():
-            super().__init__(args)
-        self.name = "base_layer"
-        self.last_stats = None
-
-    def forward(self, input_features, *args, **kwargs):
-        # fp32 in: under autocast a bf16 input (e.g. from --decoder-input-dim's projection) meets
-        # fairseq's un-autocast `mv` with fp32 centroids and fails with "addmv ... same dtype"
-        with _single_worker():
-            result, *rest = super().forward(input_features.float(), *args, **kwargs)
-        return (result.to(input_features.dtype), *rest)
-
-    def balanced_assignment(self, scores):
-        """Balanced: each expert gets an equal share of this worker's tokens.
-
-        With one expert every token goes to it; libbase's auction needs two experts to
-        bid between (it fails with one), so that trivial answer is given directly.
-        fairseq would quietly replace NaN scores by the minimum: stop with the layer's name instead.
-        """
-        check_finite(scores, self.name)
-        if self.num_workers == 1:
-            result = torch.arange(scores.size(0), device=scores.device), None, None
-        else:
-            result = super().balanced_assignment(scores)
-        counts = torch.full((self.num_workers,), scores.size(0) / self.num_workers, device=scores.device)
-        self._record(counts)
-        return result
-
-    def greedy_assignment(self, scores, k=1):
-        check_finite(scores, self.name)
-        sort_by_expert, input_splits, output_splits = super().greedy_assignment(scores, k)
-        self._record(torch.tensor(output_splits, dtype=torch.float, device=scores.device))
-        return sort_by_expert, input_splits, output_splits
-
-    def _record(self, counts: torch.Tensor) -> None:
-        """counts: (workers,) tokens this worker sends to each expert."""
-        self.last_stats = RoutingStats(layer=self.name, expert_counts=counts)
-
-
-def build_base_layer(cfg, args):
-    """The Base layer for this run: all E experts in this process when it is the only
-    worker, fairseq's BaseLayer (one expert per worker) with several workers.
-    cfg: fairseq's TransformerConfig; args: the model's arguments (our own fields)."""
-    experts = args.base_experts or 0
-    workers = distributed_utils.get_data_parallel_world_size()
-    if workers == 1 and experts >= 1:
-        return BaseExpertsLayer(
-            cfg.decoder.embed_dim, cfg.decoder.ffn_embed_dim, experts, cfg.base_sublayers,
-            activation=str(cfg.activation_fn), dropout=args.expert_dropout or 0.0,
-        )
-    if experts not in (0, workers):
-        raise ValueError(
-            f"--base-experts {experts} with {workers} data-parallel workers: fairseq's BaseLayer, used when there are "
-            f"several workers, holds one expert per worker; set --base-experts {workers} (or 0)"
-        )
-    return SingleProcessBaseLayer(cfg)
-
-
 # ----------------------------------------------------------------- decoder and model
 class MoETransformerDecoder(TransformerDecoder):
     """fairseq's TransformerDecoder with MoE FFNs every --moe-freq layers and Base
@@ -264,11 +171,11 @@ class MoETransformerDecoder(TransformerDecoder):
         super().__init__(args, dictionary, embed_tokens, no_encoder_attn=no_encoder_attn)
         name_routers(self)  # routers label their statistics with their place
         for name, module in self.named_modules():
-            if isinstance(module, SingleProcessBaseLayer):
+            if isinstance(module, FairseqBaseLayer):
                 module.name = f"{name}.base_layer"
             elif isinstance(module, BaseExpertsLayer):  # logged as moe_L<i>_base_layer_*, as fairseq's
                 module.router.name = f"{name}.base_layer"
-        self.moe_modules = [m for m in self.modules() if isinstance(m, (MoEFeedForward, SingleProcessBaseLayer, BaseExpertsLayer))]
+        self.moe_modules = [m for m in self.modules() if isinstance(m, (MoEFeedForward, FairseqBaseLayer, BaseExpertsLayer))]
         self.hash_routers = [m for m in self.modules() if isinstance(m, HashRouter)]
 
     def build_decoder_layer(self, cfg, no_encoder_attn=False):
@@ -310,16 +217,24 @@ class MoETransformerDecoder(TransformerDecoder):
 
 
 @register_model("moe_transformer_lm", dataclass=MoETransformerLanguageModelConfig)
-class MoETransformerLanguageModel(VocabularyCheck, TransformerLanguageModel):
+class MoETransformerLanguageModel(TransformerLanguageModel):
     @classmethod
     def build_model(cls, args, task):
+        check_config(args)  # ranges of every numeric flag (validation.py)
         check_moe_args(args)
         if args.decoder_layers_to_keep:
             raise ValueError("--decoder-layers-to-keep is not supported by moe_transformer_lm (MoE layers sit at fixed places)")
         if args.max_target_positions is None:
             args.max_target_positions = args.tokens_per_sample
         embed_tokens = cls.build_embedding(args, task.source_dictionary, args.decoder_input_dim)
-        return cls(MoETransformerDecoder(args, task.target_dictionary, embed_tokens, no_encoder_attn=True))
+        model = cls(MoETransformerDecoder(args, task.target_dictionary, embed_tokens, no_encoder_attn=True))
+        if getattr(args, "moe_compile", False):
+            compile_moe(model)
+        return model
+
+    def load_state_dict(self, state_dict, *args, **kwargs):
+        check_base_layer_layout(self, state_dict)
+        return super().load_state_dict(state_dict, *args, **kwargs)
 
 
 # ----------------------------------------------------------------- architectures

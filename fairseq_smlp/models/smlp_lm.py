@@ -25,10 +25,11 @@ from torch import Tensor
 
 from ..modules.blocks import GatedMLPBlock, SparseBlock
 from ..modules.spatial_gating import SpatialGateArgs, SpatialGatingUnit
+from ..moe.compile import compile_moe
 from ..moe.router import check_expert_count, name_routers
 from ..moe.token_moe import MoEArgs, TokenMoE
+from ..validation import check_config
 from .archs import register_archs
-from .vocabulary import VocabularyCheck
 
 
 @dataclass
@@ -55,6 +56,7 @@ class SmlpConfig(FairseqDataclass):
                                    "torch (vectorised dual prices, exact optimum when prices converge) or fairseq's compiled libbase auction"}
     )
     smoe_expert_parallel: bool = field(default=False, metadata={"help": "shard the sMoE spatial experts over the data-parallel workers (deterministic routing; default: replicated on every worker)"})
+    moe_compile: bool = field(default=False, metadata={"help": "torch.compile the MoE hot paths (experts' batched forward, partial-prediction sMoE mixing); off by default, eager with one log line where the compiler cannot run"})
     spatial_init_eps: float = field(default=1e-3, metadata={"help": "spatial matrices start uniform in +-eps/T_max (bias 1)"})
     dropout: float = field(default=0.1, metadata={"help": "dropout on embeddings and block outputs"})
     share_decoder_input_output_embed: bool = field(default=True, metadata={"help": "tie input and output embeddings"})
@@ -81,9 +83,10 @@ def sparse_block_indices(cfg) -> List[int]:
 
 
 @register_model("smlp_lm", dataclass=SmlpConfig)
-class SmlpLanguageModel(VocabularyCheck, FairseqLanguageModel):
+class SmlpLanguageModel(FairseqLanguageModel):
     @classmethod
     def build_model(cls, cfg, task):
+        check_config(cfg)  # ranges of every numeric flag (validation.py)
         if cfg.max_target_positions is None:
             cfg.max_target_positions = cfg.tokens_per_sample
         if cfg.smoe_routing == "partial" and not getattr(task, "scores_partial_prediction", False):
@@ -93,7 +96,10 @@ class SmlpLanguageModel(VocabularyCheck, FairseqLanguageModel):
                 "not be scored, and only that task tells fairseq-eval-lm so"
             )
         embed_tokens = Embedding(len(task.source_dictionary), cfg.decoder_embed_dim, task.source_dictionary.pad())
-        return cls(SmlpDecoder(cfg, task.target_dictionary, embed_tokens))
+        model = cls(SmlpDecoder(cfg, task.target_dictionary, embed_tokens))
+        if cfg.moe_compile:
+            compile_moe(model)
+        return model
 
 
 class SmlpDecoder(FairseqIncrementalDecoder):
@@ -125,15 +131,25 @@ class SmlpDecoder(FairseqIncrementalDecoder):
         return x, extra
 
     def extract_features(self, tokens: Tensor, incremental_state=None, **kwargs):
+        new = tokens.size(1)  # positions whose outputs the caller asks for: the newest
         if incremental_state is not None:
-            tokens = tokens[:, self._advance(incremental_state, tokens.size(1)) :]
+            done = self._advance(incremental_state, tokens.size(1))
+            new = tokens.size(1) - done
+            if 0 < done < self.score_from <= tokens.size(1):
+                # the routing prefix is complete only now: every block's history of positions
+                # < score_from was computed with a partial prefix's routing; recompute it all
+                # with the final routing, as the full forward does (blocks after a partial one
+                # mix those positions into scored ones)
+                self._forget_history(incremental_state)
+                done = 0
+            tokens = tokens[:, done:]
         x = self.dropout(self.embed_tokens(tokens))  # (B, T, H)
         moe_stats = []
         for layer in self.layers:
             x, stats = layer(x, incremental_state)
             moe_stats.extend(stats)
         # "attn": None because fairseq's SequenceGenerator reads it from every decoder
-        return self.final_norm(x), {"moe_stats": moe_stats, "score_from": self.score_from, "attn": None}
+        return self.final_norm(x[:, -new:]), {"moe_stats": moe_stats, "score_from": self.score_from, "attn": None}
 
     def _advance(self, incremental_state, length: int) -> int:
         """Number of positions already decoded; records that `length` are known now."""
@@ -141,6 +157,11 @@ class SmlpDecoder(FairseqIncrementalDecoder):
         done = int(saved["length"].item()) if saved is not None else 0
         self.set_incremental_state(incremental_state, "steps", {"length": torch.tensor(length)})
         return done
+
+    def _forget_history(self, incremental_state) -> None:
+        for module in self.modules():
+            if isinstance(module, SpatialGatingUnit):
+                module.forget_history(incremental_state)
 
     def output_layer(self, features: Tensor) -> Tensor:
         return self.output_projection(features)

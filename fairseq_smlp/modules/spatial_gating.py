@@ -88,11 +88,19 @@ class SpatialGatingUnit(nn.Module):
             return self.mixing(groups, first_output).reshape(bsz, new, channels), None
 
         order, weight, stats = self.router(z)  # order: (B, C) channels listed expert by expert
+        if incremental_state is not None:  # (--moe-compile compiles mix_routed for whole sequences only)
+            return SpatialGatingUnit.mix_routed(self, z, order, weight, first_output), stats
+        return self.mix_routed(z, order, weight), stats
+
+    def mix_routed(self, z: Tensor, order: Tensor, weight: Tensor, first_output: int = 0) -> Tensor:
+        """z (B, n, C); order, weight (B, C) from the router -> gate (B, n - first_output, C):
+        each channel mixed by its expert's spatial matrix and scaled by its router weight."""
+        bsz, n, channels = z.shape
+        new = n - first_output
         by_expert = z.gather(2, order.unsqueeze(1).expand(-1, n, -1))
         groups = by_expert.view(bsz, n, self.num_experts, channels // self.num_experts)
         mixed = self.mixing(groups, first_output).reshape(bsz, new, channels) * weight.unsqueeze(1).to(z.dtype)
-        gate = torch.empty_like(mixed).scatter_(2, order.unsqueeze(1).expand(-1, new, -1), mixed)
-        return gate, stats
+        return torch.empty_like(mixed).scatter_(2, order.unsqueeze(1).expand(-1, new, -1), mixed)
 
     def _extend_history(self, z: Tensor, incremental_state) -> Tensor:
         """Keep the normalised inputs of all past positions: the spatial matrix mixes them all."""
@@ -101,6 +109,9 @@ class SpatialGatingUnit(nn.Module):
             z = torch.cat([saved["z"], z], dim=1)
         self.set_incremental_state(incremental_state, "history", {"z": z})
         return z
+
+    def forget_history(self, incremental_state) -> None:
+        self.set_incremental_state(incremental_state, "history", None)
 
     def reorder_incremental_state(self, incremental_state, new_order: Tensor):
         saved = self.get_incremental_state(incremental_state, "history")

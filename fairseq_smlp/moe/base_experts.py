@@ -11,9 +11,11 @@ dense layer. This is the same layer with all E experts in the process:
 
 The experts are S stacked ExpertFFNs (E experts each) and run on the shared dispatch path
 (dispatch.dispatch_to_experts); the mixing is written as x + alpha (expert_e(x) - x), the
-same value. fairseq's BaseLayer is kept for multi-worker runs (models/moe_transformer_lm.py);
+same value. fairseq's BaseLayer is kept for multi-worker runs (moe/fairseq_base_layer.py);
 with one expert the two compute the same function (tests/test_fair_baselines.py).
 """
+from typing import Optional
+
 import torch
 import torch.nn as nn
 
@@ -47,11 +49,17 @@ class ResidualExpertStack(nn.Module):
             h = h + sublayer(h)
         return h - x
 
+    def input_dtype(self, x: torch.Tensor) -> torch.dtype:
+        return self.sublayers[0].input_dtype(x)
+
     def can_run_grouped(self, x: torch.Tensor) -> bool:
         return self.sublayers[0].can_run_grouped(x)
 
-    def forward_grouped(self, x: torch.Tensor, row_expert: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """x: (M, H) rows grouped by expert -> (M, H), expert_e(x) - x on each row."""
+    def forward_grouped(self, x: torch.Tensor, row_expert: Optional[torch.Tensor], counts: torch.Tensor) -> torch.Tensor:
+        """x: (M, H) rows grouped by expert (row_expert: (M,) their experts, or None) -> (M, H),
+        expert_e(x) - x on each row."""
+        if row_expert is None:  # once for every sublayer
+            row_expert = torch.repeat_interleave(torch.arange(counts.numel(), device=x.device), counts)
         h = x
         for sublayer in self.sublayers:
             h = h + sublayer.forward_grouped(h, row_expert, counts)

@@ -4,6 +4,8 @@ Written by hand rather than with fairscale's MOELayer: MOELayer needs a process 
 and a fixed capacity; tMoE's balanced assignment needs neither, and evaluation-time
 greedy routing has uneven loads that a capacity would drop.
 """
+from typing import Optional
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -73,14 +75,22 @@ class ExpertFFN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (E_local, C, H) C rows per expert -> (E_local, C, H)."""
         if self.norm_weight is not None:
-            x = F.layer_norm(x, (self.embed_dim,)) * self.norm_weight + self.norm_bias
+            # per-expert affine in one op (norm_bias + x_hat * norm_weight): one pass less than * then +
+            x = torch.addcmul(self.norm_bias, F.layer_norm(x, (self.embed_dim,)), self.norm_weight)
         h = self.activation(torch.baddbmm(self.fc1_bias, x, self.fc1_weight))
         h = F.dropout(h, self.dropout, self.training)
         return torch.baddbmm(self.fc2_bias, h, self.fc2_weight)
 
+    def input_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """The dtype the experts' first op reads x in: the autocast dtype when that op is the
+        fc1 matmul (no pre-norm) under CPU autocast, else x's own."""
+        return _compute_dtype(x) if self.norm_weight is None and x.device.type == "cpu" else x.dtype
+
     def can_run_grouped(self, x: torch.Tensor) -> bool:
         """torch's grouped_mm runs on CPU (fp32/bf16) for rows whose byte strides are multiples
-        of 16; on CUDA it needs bf16 and SM >= 80, and it is not in autocast's cast lists."""
+        of 16; on CUDA it needs bf16 and SM >= 80. Not under CPU autocast: grouped_mm is not
+        in autocast's cast lists, and in bf16 its small per-expert products measured slower
+        than the padded batched matmul (benchmarks/layer_microbench.py, Switch/GShard/HASH)."""
         grouped_mm = getattr(F, "grouped_mm", None)
         aligned = all(d * x.element_size() % 16 == 0 for d in (self.embed_dim, self.fc1_weight.size(-1)))
         return (
@@ -88,18 +98,50 @@ class ExpertFFN(nn.Module):
             and not torch.is_autocast_enabled("cpu")
         )
 
-    def forward_grouped(self, x: torch.Tensor, row_expert: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """x: (M, H) rows grouped by local expert (row_expert: (M,) sorted; counts: (E_local,)) -> (M, H).
+    def forward_grouped(self, x: torch.Tensor, row_expert: Optional[torch.Tensor], counts: torch.Tensor) -> torch.Tensor:
+        """x: (M, H) rows grouped by local expert (counts: (E_local,) rows per expert;
+        row_expert: (M,) their experts, or None to derive it) -> (M, H).
 
         forward() on exactly the routed rows: each expert multiplies only its own rows, so
-        an uneven load costs no FLOPs on padding slots."""
+        an uneven load costs no FLOPs on padding slots. Biases are added to each expert's
+        block of rows in place (no (M, F) copy of the bias rows)."""
         offs = torch.cumsum(counts, 0).to(torch.int32)
-
-        def per_row(p):  # (E, 1, D) -> (M, D): each row's expert's vector
-            return p.squeeze(1).index_select(0, row_expert)
-
+        sizes = counts.tolist()
         if self.norm_weight is not None:
-            x = F.layer_norm(x, (self.embed_dim,)) * per_row(self.norm_weight) + per_row(self.norm_bias)
-        h = self.activation(F.grouped_mm(x, self.fc1_weight, offs=offs) + per_row(self.fc1_bias))
+            if row_expert is None:
+                row_expert = torch.repeat_interleave(torch.arange(counts.numel(), device=x.device), counts)
+
+            def per_row(p):  # (E, 1, D) -> (M, D): each row's expert's vector
+                return p.squeeze(1).index_select(0, row_expert)
+
+            x = torch.addcmul(per_row(self.norm_bias), F.layer_norm(x, (self.embed_dim,)), per_row(self.norm_weight))
+        h = self.activation(_AddBlockBias.apply(F.grouped_mm(x, self.fc1_weight, offs=offs), self.fc1_bias, sizes))
         h = F.dropout(h, self.dropout, self.training)
-        return F.grouped_mm(h, self.fc2_weight, offs=offs) + per_row(self.fc2_bias)
+        return _AddBlockBias.apply(F.grouped_mm(h, self.fc2_weight, offs=offs), self.fc2_bias, sizes)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul on x runs in: autocast's on the CPU when it is on, else x's."""
+    return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+
+
+class _AddBlockBias(torch.autograd.Function):
+    """y (M, D) rows in blocks of sizes[e] rows per expert; y[block e] += bias[e], in place.
+
+    bias: (E, 1, D). The gradient of bias[e] is the sum of the gradient over block e."""
+
+    @staticmethod
+    def forward(ctx, y, bias, sizes):
+        ctx.mark_dirty(y)
+        ctx.sizes, ctx.bias_dtype = sizes, bias.dtype
+        for block, b in zip(y.split(sizes), bias.to(y.dtype)):
+            block.add_(b)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_bias = None
+        if ctx.needs_input_grad[1]:
+            grad_bias = torch.stack([block.sum(0, keepdim=True, dtype=torch.float32) for block in grad.split(ctx.sizes)])
+            grad_bias = grad_bias.to(ctx.bias_dtype)
+        return grad, grad_bias, None

@@ -52,6 +52,7 @@ class TokenMoE(nn.Module):
     def forward(self, x: torch.Tensor):
         flat = x.reshape(-1, x.size(-1))  # (N, H)
         expert_index, weight, stats = self.router(flat)
+        weight = None if self.router.unit_weight else weight  # HASH: every weight is 1, skip the product
         return dispatch_to_experts(flat, expert_index, weight, self.experts).view_as(x), stats
 
 

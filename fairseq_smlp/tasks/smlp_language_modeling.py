@@ -41,6 +41,19 @@ def check_sample_fits(tokens_per_sample: int, max_positions) -> None:
         )
 
 
+def check_criterion_scores_from(criterion, score_from: int, name=None) -> None:
+    """With partial-prediction routing only a criterion that leaves out the positions before
+    the model's `score_from` may train it (a criterion declares it: `honours_score_from = True`);
+    fairseq's cross_entropy would silently train on positions that saw the future."""
+    if score_from > 0 and not getattr(criterion, "honours_score_from", False):
+        name = name or type(criterion).__name__
+        raise ValueError(
+            f"--criterion {name} scores every position, but with --smoe-routing partial the first {score_from} "
+            f"positions of each block fed the router (they saw later tokens) and must not be trained on: "
+            f"use --criterion moe_cross_entropy"
+        )
+
+
 @register_task("smlp_language_modeling", dataclass=LanguageModelingConfig)
 class SmlpLanguageModelingTask(LanguageModelingTask):
     scores_partial_prediction = True  # models may rely on it (see SmlpLanguageModel.build_model)
@@ -51,6 +64,12 @@ class SmlpLanguageModelingTask(LanguageModelingTask):
         model.dictionary_file = os.path.join(self.args.data.split(os.pathsep)[0], "dict.txt")  # named in load errors
         self.score_from = getattr(model.decoder, "score_from", 0)
         return model
+
+    def build_criterion(self, cfg):
+        """Refuse a criterion that would score the routing prefix (positions that saw the future)."""
+        criterion = super().build_criterion(cfg)
+        check_criterion_scores_from(criterion, getattr(self, "score_from", 0), getattr(cfg, "_name", None))
+        return criterion
 
     def eval_lm_dataloader(self, dataset, *args, context_window: int = 0, **kwargs):
         max_positions = kwargs.get("max_positions")

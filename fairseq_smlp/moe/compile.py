@@ -1,0 +1,73 @@
+"""--moe-compile: torch.compile for the MoE hot paths (optional, off by default).
+
+Compiled: the experts' batched forward (ExpertFFN.forward: expert LayerNorm, two batched
+matmuls, activation) and the partial-prediction sMoE's routed mixing (channel gather, causal
+mixing, router weights, scatter back). Routers and token dispatch stay eager: their shapes
+depend on the data (sorts, bincounts, capacities), which would recompile or break graphs.
+Numbers equal eager to float rounding (tests/test_moe_speed_paths.py). On a CPU, inductor
+needs a C++ compiler: without one (or if compiling fails) the model runs eager, with one
+log line. Measured gains and costs: README, Benchmarks.
+"""
+import logging
+import shutil
+
+import torch
+import torch.nn as nn
+
+logger = logging.getLogger(__name__)
+_WARNED = {"fallback": False}
+
+
+def compiler_available() -> bool:
+    """torch.compile exists and (for CPU code) a C++ compiler is on PATH."""
+    if not hasattr(torch, "compile"):
+        return False
+    try:
+        from torch._inductor import cpp_builder
+
+        return bool(cpp_builder.get_cpp_compiler())
+    except Exception:  # inductor could not find or run a compiler
+        return any(shutil.which(name) for name in ("c++", "g++", "clang++"))
+
+
+def _fall_back(what: str, error: Exception) -> None:
+    if not _WARNED["fallback"]:
+        _WARNED["fallback"] = True
+        logger.warning(f"--moe-compile: torch.compile cannot run here ({what}: {type(error).__name__}: {error}); running eager")
+
+
+class CompiledOrEager:
+    """fn compiled on first call; eager from then on if compiling fails."""
+
+    def __init__(self, fn, name: str):
+        self.eager, self.name = fn, name
+        self.compiled = torch.compile(fn)
+
+    def __call__(self, *args, **kwargs):
+        if self.compiled is not None:
+            try:
+                return self.compiled(*args, **kwargs)
+            except Exception as error:  # a missing or failing compiler: never twice
+                _fall_back(self.name, error)
+                self.compiled = None
+        return self.eager(*args, **kwargs)
+
+
+def compile_moe(model: nn.Module) -> int:
+    """Compile the hot paths of every MoE module in `model` (--moe-compile). Returns how
+    many functions were wrapped (0 where the compiler is missing: then eager, one log line)."""
+    from ..modules.spatial_gating import SpatialGatingUnit
+    from .experts import ExpertFFN
+
+    if not compiler_available():
+        _fall_back("setup", RuntimeError("no torch.compile or no C++ compiler on PATH"))
+        return 0
+    wrapped = 0
+    for name, module in model.named_modules():
+        if isinstance(module, ExpertFFN):
+            module.forward = CompiledOrEager(module.forward, f"{name}.forward")
+            wrapped += 1
+        elif isinstance(module, SpatialGatingUnit) and module.router is not None:
+            module.mix_routed = CompiledOrEager(module.mix_routed, f"{name}.mix_routed")
+            wrapped += 1
+    return wrapped
