@@ -70,6 +70,8 @@ def sparse_models():
         if e > 1:
             models[f"smlp_tmoe_e{e}"] = ("smlp_lm_tiny", ["--smoe-experts", "1", "--tmoe-experts", str(e)], "gmlp", "smlp_tmoe", e)
             models[f"smlp_smoe_e{e}"] = ("smlp_lm_tiny", ["--smoe-experts", str(e), "--tmoe-experts", "1"], "gmlp", "smlp_smoe", e)
+            # diagnosis: the tMoE routed like Switch instead of the paper's Base-layer routing
+            models[f"smlp_top1_e{e}"] = ("smlp_lm_tiny", ["--smoe-experts", str(e), "--tmoe-experts", str(e), "--tmoe-router", "top1"], "gmlp", "smlp_top1", e)
             models[f"switch_e{e}"] = ("switch_lm_tiny", ["--moe-experts", str(e)], "transformer", "switch", e)
             models[f"gshard_e{e}"] = ("gshard_lm_tiny", ["--moe-experts", str(e)], "transformer", "gshard", e)
             models[f"hash_e{e}"] = ("hash_lm_tiny", ["--moe-experts", str(e)], "transformer", "hash", e)
@@ -83,7 +85,7 @@ def sparse_models():
 
 
 MODELS = {**{k: (*v, None, k, 0) for k, v in DENSE.items()}, **sparse_models()}
-DEFAULT_MODELS = [m for m, spec in MODELS.items() if spec[4] in (0, 1, 4, 16) and not m.endswith("_xd")]
+DEFAULT_MODELS = [m for m, spec in MODELS.items() if spec[4] in (0, 1, 4, 16) and not m.endswith("_xd") and spec[3] != "smlp_top1"]
 
 REGIMES = {
     "single-pass": dict(corpus="wikitext-2+books-mix", epochs=1, dropout=0.0),

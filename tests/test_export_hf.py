@@ -196,6 +196,17 @@ MUTATIONS = {
 }
 
 
+def test_export_refuses_an_smlp_with_switch_routed_tmoe(tmp_path):
+    """--tmoe-router top1 (a sparsity-study option) has no exported modelling code: named, nothing written."""
+    ckpt = make_checkpoint(str(tmp_path / "smlp_top1.pt"), *ALL["smlp"])
+    state = torch.load(ckpt, weights_only=False)
+    state["cfg"]["model"]["tmoe_router"] = "top1"
+    torch.save(state, ckpt)
+    with pytest.raises(ExportError, match="--tmoe-router top1"):
+        export(ckpt, str(tmp_path / "out"), dict_path=f"{ckpt}.dict.txt", verify=False)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("mutation", MUTATIONS)
 def test_export_refuses_a_checkpoint_that_does_not_map_one_to_one(mutation, tmp_path):
     name, change, message = MUTATIONS[mutation]

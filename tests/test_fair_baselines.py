@@ -88,6 +88,28 @@ def test_smlp_tmoe_init_follows_the_flag():
     assert torch.count_nonzero(zero.fc2_weight) == 0
 
 
+def test_smlp_tmoe_router_top1_is_switch_routing_with_its_aux_loss():
+    """--tmoe-router top1 (sparsity diagnosis): the sparse block's tMoE routes like Switch —
+    softmax gate, one expert, its balance loss reaches the criterion — and evaluation is causal."""
+    from fairseq_smlp.moe.router import Top1Router
+
+    from conftest import build_tiny_smlp
+
+    model = build_tiny_smlp(tmoe_router="top1")
+    moe = model.decoder.layers[1].feature_moe
+    assert isinstance(moe.router, Top1Router) and moe.router.num_experts == 4
+    x = torch.randint(4, 40, (3, 24), generator=torch.Generator().manual_seed(0))
+    model.train()
+    _, extra = model(x)
+    aux = [s.aux_loss for s in extra["moe_stats"] if s.layer.endswith("feature_moe.router")]
+    assert len(aux) == 1 and aux[0].requires_grad and aux[0].item() >= 1.0 - 1e-6  # Switch's loss is >= 1
+    model.eval()
+    with torch.no_grad():
+        full = model(x)[0]
+        cut = model(x[:, :10])[0]
+    torch.testing.assert_close(full[:, :10], cut, rtol=1e-5, atol=1e-5)
+
+
 def test_base_layer_experts_start_as_base_layers():
     model = build("base_lm_tiny", SMALL + ["--base-experts", "4"])
     layer = model.decoder.layers[1]

@@ -133,6 +133,8 @@ def smlp_config(m, vocab_size: int):
 
     positions = m.get("max_target_positions") or m.tokens_per_sample
     sparse = set(sparse_block_indices(m))
+    if sparse and m.get("tmoe_router", "base") != "base":
+        raise ExportError(f"--tmoe-router {m.tmoe_router}: only the paper's Base-layer tMoE routing is exported")
     partial = bool(sparse) and m.smoe_routing == "partial"
     prefix = max(1, int(math.ceil(m.partial_prefix_ratio * positions))) if partial else 0
     if partial and m.get("partial_balance") == "assignment" and m.get("balanced_assignment") == "libbase":

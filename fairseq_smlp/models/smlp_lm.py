@@ -44,7 +44,13 @@ class SmlpConfig(FairseqDataclass):
     smoe_chunk: ChoiceEnum(["gate", "all"]) = field(default="gate", metadata={"help": "what sMoE chunks: the gate half Z2 (gMLP-style) or all of Z (no split; Z gated by its own token mixing)"})
     partial_prefix_ratio: float = field(default=0.2, metadata={"help": "partial prediction: share of the positions the router reads; the loss covers the rest"})
     partial_balance: ChoiceEnum(["assignment", "aux_loss"]) = field(default="assignment", metadata={"help": "partial prediction: balanced assignment, or first choice + Switch auxiliary loss"})
-    tmoe_experts: int = field(default=4, metadata={"help": "feature-mixing (tMoE) experts per sparse block, Base-layer routing"})
+    tmoe_experts: int = field(default=4, metadata={"help": "feature-mixing (tMoE) experts per sparse block"})
+    tmoe_router: ChoiceEnum(["base", "top1"]) = field(
+        default="base", metadata={"help": "tMoE routing: base (the paper's: Base Layers' balanced assignment in training, "
+                                  "greedy at evaluation, output mixed by sigmoid(x . c_e)) or top1 (Switch: softmax gate, "
+                                  "capacity factor 1.25 in training, none at evaluation, auxiliary loss weighted by "
+                                  "--moe-aux-loss-weight); a diagnosis option of benchmarks/sparsity.py"}
+    )
     tmoe_ffn_embed_dim: int = field(default=2048, metadata={"help": "hidden width of each tMoE expert FFN"})
     expert_init: ChoiceEnum(["dense", "zero_output"]) = field(
         default="dense", metadata={"help": "tMoE experts: dense (start as a dense FFN: nn.Linear's init, as the Transformer "
@@ -190,7 +196,7 @@ def build_sparse_block(cfg) -> SparseBlock:
     ))
     token_mixing = GatedMLPBlock(cfg.decoder_embed_dim, cfg.decoder_ffn_embed_dim, gate, split_gate, cfg.dropout)
     tmoe = MoEArgs(
-        "base", cfg.tmoe_experts, cfg.decoder_embed_dim, cfg.tmoe_ffn_embed_dim, solver=str(cfg.balanced_assignment),
+        str(getattr(cfg, "tmoe_router", "base")), cfg.tmoe_experts, cfg.decoder_embed_dim, cfg.tmoe_ffn_embed_dim, solver=str(cfg.balanced_assignment),
         expert_init=str(cfg.expert_init), expert_dropout=cfg.expert_dropout,
     )
     return SparseBlock(token_mixing, TokenMoE(tmoe), cfg.dropout)
