@@ -270,7 +270,7 @@ def test_bf16_load_runs_every_block(name, exported):
     for a, b in zip(routed32, routed16):  # (T * B, k), tokens time-major as fairseq queues them
         flipped |= (a != b).any(-1).view(x.size(1), x.size(0)).any(0)
     assert flipped.sum() <= x.size(0) // 2 and diff[~flipped].max().item() < 0.1
-    assert x.size(0) == 8 and hf16.generate(x[:3, :4], max_new_tokens=3, do_sample=False, pad_token_id=1).shape == (3, 7)
+    assert hf16.generate(x[:3, :4], max_new_tokens=3, do_sample=False, pad_token_id=1).shape == (3, 7)
 
 
 @contextlib.contextmanager
