@@ -51,6 +51,8 @@ from _results import run_metadata  # noqa: E402  (benchmarks/, the script's fold
 MODELS = {
     "smlp": ("smlp_lm_tiny", []),
     "smlp_partial": ("smlp_lm_tiny", ["--smoe-routing", "partial"]),
+    # the tMoE routed like Switch: the fix the sparsity study found (benchmarks/results/sparsity.md)
+    "smlp_top1": ("smlp_lm_tiny", ["--tmoe-router", "top1"]),
     "gmlp": ("gmlp_lm_tiny", []),
     "transformer": ("transformer_lm_tiny", []),
     "switch": ("switch_lm_tiny", []),
@@ -58,7 +60,7 @@ MODELS = {
     "base": ("base_lm_tiny", []),
     "hash": ("hash_lm_tiny", []),
 }
-SMLP = ("smlp", "smlp_partial")
+SMLP = ("smlp", "smlp_partial", "smlp_top1")
 TRAIN_ARGS = [  # shared by every model; Adam and schedule as in the quickstart, shorter warmup
     "--task", "smlp_language_modeling", "--criterion", "moe_cross_entropy",
     "--tokens-per-sample", "128", "--sample-break-mode", "none", "--max-tokens", "2048",
@@ -71,6 +73,7 @@ TRAIN_ARGS = [  # shared by every model; Adam and schedule as in the quickstart,
 
 EXPERT_FLAGS = {  # --experts E: the flags that set E for each family
     "smlp": ["--smoe-experts", "--tmoe-experts"], "smlp_partial": ["--smoe-experts", "--tmoe-experts"],
+    "smlp_top1": ["--smoe-experts", "--tmoe-experts"],
     "switch": ["--moe-experts"], "gshard": ["--moe-experts"], "hash": ["--moe-experts"], "base": ["--base-experts"],
 }
 
@@ -396,13 +399,17 @@ def main(argv=None):
     prefix = max([getattr(r.model.decoder, "score_from", 0) for r in runs] + [0]) or default_prefix(data_bin)
     slice_seconds = args.minutes * 60 / args.points
     start = time.perf_counter()
+    out = Path(args.out)
     for turn in range(args.points):
         for run in runs:
             run.train_until((turn + 1) * slice_seconds)
             point = run.validate(prefix, args.valid_blocks, time.perf_counter() - start, args.valid_spread)
             print(f"[{turn + 1}/{args.points}] {run.name:13} {point}", flush=True)
+        write_results(out, args, argv, runs, data_bin, user_args, prefix, load_before)  # a long run keeps what it measured
+    print(f"wrote {out}.json, {out}.md and the plots")
 
-    out = Path(args.out)
+
+def write_results(out: Path, args, argv, runs, data_bin, user_args, prefix, load_before) -> None:
     result = {
         "meta": {
             **run_metadata("compare.py", argv), "load_before": load_before,
@@ -421,7 +428,6 @@ def main(argv=None):
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     write_markdown(out.with_suffix(".md"), result)
     write_plots(out, result)
-    print(f"wrote {out}.json, {out}.md and the plots")
 
 
 if __name__ == "__main__":

@@ -541,13 +541,30 @@ def write_router_plot(prefix: Path, meta: dict, models: dict, plt) -> list:
     return [out]
 
 
-def render(prefix: Path, partial: bool = False) -> None:
+def cut_at(models: dict, until_tokens: int, tokens_per_update: int) -> dict:
+    """Every model as it was after `until_tokens` training tokens (one update of slack: two runs
+    with different evaluation schedules cross a threshold one update apart)."""
+    limit = until_tokens + tokens_per_update
+    cut = {}
+    for name, m in models.items():
+        train = [r for r in m["train"] if r["tokens"] <= limit]
+        evals = [r for r in m["eval"] if r["tokens"] <= limit]
+        if train:
+            cut[name] = {**m, "train": train, "eval": evals,
+                         "done": {"tokens": train[-1]["tokens"], "seconds": train[-1]["seconds"]}}
+    return cut
+
+
+def render(prefix: Path, partial: bool = False, until_tokens: int = 0) -> None:
     records = read_records(_file(prefix, ".jsonl"))
     metas = [r for r in records if r["kind"] == "meta"]
     if not metas:
         raise SystemExit(f"{_file(prefix, '.jsonl')}: no records")
     meta = metas[-1]
     models = with_unfinished(records) if partial else by_model(records)
+    if until_tokens:
+        models = cut_at(models, until_tokens, meta["tokens_per_update"])
+        meta = {**meta, "note": f"{meta.get('note') or ''} Every model as it was at {until_tokens:,} training tokens (render --until-tokens).".strip()}
     rows = summarize(models)
     _file(prefix, ".json").write_text(json.dumps({"meta": meta, "invocations": metas, "rows": rows}, indent=2) + "\n")
     write_markdown(_file(prefix, ".md"), meta, rows)
@@ -578,6 +595,8 @@ def parse_args(argv=None):
     p.add_argument("--note", default="", help="a line for the report")
     p.add_argument("--partial", action="store_true", help="render: also the models that did not finish, compared at the tokens they reached")
     p.add_argument("--out", default=None, help="PREFIX of the outputs (default benchmarks/results/sparsity_<regime>)")
+    p.add_argument("--until-tokens", type=int, default=0,
+                   help="render: every model cut at this many training tokens (runs of different lengths compared at equal tokens)")
     argv = list(sys.argv[1:] if argv is None else argv)
     fairseq = argv[argv.index("--") + 1 :] if "--" in argv else []  # after --: more fairseq-train options for every model
     args = p.parse_args(argv[: len(argv) - len(fairseq) - (1 if "--" in argv else 0)])
@@ -600,7 +619,7 @@ def main(argv=None):
             print(f"{name:16} {arch:20} {' '.join(extra):40} vs {dense or '-'}")
         return
     if args.action == "render":
-        return render(args.out, args.partial)
+        return render(args.out, args.partial, args.until_tokens)
     torch.set_num_threads(args.threads)
     import logging
 

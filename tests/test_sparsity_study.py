@@ -101,6 +101,24 @@ def test_a_stopped_model_is_compared_with_its_dense_counterpart_at_the_same_toke
     assert rows["sparse"]["valid_crossover_tokens"] == 1000
 
 
+def test_runs_of_different_lengths_are_compared_at_equal_tokens():
+    """render --until-tokens: a dense run over 4,000 tokens and a sparse one stopped at 2,000 are
+    both read as they were at 2,000 (within one update), so the gap is 3.9 against 4.0, not 2.0."""
+    def run(model, dense, nlls):
+        records = [{"kind": "start", "model": model, "arch": "a", "family": "f", "experts": 4 if dense else 0,
+                    "dense": dense, "params": 1, "params_active": 1, "flops_per_token": 1}]
+        for i, v in enumerate(nlls):
+            records += [{"kind": "train", "model": model, "tokens": 1000 * (i + 1), "seconds": i + 1.0, "nll": v},
+                        {"kind": "eval", "model": model, "tokens": 1000 * (i + 1), "valid_nll": v, "train_nll_epoch": v, "router": {}}]
+        return records + [{"kind": "done", "model": model, "tokens": 1000 * len(nlls), "seconds": float(len(nlls))}]
+
+    models = sparsity.by_model(run("dense", None, [5.0, 4.0, 3.0, 2.0]) + run("sparse", "dense", [4.9, 3.9]))
+    rows = sparsity.summarize(sparsity.cut_at(models, until_tokens=1900, tokens_per_update=100))
+    assert rows["dense"]["tokens"] == 2000 and rows["dense"]["final_valid_nll"] == 4.0
+    assert rows["sparse"]["valid_ppl_gap_pct"] == pytest.approx(100 * (math.exp(3.9 - 4.0) - 1))
+    assert set(sparsity.cut_at(models, until_tokens=500, tokens_per_update=100)) == set()  # nothing trained by then
+
+
 def test_short_run_writes_records_table_and_plots_and_resumes(data_bin, tmp_path):
     out = tmp_path / "study_lr0.002"  # a dot in the prefix: files are PREFIX.jsonl, not a replaced suffix
     argv = ["train", "--models", "transformer", "switch_e4", "base_e4", "--data-bin", str(data_bin), "--max-train-tokens", "1536",
