@@ -424,7 +424,8 @@ def write_markdown(path: Path, meta: dict, rows: dict) -> None:
     regime = meta["regime"]
     lines = [
         f"# Where sparsity pays: {regime}", "",
-        f"Command: `{meta['command']}`", "",
+        *(["Commands (each appended its models' records to this file):", "",
+           *[f"    {c}" for c in meta["commands"]], ""] if len(meta.get("commands", [])) > 1 else [f"Command: `{meta['command']}`", ""]),
         f"Machine: {meta['machine']}, torch {meta['torch']}, {meta['threads']} thread(s), precision {meta['precision']}. "
         f"Data: {meta['data']}. {meta['epochs']} pass(es), tokens per update {meta['tokens_per_update']}, 128-token blocks, "
         f"Adam lr {meta['lr']} (inverse sqrt, {meta['warmup']} warm-up updates), dropout {meta['dropout']}, seed {meta['seed']}. "
@@ -560,7 +561,7 @@ def render(prefix: Path, partial: bool = False, until_tokens: int = 0) -> None:
     metas = [r for r in records if r["kind"] == "meta"]
     if not metas:
         raise SystemExit(f"{_file(prefix, '.jsonl')}: no records")
-    meta = metas[-1]
+    meta = {**metas[-1], "commands": list(dict.fromkeys(m["command"] for m in metas))}
     models = with_unfinished(records) if partial else by_model(records)
     if until_tokens:
         models = cut_at(models, until_tokens, meta["tokens_per_update"])

@@ -56,6 +56,17 @@ def test_summary_finds_best_baseline_and_smlp_time_fraction():
     assert s["rows"]["smlp"]["tokens_per_s"] == pytest.approx(1000.0)
 
 
+def test_every_smlp_variant_gets_its_time_to_each_final_ppl():
+    result = fake_result()
+    result["models"]["smlp_top1"] = {**result["models"]["smlp"], "points": curve((60, 250.0), (120, 120.0))}
+    rows = compare.summarize(result)["rows"]
+    # switch ended at 250 after 120 s: smlp_top1 was there at 60 s (0.5), smlp at 60 + 60 * (50 / 150) = 80 s
+    assert rows["switch"]["time_fractions"] == {"smlp": pytest.approx(80 / 120), "smlp_top1": pytest.approx(0.5)}
+    assert rows["switch"]["smlp_time_fraction"] == pytest.approx(80 / 120)
+    # smlp ended at 150: smlp_top1 reached it at 60 + 60 * (100 / 130) s; no model is timed against itself
+    assert rows["smlp"]["time_fractions"] == {"smlp_top1": pytest.approx((60 + 60 * 100 / 130) / 120)}
+
+
 def test_markdown_table_lists_every_model_and_the_ratio(tmp_path):
     result = fake_result()
     result["summary"] = compare.summarize(result)

@@ -1,5 +1,6 @@
 """Every change fairseq_patches.py makes to fairseq, one test each (end-to-end tests of the
 same behaviour live in test_resume.py, test_bad_input.py and test_distributed.py)."""
+import copy
 import logging
 import os
 from types import SimpleNamespace
@@ -345,3 +346,60 @@ def test_base_layer_runs_as_the_only_worker_without_changing_fairseq_outside():
         y.sum().backward()
     assert torch.equal(y, x) and torch.equal(x.grad, torch.ones_like(x))
     assert distributed_utils.get_data_parallel_rank is rank_fn and base_layer.All2All is all2all
+
+
+def adam_config(*flags):
+    from fairseq import options
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+    argv = ["/data", "--task", "language_modeling", "--arch", "transformer_lm", "--optimizer", "adam", "--lr", "0.01",
+            "--adam-betas", "(0.9, 0.98)", "--weight-decay", "0.01", "--cpu", *flags]
+    return convert_namespace_to_omegaconf(options.parse_args_and_arch(options.get_training_parser(), argv))
+
+
+def adam_steps(optimizer, weights, steps, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        for w in weights:
+            w.grad = torch.randn(w.shape, generator=g)
+        optimizer.step()
+
+
+def test_cpu_adam_is_torch_fused_adamw_with_fairseqs_updates():
+    """fairseq's CPU Adam is a Python loop of whole-tensor passes; fp32 CPU parameters get torch's
+    fused AdamW, which takes the same steps (eps aside) and resumes from fairseq's own state."""
+    from fairseq import optim
+    from fairseq.optim.adam import Adam
+
+    def weights():
+        return [torch.nn.Parameter(torch.linspace(-1, 1, 12).reshape(3, 4)), torch.nn.Parameter(torch.ones(5))]
+
+    fused_w, old_w = weights(), weights()
+    fused = optim.build_optimizer(adam_config().optimizer, fused_w)
+    old = optim.build_optimizer(adam_config("--use-old-adam").optimizer, old_w)
+    assert type(fused.optimizer) is fairseq_patches.CpuFusedAdamW and fused.supports_flat_params
+    assert type(old.optimizer) is Adam
+    adam_steps(fused, fused_w, 5)
+    adam_steps(old, old_w, 5)
+    for a, b in zip(fused_w, old_w):
+        assert torch.allclose(a, b, atol=1e-6) and not torch.equal(a, weights()[0] if a.dim() == 2 else weights()[1])
+
+    # a checkpoint written by fairseq's Adam (integer steps) resumes under the fused one
+    resumed_w = [torch.nn.Parameter(w.detach().clone()) for w in old_w]
+    resumed = optim.build_optimizer(adam_config().optimizer, resumed_w)
+    resumed.load_state_dict(copy.deepcopy(old.state_dict()))  # as from a file: no tensor shared with `old`
+    assert all(group["fused"] for group in resumed.optimizer.param_groups)
+    adam_steps(resumed, resumed_w, 3, seed=1)
+    adam_steps(old, old_w, 3, seed=1)
+    for a, b in zip(resumed_w, old_w):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_half_precision_parameters_keep_fairseqs_adam():
+    """fairseq's Adam keeps fp32 state for fp16 weights (--memory-efficient-fp16); torch's fused
+    one would keep it in fp16: those stay with fairseq's."""
+    from fairseq import optim
+    from fairseq.optim.adam import Adam
+
+    optimizer = optim.build_optimizer(adam_config().optimizer, [torch.nn.Parameter(torch.ones(4, dtype=torch.float16))])
+    assert type(optimizer.optimizer) is Adam

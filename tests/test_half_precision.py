@@ -153,11 +153,14 @@ def optimizer_argv(*extra):
             "--fp16-init-scale", "4", "--fp16-scale-window", "2", "--cpu", *extra]
 
 
-def fp32_adam(params):
+def fp32_adam(params, fairseqs_own=False):
+    """--optimizer adam on fp32 CPU weights: torch's fused AdamW (fairseq_patches), or with
+    fairseqs_own fairseq's Adam, which is what fp16 weights keep (--memory-efficient-fp16)."""
     from fairseq import optim, options
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
-    cfg = convert_namespace_to_omegaconf(options.parse_args_and_arch(options.get_training_parser(), optimizer_argv()))
+    argv = optimizer_argv(*(["--use-old-adam"] if fairseqs_own else []))
+    cfg = convert_namespace_to_omegaconf(options.parse_args_and_arch(options.get_training_parser(), argv))
     return optim.build_optimizer(cfg.optimizer, params)
 
 
@@ -203,7 +206,7 @@ def test_fairseq_fp16_step_on_the_cpu_is_fp32_adam_on_the_unscaled_gradient(memo
     expected = [p.detach().float().clone().requires_grad_() for p in params]
     for e, name in zip(expected, unscaled):
         e.grad = unscaled[name].clone()
-    fp32_adam(expected).step()
+    fp32_adam(expected, fairseqs_own=memory_efficient).step()
     optimizer.multiply_grads(1.0 / tokens()[:, 1:].numel())
     optimizer.clip_grad_norm(0.0)
     optimizer.step()
