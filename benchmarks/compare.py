@@ -243,7 +243,6 @@ def summarize(result: dict) -> dict:
         for variant in [v for v in SMLP if v in models and v != name]:
             reach = time_to_reach(models[variant]["points"], row["final_ppl"])
             row["time_fractions"][variant] = reach / models[name]["points"][-1]["seconds"] if reach is not None else None
-        row["smlp_time_fraction"] = row["time_fractions"].get("smlp")
     for row in rows.values():  # each model's time to the target over sMLP's
         smlp = rows.get("smlp", {}).get("seconds_to_best_baseline")
         row["time_ratio_to_smlp"] = row["seconds_to_best_baseline"] / smlp if smlp and row["seconds_to_best_baseline"] else None
@@ -306,7 +305,7 @@ def write_markdown(path: Path, result: dict) -> None:
             f"{row['updates']} | {row['tokens_per_s']:,.0f} | "
             f"{row['final_ppl']:.2f} | {_fmt(row['final_ppl_all_positions'], '.2f', '-')} | "
             f"{_fmt(row['seconds_to_best_baseline'], '.0f')} | {_fmt(row['time_ratio_to_smlp'], '.2f')} |"
-            + "".join(f" {_fmt(row.get('time_fractions', {}).get(v), '.2f', '-')} |" for v in variants)
+            + "".join(f" {_fmt(row['time_fractions'].get(v), '.2f', '-')} |" for v in variants)
         )
     lines.append("")
     for name in SMLP:

@@ -381,8 +381,8 @@ def test_cpu_adam_is_torch_fused_adamw_with_fairseqs_updates():
     assert type(old.optimizer) is Adam
     adam_steps(fused, fused_w, 5)
     adam_steps(old, old_w, 5)
-    for a, b in zip(fused_w, old_w):
-        assert torch.allclose(a, b, atol=1e-6) and not torch.equal(a, weights()[0] if a.dim() == 2 else weights()[1])
+    for a, b, start in zip(fused_w, old_w, weights()):
+        assert torch.allclose(a, b, atol=1e-6) and not torch.allclose(a, start, atol=1e-3)  # moved, and alike
 
     # a checkpoint written by fairseq's Adam (integer steps) resumes under the fused one
     resumed_w = [torch.nn.Parameter(w.detach().clone()) for w in old_w]
