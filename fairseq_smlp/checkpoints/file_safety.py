@@ -7,7 +7,7 @@ restart loads. fairseq_patches.py routes that copy through `atomic_copy` and eve
 checkpoint load through `load_or_explain`.
 
 Every such write goes through a temporary file next to its target (fairseq's
-`checkpoint_X.pt.tmp`, atomic_copy's `checkpoint_last.pt.tmp-PID`, reshard's `OUT.pt.tmp`);
+`checkpoint_X.pt.tmp`, atomic_write's `checkpoint_last.pt.tmp-<random>`, reshard's `OUT.pt.tmp`);
 a kill or a full disk leaves it behind, so `remove_stale_temporaries` deletes exactly those
 names when the next run starts in that directory.
 """
@@ -17,7 +17,8 @@ import re
 import shutil
 
 logger = logging.getLogger(__name__)
-TEMPORARY = re.compile(r".+\.pt\.tmp(-\d+)?")  # the temporary names of the writes above, nothing else
+# the temporary names of the writes above, nothing else (atomic_write: 8 characters from tempfile.mkstemp)
+TEMPORARY = re.compile(r".+\.pt\.tmp(-\d+|-[a-z0-9_]{8})?")
 
 
 class CorruptCheckpointError(RuntimeError):
@@ -26,15 +27,10 @@ class CorruptCheckpointError(RuntimeError):
 
 def atomic_copy(src: str, dst: str) -> None:
     """Copy src to dst so that dst is at all times either its old or its new content."""
-    tmp = f"{dst}.tmp-{os.getpid()}"
-    try:
+    from ..atomic_write import atomic_output
+
+    with atomic_output(dst) as tmp:
         shutil.copyfile(src, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, dst)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def remove_stale_temporaries(directory: str) -> list:

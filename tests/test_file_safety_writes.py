@@ -1,0 +1,101 @@
+"""Results, predictions, tables and checkpoints are written whole or not at all (issue 26, item 6)."""
+import os
+import stat
+
+import pytest
+
+from fairseq_smlp import atomic_write
+from fairseq_smlp.atomic_write import atomic_output, atomic_write_bytes, atomic_write_text
+
+
+def _names(folder):
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_text_and_bytes_replace_the_target(tmp_path):
+    target = tmp_path / "results.json"
+    target.write_text("old")
+    atomic_write_text(target, "new ✓")
+    assert target.read_text(encoding="utf-8") == "new ✓" and _names(tmp_path) == ["results.json"]
+    atomic_write_bytes(str(target), b"\x00\x01")
+    assert target.read_bytes() == b"\x00\x01" and _names(tmp_path) == ["results.json"]
+
+
+def test_a_failed_rename_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    target = tmp_path / "table.md"
+    target.write_text("old")
+
+    def crash(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write_text(target, "new" * 1000)
+    assert target.read_text() == "old" and _names(tmp_path) == ["table.md"]
+
+
+def test_an_error_inside_the_block_removes_the_temporary(tmp_path):
+    target = tmp_path / "model.pt"
+    with pytest.raises(ValueError):
+        with atomic_output(target) as tmp:
+            assert os.path.dirname(tmp) == str(tmp_path)  # same folder: the rename is atomic
+            with open(tmp, "w") as f:
+                f.write("half")
+            raise ValueError("writer failed")
+    assert _names(tmp_path) == []
+
+
+def test_the_file_is_synced_and_the_folder_too(tmp_path, monkeypatch):
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(stat.S_ISDIR(os.fstat(fd).st_mode)) or real_fsync(fd))
+    atomic_write_text(tmp_path / "a.txt", "x")
+    assert synced == [False, True]  # the file before the rename, its folder after
+
+
+def test_two_writers_never_share_a_temporary_name(tmp_path):
+    with atomic_output(tmp_path / "out.jsonl") as first, atomic_output(tmp_path / "out.jsonl") as second:
+        assert first != second
+
+
+def test_new_files_get_the_umask_permissions_and_existing_ones_keep_theirs(tmp_path):
+    old = os.umask(0o027)
+    try:
+        atomic_write_text(tmp_path / "new.txt", "x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "new.txt").stat().st_mode) == 0o640
+    kept = tmp_path / "kept.txt"
+    kept.write_text("x")
+    kept.chmod(0o604)
+    atomic_write_text(kept, "y")
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o604
+
+
+def test_umask_fallback_agrees_with_proc(monkeypatch):
+    """Where /proc is missing the umask is still the process's."""
+    expected = atomic_write._current_umask()
+    real_open = open
+
+    def no_proc(path, *args, **kwargs):
+        if str(path).startswith("/proc/"):
+            raise OSError("no /proc")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", no_proc)
+    assert atomic_write._current_umask() == expected
+
+
+def test_checkpoint_copy_uses_it_and_a_killed_copy_is_cleaned_at_start(tmp_path):
+    """atomic_copy (fairseq's checkpoint_last/best copies) writes through atomic_output, and the
+    temporary name it would leave after a kill -9 is one remove_stale_temporaries knows."""
+    from fairseq_smlp.checkpoints import file_safety
+
+    src, dst = tmp_path / "checkpoint_1_10.pt", tmp_path / "checkpoint_last.pt"
+    src.write_bytes(b"new" * 100)
+    file_safety.atomic_copy(str(src), str(dst))
+    assert dst.read_bytes() == src.read_bytes() and _names(tmp_path) == ["checkpoint_1_10.pt", "checkpoint_last.pt"]
+    for _ in range(20):
+        with atomic_output(dst) as tmp:
+            assert file_safety.TEMPORARY.fullmatch(os.path.basename(tmp)), tmp
+    assert not file_safety.TEMPORARY.fullmatch("x.pt.tmp-abc")  # a user's file of a similar name stays
