@@ -16,8 +16,10 @@ mkdir -p "$ROOT"
 RESULTS="$(cd "$ROOT" && pwd)/results.jsonl"
 : > "$RESULTS"
 failed=0
-write_table() {
-  {
+write_table() {  # the whole table into a temporary file beside TABLE, then renamed onto it
+  local tmp
+  tmp=$(mktemp "$TABLE.tmp-XXXXXX")
+  if ! {
     echo "# Recipe rehearsals on the CPU"
     echo
     echo "\`bash recipes/rehearse_all.sh\` ($(date -u +%Y-%m-%d), $(nproc) CPU cores, precision ${REHEARSE_PRECISION:-fp16}):"
@@ -28,13 +30,18 @@ write_table() {
     echo "validation perplexity; recipes/eval_zeroshot.sh on five COPA examples."
     echo
     python -m fairseq_smlp.rehearse --table "$RESULTS"
-  } > "$TABLE"
+  } > "$tmp"; then
+    rm -f "$tmp"
+    echo "    table not written (see above)"
+    return 1
+  fi
+  chmod 644 "$tmp" && sync "$tmp" && mv -f "$tmp" "$TABLE"
 }
 for recipe in $RECIPES; do
   for w in $WORKERS; do
     name=${recipe%.sh}
     echo "=== $name W=$w"
-    if ! REHEARSE=1 REHEARSE_WORKERS=$w REHEARSE_DIR="$ROOT/$name-w$w" REHEARSE_RESULTS="$RESULTS" \
+    if ! REHEARSE=1 REHEARSE_WORKERS=$w REHEARSE_DIR="$ROOT/$name-w$w" REHEARSE_RESULTS="$RESULTS" REHEARSE_DATA="$ROOT/ptb" \
         bash "$HERE/$recipe" > "$ROOT/$name-w$w.log" 2>&1; then
       failed=$((failed + 1))
       echo "    FAILED (see $ROOT/$name-w$w.log)"

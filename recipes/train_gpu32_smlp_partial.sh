@@ -4,4 +4,4 @@
 export RUN=${RUN:-train_gpu32_smlp_partial} ARCH=${ARCH:-smlp_lm_large} GPUS=${GPUS:-32} EXPERTS_PER_GPU=${EXPERTS_PER_GPU:-1}
 export LR=${LR:-3e-4} MAX_UPDATE=${MAX_UPDATE:-60000}
 export EXTRA_ARGS="${EXTRA_ARGS:---smoe-routing partial --partial-prefix-ratio 0.2}"
-exec bash "$(dirname "$0")/train_lm.sh"
+exec bash "$(dirname "$0")/train_lm.sh" "$@"

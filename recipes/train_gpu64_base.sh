@@ -5,4 +5,4 @@
 export RUN=${RUN:-train_gpu64_base} ARCH=${ARCH:-base_lm_9b} GPUS=${GPUS:-64} EXPERTS_PER_GPU=${EXPERTS_PER_GPU:-0}
 export LR=${LR:-2e-4} MAX_UPDATE=${MAX_UPDATE:-100000}
 export EXTRA_ARGS="${EXTRA_ARGS:-}"
-exec bash "$(dirname "$0")/train_lm.sh"
+exec bash "$(dirname "$0")/train_lm.sh" "$@"

@@ -1,5 +1,6 @@
 """Every recipe passes DRY_RUN=1 (fairseq parses it, experts fit the GPUs, the model builds)
-and refuses clearly, writing nothing, when its data path is missing."""
+and refuses clearly, writing nothing, when its data path is missing, a number is not a number,
+a multi-node run lacks its address, or resharding fails (issue 26, items 5 and 8)."""
 import os
 import subprocess
 from pathlib import Path
@@ -72,3 +73,77 @@ def test_missing_data_is_refused_and_nothing_written(tmp_path):
     assert out.returncode == 2
     assert f"DATA='{tmp_path / 'nope'}' does not exist" in out.stderr
     assert not (tmp_path / "save").exists()
+
+
+def run_script(name, tmp_path, *args, **env):
+    """A recipe with arguments after its name, in a clean environment of its own."""
+    full_env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "NODE_RANK", "SLURM_JOB_ID", "EXTRA_ARGS")}
+    full_env.update(SAVE_DIR=str(tmp_path / "save"), **env)
+    return subprocess.run(["bash", str(REPO / "recipes" / name), *args], cwd=tmp_path, env=full_env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("variable", ["GPUS", "MAX_TOKENS", "UPDATE_FREQ", "GPUS_PER_NODE", "WARMUP"])
+def test_integer_variables_are_checked_before_bash_arithmetic(variable, tmp_path):
+    """Before: `$(( GPUS * ... ))` evaluated 'a[$(touch PWNED)]' and ran the command."""
+    out = run_script("train_gpu64.sh", tmp_path, DRY_RUN="1", **{variable: "a[$(touch PWNED)]"})
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert f"error: {variable}='a[$(touch PWNED)]' is not a whole number" in out.stderr
+    assert not (tmp_path / "PWNED").exists() and "dry_run" not in out.stdout
+
+
+def test_zero_gpus_per_node_is_refused(tmp_path):
+    out = run_script("train_gpu64.sh", tmp_path, DRY_RUN="1", GPUS_PER_NODE="0")
+    assert out.returncode == 2 and "GPUS_PER_NODE=0 must be at least 1" in out.stderr
+
+
+@pytest.mark.parametrize("missing", ["MASTER_ADDR", "NODE_RANK"])
+def test_multi_node_run_refuses_to_start_without_master_addr_and_node_rank(missing, tmp_path):
+    """Before: 127.0.0.1 / rank 0 were used silently and every node waited for the others forever."""
+    env = dict(MASTER_ADDR="10.0.0.1", NODE_RANK="0")
+    del env[missing]
+    out = run_script("train_gpu64.sh", tmp_path, DATA=str(tmp_path), **env)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "spans 8 nodes" in out.stderr and "set MASTER_ADDR" in out.stderr and "NODE_RANK" in out.stderr
+    assert "torchrun" not in out.stdout and not (tmp_path / "save").exists()
+
+
+def test_node_rank_must_be_a_number(tmp_path):
+    out = run_script("train_gpu64.sh", tmp_path, DATA=str(tmp_path), MASTER_ADDR="10.0.0.1", NODE_RANK="x")
+    assert out.returncode == 2 and "error: NODE_RANK='x' is not a whole number" in out.stderr
+
+
+def test_quoted_option_after_the_recipe_reaches_fairseq_whole(tmp_path):
+    """`bash recipes/X.sh --adam-betas "(0.9, 0.999)"`: one argument (EXTRA_ARGS split it in three)."""
+    out = run_script("train_gpu32_transformer.sh", tmp_path, "--adam-betas", "(0.9, 0.999)", DRY_RUN="1")
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    assert "dry run OK" in out.stdout
+    assert "--adam-betas (0.9, 0.999)" in out.stdout.split("+ python -m fairseq_smlp.dry_run")[1].splitlines()[0]
+
+
+def test_a_quote_in_extra_args_is_refused_with_the_way_that_works(tmp_path):
+    out = run_script("train_gpu64.sh", tmp_path, DRY_RUN="1", EXTRA_ARGS='--adam-betas "(0.9, 0.999)"')
+    assert out.returncode == 2
+    assert "error: EXTRA_ARGS=" in out.stderr and 'bash recipes/<recipe>.sh --adam-betas "(0.9, 0.999)"' in out.stderr
+
+
+def test_simple_extra_args_are_split_on_spaces(tmp_path):
+    out = run_script("train_gpu64.sh", tmp_path, DATA=str(tmp_path / "nope"), EXTRA_ARGS="--seed 3")
+    assert out.returncode == 2  # refused for DATA, after EXTRA_ARGS was accepted
+    assert "EXTRA_ARGS" not in out.stderr and "DATA=" in out.stderr
+
+
+@pytest.mark.parametrize("recipe", ["eval_ppl.sh", "eval_zeroshot.sh"])
+def test_a_failed_reshard_fails_the_evaluation_and_no_stale_file_is_evaluated(recipe, tmp_path):
+    """Rank files that cannot be resharded (corrupt) and an older merged file beside them:
+    before, `CKPT=$(...)` dropped the failure and the old file was evaluated with exit 0."""
+    ckpt = tmp_path / "checkpoint_best.pt"
+    for name in ("checkpoint_best.pt", "checkpoint_best-rank-0.pt", "checkpoint_best-rank-1.pt"):
+        (tmp_path / name).write_bytes(b"not a checkpoint")
+    stale = tmp_path / "checkpoint_best-world1.pt"
+    stale.write_bytes(b"an older merge")
+    out = run_script(recipe, tmp_path, CKPT=str(ckpt), DATA=str(tmp_path), ZEROSHOT_DIR=str(tmp_path), CPU="1")
+    assert out.returncode != 0, out.stdout + out.stderr
+    assert f"error: resharding {ckpt} to one worker failed" in out.stderr
+    assert "fairseq-eval-lm" not in out.stdout and "fairseq-smlp-zeroshot" not in out.stdout
+    assert stale.read_bytes() == b"an older merge"
