@@ -99,3 +99,60 @@ def test_checkpoint_copy_uses_it_and_a_killed_copy_is_cleaned_at_start(tmp_path)
         with atomic_output(dst) as tmp:
             assert file_safety.TEMPORARY.fullmatch(os.path.basename(tmp)), tmp
     assert not file_safety.TEMPORARY.fullmatch("x.pt.tmp-abc")  # a user's file of a similar name stays
+
+
+# ------------------------------------------------------------------ reshard (items 6 and 10)
+def tiny_checkpoint(path):
+    """A plain single-process checkpoint: enough for reshard to copy to N ranks."""
+    import torch
+
+    torch.save({"model": {"w": torch.arange(4.0)}, "optimizer_history": [{"num_updates": 3}]}, path)
+    return path
+
+
+def test_reshard_refuses_an_out_without_the_pt_suffix(tmp_path, capsys):
+    """Before: `--out re` wrote both ranks to the same file `re` (rank 0 lost)."""
+    from fairseq_smlp.checkpoints import reshard
+
+    ckpt = tiny_checkpoint(tmp_path / "ck.pt")
+    with pytest.raises(SystemExit) as e:
+        reshard.main(["reshard", str(ckpt), "--to-world-size", "2", "--out", str(tmp_path / "re")])
+    assert e.value.code == 2
+    assert f"--out {tmp_path / 're'}: must end in .pt" in capsys.readouterr().err
+    assert _names(tmp_path) == ["ck.pt"]
+
+
+def test_reshard_names_ranks_from_the_final_suffix_only(tmp_path):
+    """A `.pt` in a folder name stays as it is (before: replaced there, a raw traceback)."""
+    from fairseq_smlp.checkpoints import reshard
+
+    ckpt = tiny_checkpoint(tmp_path / "ck.pt")
+    folder = tmp_path / "runs.pt.d"
+    folder.mkdir()
+    reshard.main(["reshard", str(ckpt), "--to-world-size", "2", "--out", str(folder / "re.pt")])
+    assert _names(folder) == ["re-rank-0.pt", "re-rank-1.pt"]
+    assert reshard.output_paths("a.pt/b.pt", 2) == ["a.pt/b-rank-0.pt", "a.pt/b-rank-1.pt"]
+
+
+def test_a_failed_reshard_write_keeps_the_old_output_and_leaves_no_temporary(tmp_path, monkeypatch):
+    import torch
+
+    from fairseq_smlp.checkpoints import reshard
+
+    ckpt = tiny_checkpoint(tmp_path / "ck.pt")
+    out = tmp_path / "merged.pt"
+    out.write_bytes(b"the previous merge")
+    real_save = torch.save
+
+    def full_disk(obj, f, *args, **kwargs):
+        with open(f, "wb") as h:
+            h.write(b"half")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        reshard.reshard([str(ckpt)], 1, str(out))
+    assert out.read_bytes() == b"the previous merge" and _names(tmp_path) == ["ck.pt", "merged.pt"]
+    monkeypatch.setattr(torch, "save", real_save)
+    reshard.reshard([str(ckpt)], 1, str(out))
+    assert torch.load(out, weights_only=True)["model"]["w"].tolist() == [0.0, 1.0, 2.0, 3.0]

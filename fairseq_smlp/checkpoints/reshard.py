@@ -24,6 +24,7 @@ import sys
 
 import torch
 
+from ..atomic_write import atomic_output
 from ..validation import check_args
 from .file_safety import CorruptCheckpointError, load_or_explain
 
@@ -190,7 +191,9 @@ def reshard_fp16_masters(states, optims, names, n, experts):
 
 
 def output_paths(out, n):
-    return [out] if n == 1 else [out.replace(".pt", f"-rank-{r}.pt") for r in range(n)]
+    """OUT.pt for one worker, OUT-rank-R.pt for N: only the final .pt suffix is replaced (a
+    `.pt` elsewhere in the path stays, and --out without it is refused in main)."""
+    return [out] if n == 1 else [f"{out[: -len('.pt')]}-rank-{r}.pt" for r in range(n)]
 
 
 def base_layer_keys(model_state) -> set:
@@ -278,8 +281,8 @@ def reshard(paths, n, out):
             cfg["distributed_training"]["distributed_world_size"] = n
         if base and n == 1 and cfg is not None:
             cfg["model"]["base_experts"] = len(paths)  # one process builds all experts (BaseExpertsLayer)
-        torch.save(state, path + ".tmp")  # atomic: a crash never leaves a half-written OUT
-        os.replace(path + ".tmp", path)
+        with atomic_output(path) as tmp:  # a crash never leaves a half-written OUT, nor a fixed OUT.pt.tmp
+            torch.save(state, tmp)
         written.append(path)
     print(f"reshard: {len(paths)} rank file(s) -> {n}: " + " ".join(written))
     return written
@@ -294,6 +297,8 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="output file; N > 1 writes OUT-rank-R.pt")
     args = parser.parse_args(argv)
     check_args(parser, args)
+    if not args.out.endswith(".pt") or os.path.basename(args.out) == ".pt":
+        parser.error(f"--out {args.out}: must end in .pt (e.g. --out resharded.pt; N > 1 writes resharded-rank-R.pt)")
     folder = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(folder):  # found before the checkpoints are read, not when writing
         parser.error(f"--out {args.out}: folder {folder} does not exist")
