@@ -1,6 +1,8 @@
 """Results, predictions, tables and checkpoints are written whole or not at all (issue 26, item 6)."""
+import json
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -156,3 +158,53 @@ def test_a_failed_reshard_write_keeps_the_old_output_and_leaves_no_temporary(tmp
     monkeypatch.setattr(torch, "save", real_save)
     reshard.reshard([str(ckpt)], 1, str(out))
     assert torch.load(out, weights_only=True)["model"]["w"].tolist() == [0.0, 1.0, 2.0, 3.0]
+
+
+# ------------------------------------------------------------------ zero-shot (items 6 and 7)
+class FakeResult:
+    def __init__(self, records):
+        self.records = records
+
+    def prediction_records(self):
+        yield from self.records
+
+
+def test_zeroshot_output_and_predictions_are_written_whole(tmp_path, monkeypatch):
+    """A failure while writing the predictions leaves the previous file (before: truncated)."""
+    from types import SimpleNamespace
+
+    from fairseq_smlp.eval import zeroshot
+
+    args = SimpleNamespace(output=str(tmp_path / "results.json"), predictions=str(tmp_path / "predictions.jsonl"))
+    zeroshot.write_report(args, {"tasks": {"copa": 1}}, [FakeResult([{"i": 0}, {"i": 1}])])
+    assert json.loads((tmp_path / "results.json").read_text()) == {"tasks": {"copa": 1}}
+    assert (tmp_path / "predictions.jsonl").read_text() == '{"i": 0}\n{"i": 1}\n'
+
+    def broken():
+        yield {"i": 0}
+        raise RuntimeError("scoring bug")
+
+    failing = FakeResult([])
+    failing.prediction_records = broken
+    with pytest.raises(RuntimeError):
+        zeroshot.write_report(args, {"tasks": {}}, [failing])
+    assert (tmp_path / "predictions.jsonl").read_text() == '{"i": 0}\n{"i": 1}\n'
+    assert _names(tmp_path) == ["predictions.jsonl", "results.json"]
+
+
+def test_zeroshot_dict_copy_is_removed_after_loading(tmp_path, monkeypatch):
+    """A --dict not named dict.txt is copied to a temporary folder for fairseq, and that
+    folder is gone afterwards (before: one leaked per run)."""
+    import tempfile
+
+    from fairseq_smlp.eval import zeroshot
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("a 1\n")
+    with zeroshot.dict_dir(vocab) as folder:
+        assert (Path(folder) / "dict.txt").read_text() == "a 1\n"
+    assert not Path(folder).exists() and list((tmp_path / "tmp").iterdir()) == []
+    with zeroshot.dict_dir(tmp_path / "dict.txt") as folder:
+        assert folder == str(tmp_path)  # named dict.txt: its own folder, nothing copied

@@ -11,6 +11,7 @@ per example with every candidate's score and lengths. See zeroshot_tasks.py for 
 prompt of each task, text.py for text -> tokens and scoring.py for the scoring.
 """
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -20,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from ..atomic_write import atomic_output, atomic_write_text
 from ..validation import check_args
 from .scoring import CandidateBuilder, encode_examples, evaluate_task
 from .text import NORMALIZATIONS, TextEncoder
@@ -130,13 +132,16 @@ def resolve_dict(dict_arg, state: dict, checkpoint: str) -> Path:
                             f"(tried {[str(t) for t in tried]}); pass --dict PATH/dict.txt")
 
 
-def dict_dir(dict_path: Path) -> str:
-    """A folder whose dict.txt is dict_path (fairseq tasks read <data>/dict.txt)."""
+@contextlib.contextmanager
+def dict_dir(dict_path: Path):
+    """A folder whose dict.txt is dict_path (fairseq tasks read <data>/dict.txt); a copy in a
+    temporary folder, removed when the block ends, for a --dict of another name."""
     if dict_path.name == "dict.txt":
-        return str(dict_path.resolve().parent)
-    tmp = tempfile.mkdtemp(prefix="smlp_zeroshot_dict_")
-    shutil.copy(dict_path, Path(tmp) / "dict.txt")
-    return tmp
+        yield str(dict_path.resolve().parent)
+        return
+    with tempfile.TemporaryDirectory(prefix="smlp_zeroshot_dict_") as tmp:
+        shutil.copy(dict_path, Path(tmp) / "dict.txt")
+        yield tmp
 
 
 def import_user_dir(user_dir: str, arch):
@@ -174,13 +179,13 @@ def load_model(path: str, dict_arg=None, user_dir=None):
     if user_dir:
         import_user_dir(user_dir, arch)
 
-    data = dict_dir(dict_path)
-    if state.get("args") is not None:
-        state["args"].data = data
-    if state.get("cfg") is not None:
-        with open_dict(state["cfg"]):
-            state["cfg"].task.data = data
-    models, _, task = checkpoint_utils.load_model_ensemble_and_task([path], state=state)
+    with dict_dir(dict_path) as data:  # read while the task is set up, then removed
+        if state.get("args") is not None:
+            state["args"].data = data
+        if state.get("cfg") is not None:
+            with open_dict(state["cfg"]):
+                state["cfg"].task.data = data
+        models, _, task = checkpoint_utils.load_model_ensemble_and_task([path], state=state)
     model = models[0]
     dictionary = getattr(task, "source_dictionary", None)
     if dictionary is None:
@@ -322,14 +327,20 @@ def main(args) -> dict:
         "tasks": {r.task: {**r.to_json(), "file": str(file)}
                   for r, (_, file, _) in zip(results, selected)},
     }
+    write_report(args, report, results)
+    return report
+
+
+def write_report(args, report: dict, results) -> None:
+    """--output and --predictions, each written whole or not at all (an interrupted run
+    leaves the previous file, never a truncated one)."""
     if args.output:
-        Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
+        atomic_write_text(args.output, json.dumps(report, indent=2) + "\n")
     if args.predictions:
-        with open(args.predictions, "w") as f:
+        with atomic_output(args.predictions) as tmp, open(tmp, "w") as f:
             for r in results:
                 for record in r.prediction_records():
                     f.write(json.dumps(record) + "\n")
-    return report
 
 
 def cli_main(argv=None):
