@@ -24,11 +24,6 @@ import torch
 if "compat" not in np.__dict__:
     np.compat = types.SimpleNamespace(long=np.int64)
 
-# torch >= 2.6 loads with weights_only=True by default and refuses fairseq checkpoints (they
-# hold omegaconf configs): resume and fairseq-eval-lm would fail. Checkpoints are trusted
-# files of the user's own runs; an explicit setting by the user still wins.
-os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
-
 _INSTALLED = False
 
 
@@ -101,8 +96,16 @@ def fp32_trainer_config(cfg):
 # ------------------------------------------------------------------ the patches
 def _patch_checkpoint_files(checkpoint_utils, PathManager) -> None:
     """fairseq copies checkpoint_N.pt onto checkpoint_last.pt in place (a kill mid-copy leaves
-    a truncated file), and a corrupt checkpoint fails with an unpickling error naming no file."""
+    a truncated file), a corrupt checkpoint fails with an unpickling error naming no file, and
+    its torch.load (and the load of the state rank 0 broadcasts) would run code in a pickle
+    under TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD: both load through checkpoints/safe_load.py."""
+    from fairseq.distributed import utils as distributed_utils
+
     from .checkpoints.file_safety import atomic_copy, load_or_explain
+    from .checkpoints.safe_load import SafeTorch
+
+    checkpoint_utils.torch = SafeTorch()
+    distributed_utils.torch = SafeTorch(extra_globals=[distributed_utils._TensorPlaceholder])
 
     original_copy = PathManager.copy
 
@@ -144,7 +147,10 @@ def _patch_cli_validation(distributed_utils) -> None:
     """fairseq checks almost none of its numbers (--decoder-layers 0 trains an embedding-only
     model, --max-tokens below --tokens-per-sample trains on the few short blocks): every
     fairseq command's full cfg goes through validation.check_config before it acts; a bad
-    value ends the command like an argparse error (the message, no traceback)."""
+    value ends the command like an argparse error (the message, no traceback), and so does
+    every errors.UserError the plugin raises while the command runs (a refused or corrupt
+    checkpoint, a dictionary mismatch)."""
+    from .errors import UserError, exit_with
     from .validation import FlagError, check_config
 
     call_main = distributed_utils.call_main
@@ -153,9 +159,9 @@ def _patch_cli_validation(distributed_utils) -> None:
     def call_main_validated(cfg, main, **kwargs):
         try:
             check_config(cfg)
-        except FlagError as e:
-            sys.exit(f"{Path(sys.argv[0]).name}: error: {e}")
-        return call_main(cfg, main, **kwargs)
+            return call_main(cfg, main, **kwargs)
+        except (FlagError, UserError) as e:  # the user's input: one line (SMLP_DEBUG=1: the stack)
+            exit_with(e)
 
     distributed_utils.call_main = call_main_validated
 

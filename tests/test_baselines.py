@@ -360,7 +360,7 @@ def test_moe_layers_sit_every_moe_freq_layers_and_experts_are_marked():
 # ---------------------------------------------------------------- fairseq-train / eval-lm
 def start(cmd):
     # one thread per process: the runs go side by side, and tiny ops do not wait on busy cores
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     return subprocess.Popen([str(c) for c in cmd], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import REPO
+from fairseq_smlp.checkpoints.safe_load import load_checkpoint_file
 
 TRAIN = [
     "--user-dir", "fairseq_smlp", "--task", "smlp_language_modeling", "--arch", "smlp_lm_tiny",
@@ -57,7 +58,7 @@ def test_bf16_loss_within_one_percent_of_fp32(runs):
 
 def test_bf16_checkpoint_is_fp32_and_loads_in_both_modes(runs, data_bin):
     log, save = runs["bf16"]
-    state = torch.load(save / "checkpoint_last.pt", map_location="cpu", weights_only=False)
+    state = load_checkpoint_file(save / "checkpoint_last.pt")
     assert {t.dtype for t in state["model"].values() if t.is_floating_point()} == {torch.float32}
     adam = state["last_optimizer_state"]["state"]
     assert {t.dtype for s in adam.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0} == {torch.float32}

@@ -18,6 +18,7 @@ import torch
 import torch.multiprocessing as mp
 
 from conftest import REPO
+from fairseq_smlp.checkpoints.safe_load import load_checkpoint_file
 
 H, F, E, V = 8, 16, 4, 50
 KINDS = ["tmoe", "switch", "gshard", "hash"]
@@ -325,7 +326,7 @@ SMALL = [
 
 
 def run(cmd, ok=True):
-    env = dict(os.environ, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1")
+    env = dict(os.environ)
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     log = out.stdout + out.stderr
     assert (out.returncode == 0) == ok, f"{' '.join(cmd)} rc={out.returncode}:\n{log[-4000:]}"
@@ -362,7 +363,7 @@ def test_train_two_workers_reshard_eval(data_bin, tmp_path, trained):
     tmp_path = shutil.copytree(trained.dir, tmp_path / "run")  # the resume below writes here
     for r in range(2):  # every rank keeps its own experts
         assert (tmp_path / f"checkpoint_last-rank-{r}.pt").exists()
-    a, b = (torch.load(tmp_path / f"checkpoint_last-rank-{r}.pt", weights_only=False) for r in range(2))
+    a, b = (load_checkpoint_file(tmp_path / f"checkpoint_last-rank-{r}.pt") for r in range(2))
     key = "decoder.layers.1.feature_moe.experts.fc1_weight"
     assert a["model"][key].shape[0] == 1 and not torch.equal(a["model"][key], b["model"][key])
     assert torch.equal(a["model"]["decoder.embed_tokens.weight"], b["model"]["decoder.embed_tokens.weight"])
@@ -376,12 +377,12 @@ def test_train_two_workers_reshard_eval(data_bin, tmp_path, trained):
 
     assert "2 rank file(s) -> 1" in trained.reshard_log
     assert math.isclose(eval_ppl(data_bin, merged), float(valid[-1]["valid_ppl"]), rel_tol=1e-4)
-    one = torch.load(merged, weights_only=False)
+    one = load_checkpoint_file(merged)
     assert one["model"][key].shape[0] == 2 and "last_optimizer_state" in one
 
     # 1 -> 2 gives back the original rank files (model and optimizer state)
     run([sys.executable, "-m", "fairseq_smlp.checkpoints", "reshard", str(merged), "--to-world-size", "2", "--out", str(tmp_path / "again.pt")])
-    again = torch.load(tmp_path / "again-rank-1.pt", weights_only=False)
+    again = load_checkpoint_file(tmp_path / "again-rank-1.pt")
     for k, v in b["model"].items():
         assert torch.equal(v, again["model"][k]), k
     for idx, entry in b["last_optimizer_state"]["state"].items():
@@ -391,7 +392,7 @@ def test_train_two_workers_reshard_eval(data_bin, tmp_path, trained):
     # resume on 2 workers: each rank loads its own file
     log = run(launch(data_bin, tmp_path, "--max-update", "25", *sharded_smoe))
     assert "checkpoint_last-rank-0.pt (epoch 1 @ 20 updates)" in log and "num_updates: 25 >= max_update: 25" in log
-    resumed = torch.load(tmp_path / "checkpoint_last-rank-1.pt", weights_only=False)
+    resumed = load_checkpoint_file(tmp_path / "checkpoint_last-rank-1.pt")
     assert resumed["optimizer_history"][-1]["num_updates"] == 25
 
 

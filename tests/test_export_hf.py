@@ -18,6 +18,7 @@ from conftest import REPO, tiny_dictionary  # noqa: E402
 from fairseq_smlp.export_hf import ExportError, export  # noqa: E402
 from fairseq_smlp.export_hf import convert  # noqa: E402
 from fairseq_smlp.export_hf.export import fairseq_model, load_exported  # noqa: E402
+from fairseq_smlp.checkpoints.safe_load import load_checkpoint_file
 
 SEQ, VOCAB = 16, 40
 SMALL = ["--decoder-embed-dim", "16", "--dropout", "0.0"]
@@ -161,7 +162,7 @@ def test_every_checkpoint_tensor_is_in_the_export(name, exported):
     from safetensors.torch import load_file
 
     ckpt, out = exported(name)
-    state = torch.load(ckpt, weights_only=False)
+    state = load_checkpoint_file(ckpt)
     plan = convert.plan_export(convert.load_checkpoint(ckpt))
     saved = load_file(os.path.join(out, "model.safetensors"))
     tied = plan.config.tie_word_embeddings
@@ -180,7 +181,7 @@ def test_every_checkpoint_tensor_is_in_the_export(name, exported):
 
 def mutated(tmp_path, name, change):
     ckpt = make_checkpoint(str(tmp_path / f"{name}.pt"), *ALL[name])
-    state = torch.load(ckpt, weights_only=False)
+    state = load_checkpoint_file(ckpt, mmap=False)  # saved over below
     change(state["model"])
     torch.save(state, ckpt)
     return ckpt
@@ -199,7 +200,7 @@ MUTATIONS = {
 def test_export_refuses_an_smlp_with_switch_routed_tmoe(tmp_path):
     """--tmoe-router top1 (a sparsity-study option) has no exported modelling code: named, nothing written."""
     ckpt = make_checkpoint(str(tmp_path / "smlp_top1.pt"), *ALL["smlp"])
-    state = torch.load(ckpt, weights_only=False)
+    state = load_checkpoint_file(ckpt, mmap=False)  # saved over below
     state["cfg"]["model"]["tmoe_router"] = "top1"
     torch.save(state, ckpt)
     with pytest.raises(ExportError, match="--tmoe-router top1"):
@@ -483,7 +484,7 @@ def test_gpt2_tokenizer_maps_bpe_ids_to_fairseq_ids(tmp_path):
 
 # ----------------------------------------------------------------------------- real training, 2 workers
 def run(cmd, cwd=REPO):
-    env = dict(os.environ, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1")
+    env = dict(os.environ)
     out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, f"{' '.join(map(str, cmd))}:\n{(out.stdout + out.stderr)[-4000:]}"
     return out.stdout + out.stderr

@@ -19,8 +19,16 @@ def test_numpy2_keeps_the_alias_fairseq_reads():
     assert np.compat.long is np.int64
 
 
-def test_checkpoints_load_under_torch_weights_only_default():
-    assert os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] == "1"
+def test_importing_the_plugin_leaves_torch_loading_safe():
+    """The plugin set TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 at import: every torch.load in the
+    process (the user's own code too) could then run a pickle's code."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"}
+    code = "import fairseq_smlp, os; print(os.environ.get('TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD'))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "None"
 
 
 def test_save_dir_is_checked_but_not_created(tmp_path):
@@ -308,6 +316,7 @@ def test_checkpoints_record_and_return_their_dictionary(tmp_path):
     state = checkpoint_utils.load_checkpoint_to_cpu(str(tmp_path / "c.pt"))
     assert state["model"].dictionary == record and list(state["model"]) == ["w"]
     del state["optimizer_history"]
+    state["model"] = dict(state["model"])  # as saved: a plain dict (a ModelState is no weights-only type)
     torch.save(state, tmp_path / "old.pt")  # readable, but fairseq's upgrade fails: not called corrupt
     with pytest.raises(KeyError, match="best_loss"):
         checkpoint_utils.load_checkpoint_to_cpu(str(tmp_path / "old.pt"))

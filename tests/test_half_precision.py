@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import build_tiny_smlp
+from fairseq_smlp.checkpoints.safe_load import load_checkpoint_file
 from fairseq_smlp.flops import build_model, dummy_task
 
 VOCAB, SEQ = 40, 16
@@ -257,7 +258,7 @@ def test_fp16_master_weights_of_sharded_experts_survive_resharding(data_bin, tmp
 
     from conftest import REPO
 
-    env = dict(os.environ, SMLP_CPU_FP16="1", TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1", OMP_NUM_THREADS="1")
+    env = dict(os.environ, SMLP_CPU_FP16="1", OMP_NUM_THREADS="1")
     train = [sys.executable, "-m", "fairseq_smlp.distributed.launch_cpu", "--nprocs", "2", "--", "fairseq-train", str(data_bin),
              "--user-dir", "fairseq_smlp", "--task", "smlp_language_modeling", "--arch", "smlp_lm_tiny", "--decoder-layers", "2",
              "--decoder-embed-dim", "16", "--decoder-ffn-embed-dim", "32", "--tmoe-ffn-embed-dim", "16", "--tmoe-experts", "2",
@@ -271,7 +272,7 @@ def test_fp16_master_weights_of_sharded_experts_survive_resharding(data_bin, tmp
         assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
 
     def load(name):
-        return torch.load(tmp_path / name, map_location="cpu", weights_only=False)
+        return load_checkpoint_file(tmp_path / name)
 
     ranks, one = [load(f"checkpoint_last-rank-{r}.pt") for r in range(2)], load("one.pt")
     names = ranks[0]["expert_parallel"]["param_names"]

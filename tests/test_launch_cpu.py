@@ -14,7 +14,7 @@ import pytest
 
 from conftest import REPO
 
-ENV = dict(os.environ, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1", OMP_NUM_THREADS="1")
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
 SLEEPER = ["python", "-c", "import time; time.sleep(300)"]  # a worker that would outlive the test
 
 

@@ -16,6 +16,7 @@ import torch
 
 from conftest import REPO
 from fairseq_smlp.rehearse import train_losses
+from fairseq_smlp.checkpoints.safe_load import load_checkpoint_file
 
 COMMON = [
     "--user-dir", "fairseq_smlp", "--task", "smlp_language_modeling", "--criterion", "moe_cross_entropy",
@@ -38,7 +39,7 @@ FAMILIES = {
     "hash": ["--arch", "hash_lm_tiny", *TRANSFORMER, "--moe-experts", "2"],
 }
 UPDATES, KILL_AFTER = 30, "checkpoint_1_8.pt"
-ENV = dict(os.environ, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1", OMP_NUM_THREADS="1")
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
 
 
 def train_cmd(data_bin, save_dir, family_args, workers=1):
@@ -70,7 +71,7 @@ def run_and_kill(cmd, save_dir, *markers):
 
 
 def load_model(path):
-    return torch.load(path, map_location="cpu", weights_only=False)["model"]
+    return load_checkpoint_file(path)["model"]
 
 
 def assert_resume_is_exact(reference_log, resumed_log, reference_ckpt, resumed_ckpt):

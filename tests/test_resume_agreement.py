@@ -13,6 +13,7 @@ import torch
 
 from conftest import REPO
 from fairseq_smlp.checkpoints import rank_files
+from fairseq_smlp.checkpoints.safe_load import load_checkpoint_file
 
 ARGS = [
     "--user-dir", "fairseq_smlp", "--task", "smlp_language_modeling", "--arch", "smlp_lm_tiny",
@@ -23,7 +24,7 @@ ARGS = [
     "--seed", "3", "--num-workers", "0", "--required-batch-size-multiple", "1", "--disable-validation",
     "--save-interval-updates", "6",
 ]
-ENV = dict(os.environ, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1", OMP_NUM_THREADS="1")
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
 TIMEOUT = 240  # a hang (ranks at different updates) fails here instead of blocking forever
 
 
@@ -53,7 +54,7 @@ def losses(log):
 
 
 def model(path):
-    return torch.load(path, map_location="cpu", weights_only=False)["model"]
+    return load_checkpoint_file(path)["model"]
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,9 @@
 fairseq 0.12 writes the first checkpoint of a save atomically (a .tmp file, then a rename),
 but then COPIES it onto the other names (checkpoint_last.pt, checkpoint_best.pt) in place:
 a crash or `kill -9` during that copy leaves a truncated checkpoint_last.pt, the very file a
-restart loads. fairseq_patches.py routes that copy through `atomic_copy` and every
-checkpoint load through `load_or_explain`.
+restart loads. fairseq_patches.py routes that copy through `atomic_copy`; every checkpoint
+load goes through `load_or_explain` (via safe_load.load_checkpoint_file), which finds a
+damaged file from its zip structure, never by unpickling it.
 
 Every such write goes through a temporary file next to its target (fairseq's
 `checkpoint_X.pt.tmp`, atomic_write's `checkpoint_last.pt.tmp-<random>`, reshard's `OUT.pt.tmp`);
@@ -15,14 +16,17 @@ import logging
 import os
 import re
 import shutil
+import zipfile
+
+from ..errors import UserError
 
 logger = logging.getLogger(__name__)
 # the temporary names of the writes above, nothing else (atomic_write: 8 characters from tempfile.mkstemp)
 TEMPORARY = re.compile(r".+\.pt\.tmp(-\d+|-[a-z0-9_]{8})?")
 
 
-class CorruptCheckpointError(RuntimeError):
-    pass
+class CorruptCheckpointError(UserError, RuntimeError):
+    """A truncated or damaged checkpoint file."""
 
 
 def atomic_copy(src: str, dst: str) -> None:
@@ -48,30 +52,44 @@ def remove_stale_temporaries(directory: str) -> list:
     return removed
 
 
-def readable(path: str) -> bool:
-    """Whether torch can unpickle the file (mmap first: the tensors are not read into memory;
-    then without, for files in torch's legacy format, which mmap does not take)."""
+def _legacy_magic() -> bytes:
+    """The first bytes of a checkpoint in torch's pre-1.6 (non-zip) format."""
+    import pickle
+
     import torch
 
-    for extra in ({"mmap": True}, {}):
+    return pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)
+
+
+def intact(path: str) -> bool:
+    """Whether the file is structurally a whole torch checkpoint, found without unpickling it:
+    a zip archive whose entries pass their CRC and that holds a data.pkl, or a legacy file
+    that starts with torch's magic number."""
+    if zipfile.is_zipfile(path):
         try:
-            torch.load(path, map_location="cpu", weights_only=False, **extra)
-            return True
-        except Exception:
-            continue
-    return False
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+                return z.testzip() is None and any(n.endswith("data.pkl") for n in names)
+        except (zipfile.BadZipFile, OSError, EOFError, RuntimeError):
+            return False
+    try:
+        with open(path, "rb") as f:
+            magic = _legacy_magic()
+            return f.read(len(magic)) == magic
+    except OSError:
+        return False
 
 
 def load_or_explain(load, path, *args, **kwargs):
-    """Run `load(path, ...)`; a file that cannot be unpickled is reported by name. Errors
-    after a successful unpickling (fairseq upgrading the state, a plugin check) are not
-    corruption and pass through as they are."""
+    """Run `load(path, ...)`; a file whose structure is broken (found without unpickling it)
+    is reported by name. Other errors (fairseq upgrading the state, a plugin check, a refused
+    global) are not corruption and pass through as they are."""
     try:
         return load(path, *args, **kwargs)
-    except FileNotFoundError:
-        raise
+    except (FileNotFoundError, UserError):
+        raise  # a refused global (safe_load), or a file already explained one call further in
     except Exception as e:  # torch.load raises RuntimeError, EOFError, UnpicklingError, zipfile errors...
-        if readable(path):
+        if intact(path) and not isinstance(e, EOFError):
             raise
         size = os.path.getsize(path) if os.path.exists(path) else 0
         raise CorruptCheckpointError(

@@ -26,6 +26,8 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from .safe_load import load_checkpoint_file
+
 logger = logging.getLogger(__name__)
 
 SUPPORTED_DDP = ("legacy_ddp", "no_c10d")
@@ -89,10 +91,7 @@ def strip_rank_suffix(path: str) -> str:
 
 def updates_in(path: str) -> int:
     """The update count a checkpoint was saved at (memory-mapped: the tensors are not read)."""
-    try:
-        state = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-    except RuntimeError:  # an old (non-zip) file cannot be memory-mapped
-        state = torch.load(path, map_location="cpu", weights_only=False)
+    state = load_checkpoint_file(path)
     return int(state["optimizer_history"][-1]["num_updates"])
 
 

@@ -26,7 +26,8 @@ import torch
 
 from ..atomic_write import atomic_output
 from ..validation import check_args
-from .file_safety import CorruptCheckpointError, load_or_explain
+from ..errors import UserError, exit_with
+from .safe_load import load_checkpoint_file
 
 EXPERT_SUFFIXES = ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias", "norm_weight", "norm_bias")
 # fairseq's BaseLayer: one expert per worker, BaseSublayer s of it = norm, ff1, ff2 (nn.Linear)
@@ -45,7 +46,8 @@ def rank_files(paths):
 
 
 def load(path):
-    return load_or_explain(torch.load, path, map_location="cpu", weights_only=False)
+    """A rank file, loaded safely (memory-mapped; a refused global or a damaged file named)."""
+    return load_checkpoint_file(path)
 
 
 def expert_names(state):
@@ -304,8 +306,8 @@ def main(argv=None):
         parser.error(f"--out {args.out}: folder {folder} does not exist")
     try:
         reshard(args.checkpoints, args.to_world_size, args.out)
-    except CorruptCheckpointError as e:
-        sys.exit(f"reshard: {e}")
+    except UserError as e:  # a corrupt or refused checkpoint: one line
+        exit_with(e, "reshard")
 
 
 if __name__ == "__main__":

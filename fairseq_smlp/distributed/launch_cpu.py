@@ -64,7 +64,6 @@ def worker_command(command, nprocs: int, rank: int, init_method: str):
 
 def worker_env(nprocs: int):
     env = dict(os.environ)
-    env.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # fairseq checkpoints hold omegaconf objects
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nprocs)))  # no oversubscription
     env["GLOO_SOCKET_IFNAME"] = loopback_interface()  # gloo's connections on loopback only
     return env

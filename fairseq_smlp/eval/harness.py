@@ -24,6 +24,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from ..errors import UserError, exit_with
 from .scoring import Candidate, SpanScorer, make_candidate
 from .text import TextEncoder
 
@@ -143,7 +144,10 @@ def cli_main(argv=None):
     from lm_eval.__main__ import cli_evaluate
 
     sys.argv = ["lm_eval", *argv]
-    cli_evaluate()
+    try:
+        cli_evaluate()
+    except UserError as e:  # a refused or corrupt checkpoint, a bad --dict: one line
+        exit_with(e, "fairseq-smlp-lm-eval")
 
 
 if __name__ == "__main__":

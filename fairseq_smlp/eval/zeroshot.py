@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from ..atomic_write import atomic_output, atomic_write_text
+from ..errors import UserError, debugging, one_line
 from ..validation import check_args
 from .scoring import CandidateBuilder, encode_examples, evaluate_task
 from .text import NORMALIZATIONS, TextEncoder
@@ -91,8 +92,6 @@ def get_parser() -> argparse.ArgumentParser:
 
 def read_checkpoint(path: str) -> dict:
     """The checkpoint state on CPU (fairseq upgrades old formats on the way)."""
-    # torch >= 2.6 loads weights only by default and refuses the omegaconf config in fairseq checkpoints.
-    os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     from fairseq import checkpoint_utils
 
     if not Path(path).is_file():
@@ -355,8 +354,10 @@ def cli_main(argv=None):
         parser.error("--max-examples must be >= 1")
     try:
         main(args)
-    except (FileNotFoundError, TaskFileError, FlagError) as e:  # bad flag or file: a message, not a traceback
-        parser.exit(2, f"{parser.prog}: error: {e}\n")
+    except (FileNotFoundError, TaskFileError, FlagError, UserError) as e:  # bad flag or file: a message, not a traceback
+        if debugging():
+            raise
+        parser.exit(2, f"{parser.prog}: error: {one_line(e)}\n")
 
 
 if __name__ == "__main__":

@@ -21,13 +21,15 @@ def main(argv=None) -> int:
         parser.error("--gpt2-encoder-json and --gpt2-vocab-bpe go together")
     gpt2 = (args.gpt2_encoder_json, args.gpt2_vocab_bpe) if args.gpt2_encoder_json else None
 
-    from .convert import ExportError
+    from ..errors import UserError, debugging, one_line
     from .export import export
 
     try:
         report = export(args.checkpoint, args.out, args.dict, args.spm_model, gpt2, verify=not args.no_verify, overwrite=args.overwrite)
-    except (ExportError, FileNotFoundError, ValueError) as e:
-        print(f"export_hf: {e}", file=sys.stderr)
+    except (UserError, FileNotFoundError, ValueError) as e:  # ExportError, a refused or corrupt checkpoint
+        if debugging():
+            raise
+        print(f"export_hf: {one_line(e)}", file=sys.stderr)
         return 1
     blocks = report["blocks"]
     layout = f" ({len(blocks)} blocks: {', '.join(sorted(set(blocks)))})" if blocks else ""

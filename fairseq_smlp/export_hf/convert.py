@@ -17,11 +17,13 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from ..errors import UserError
+
 # rank files of any world size are resharded to one worker first (checkpoints/reshard.py)
 from ..checkpoints.reshard import rank_files, reshard
 
 
-class ExportError(ValueError):
+class ExportError(UserError, ValueError):
     """The checkpoint cannot be exported as it is; the message says why and what to do."""
 
 

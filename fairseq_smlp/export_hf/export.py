@@ -11,6 +11,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from ..models import vocabulary
 from .convert import ExportError, build_hf_model, skip_broken_torchaudio, load_checkpoint, plan_export, single_worker_checkpoint
 from .tokenizer import GPT2, load_dictionary, looks_like_gpt2, save_tokenizer
 
@@ -35,6 +36,16 @@ def default_spm_model(state) -> Optional[str]:
     data = data_dir(state)
     path = os.path.join(os.path.dirname(os.path.abspath(data)), "spm.model") if data else None
     return path if path and os.path.isfile(path) else None
+
+
+def check_dictionary(state, dictionary, dict_file: str) -> None:
+    """The tokenizer written must be the training one, with or without --no-verify: compare
+    the dictionary record the checkpoint holds (models/vocabulary.py) with the one exported."""
+    saved = state.get("dictionary")
+    mine = vocabulary.fingerprint(dictionary)
+    if saved and saved.get("sha256") != mine["sha256"]:
+        detail = vocabulary.first_differences(saved["symbols"], mine["symbols"]) if saved.get("symbols") else "other content"
+        raise ExportError(f"--dict {dict_file} is not the dictionary the checkpoint was trained with ({detail}): pass the training dict.txt")
 
 
 def fairseq_model(state, dictionary):
@@ -87,6 +98,7 @@ def export(
     vocab = state["model"]["decoder.embed_tokens.weight"].size(0)
     if len(dictionary) != vocab:
         raise ExportError(f"--dict {dict_path or default_dict(state)} has {len(dictionary)} symbols, the model {vocab}: pass the dict.txt it was trained with")
+    check_dictionary(state, dictionary, dict_path or default_dict(state))
     if spm_model is None and gpt2_files is None and not looks_like_gpt2(dictionary):
         spm_model = default_spm_model(state)
     model = build_hf_model(state, plan)
