@@ -555,3 +555,86 @@ def test_bad_input_is_named(tmp_path, exported):
     result = subprocess.run([sys.executable, "-m", "fairseq_smlp.export_hf", str(tmp_path / "none.pt"), "--out", str(tmp_path / "c")],
                             cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "none.pt does not exist" in result.stdout + result.stderr
+
+
+# ------------------------------------------------------------------ --overwrite (issue 26, item 3)
+def earlier_export(folder):
+    from fairseq_smlp.export_hf.export import MARKER
+
+    folder.mkdir(parents=True)
+    (folder / MARKER).write_text("{}")
+    (folder / "config.json").write_text('{"model_type": "xglm"}')
+    return folder
+
+
+def refused(out, checkpoint, overwrite=True):
+    from fairseq_smlp.export_hf.convert import ExportError
+    from fairseq_smlp.export_hf.export import check_out_dir
+
+    with pytest.raises(ExportError) as e:
+        check_out_dir(str(out), str(checkpoint), overwrite)
+    return str(e.value)
+
+
+def test_overwrite_refuses_a_folder_of_the_users_own_files(tmp_path):
+    """Before: shutil.rmtree(--out), whatever it held."""
+    mine = tmp_path / "notes"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    assert f"--out {mine} holds files that are not an earlier export" in refused(mine, tmp_path / "ck" / "c.pt")
+    assert (mine / "thesis.tex").read_text() == "years of work"
+
+
+def test_overwrite_refuses_cwd_the_checkpoints_folder_and_its_parents(tmp_path, monkeypatch):
+    ckpt_dir = earlier_export(tmp_path / "runs" / "ck")  # even holding a marker
+    checkpoint = ckpt_dir / "checkpoint_last.pt"
+    checkpoint.write_bytes(b"x")
+    assert "is the checkpoint's folder or one above it" in refused(ckpt_dir, checkpoint)
+    assert "is the checkpoint's folder or one above it" in refused(tmp_path / "runs", checkpoint)
+    work = earlier_export(tmp_path / "work")
+    monkeypatch.chdir(work)
+    assert "--out . is the current directory" in refused(".", checkpoint)
+    assert checkpoint.exists()
+
+
+def test_overwrite_refuses_a_symlink_and_a_file(tmp_path):
+    target = earlier_export(tmp_path / "export")
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    assert f"--out {link} is a symbolic link" in refused(link, tmp_path / "c.pt")
+    afile = tmp_path / "file"
+    afile.write_text("data")
+    assert f"--out {afile} is a file, not a folder" in refused(afile, tmp_path / "c.pt", overwrite=False)
+    assert afile.read_text() == "data" and (target / "config.json").exists()
+
+
+def test_without_overwrite_a_non_empty_folder_is_refused(tmp_path):
+    out = earlier_export(tmp_path / "export")
+    assert "pass --overwrite" in refused(out, tmp_path / "c.pt", overwrite=False)
+
+
+def test_an_earlier_export_is_replaced_whole(tmp_path, monkeypatch):
+    """The new folder is moved in before the old one is removed; a failed move restores the old."""
+    from fairseq_smlp.export_hf.export import check_out_dir, is_earlier_export, move_into_place
+
+    out = earlier_export(tmp_path / "export")
+    check_out_dir(str(out), str(tmp_path / "ck" / "c.pt"), True)  # accepted
+    new = tmp_path / ".new"
+    new.mkdir()
+    (new / "config.json").write_text('{"model_type": "fairseq_smlp"}')
+    assert is_earlier_export(str(new))
+    real_rename = os.rename
+
+    def fail_second(src, dst):
+        if str(src) == str(new):
+            raise OSError("disk gone")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", fail_second)
+    with pytest.raises(OSError):
+        move_into_place(str(new), str(out))
+    assert (out / "config.json").read_text() == '{"model_type": "xglm"}'
+    monkeypatch.setattr(os, "rename", real_rename)
+    move_into_place(str(new), str(out))
+    assert (out / "config.json").read_text() == '{"model_type": "fairseq_smlp"}'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]

@@ -29,15 +29,17 @@ class ExportError(UserError, ValueError):
 
 # ----------------------------------------------------------------------------- reading a checkpoint
 @contextmanager
-def single_worker_checkpoint(path: str):
+def single_worker_checkpoint(path: str, work_dir: Optional[str] = None):
     """Yield the path of a one-worker checkpoint: `path` itself, or its rank files
-    (checkpoint_last-rank-R.pt, given as checkpoint_last.pt or as one of them) resharded."""
+    (checkpoint_last-rank-R.pt, given as checkpoint_last.pt or as one of them) resharded into a
+    temporary folder in `work_dir` (the export's own folder: a 9B merge does not fit /tmp),
+    removed when the block ends."""
     rank_file = re.match(r"(.*)-rank-\d+\.pt$", path)
     common = f"{rank_file.group(1)}.pt" if rank_file else path
     if os.path.exists(common):
         yield common
         return
-    with tempfile.TemporaryDirectory(prefix="export_hf_") as tmp:
+    with tempfile.TemporaryDirectory(prefix=".export_hf_merge_", dir=work_dir) as tmp:
         merged = os.path.join(tmp, "merged.pt")
         try:  # reshard reports bad input (no rank files, one missing) with sys.exit
             reshard(rank_files([common]), 1, merged)

@@ -3,9 +3,11 @@
     export(CKPT, OUT)  ->  OUT/config.json, model.safetensors, generation_config.json,
                            the tokenizer files, and (sMLP, gMLP, MoE) the modelling code
 """
+import json
 import os
 import shutil
 import tempfile
+import time
 from types import SimpleNamespace
 from typing import Optional, Tuple
 
@@ -16,6 +18,7 @@ from .convert import ExportError, build_hf_model, skip_broken_torchaudio, load_c
 from .tokenizer import GPT2, load_dictionary, looks_like_gpt2, save_tokenizer
 
 VERIFY_TOLERANCE = 1e-4  # max |logit difference| accepted in fp32 (measured differences are ~1e-6)
+MARKER = "fairseq_smlp_export.json"  # written into every export: what --overwrite may replace
 
 
 def data_dir(state) -> Optional[str]:
@@ -83,15 +86,79 @@ def readable(folder: str) -> None:
         os.chmod(os.path.join(folder, name), 0o666 & ~umask)
 
 
+# ----------------------------------------------------------------------------- the output folder
+def is_earlier_export(folder: str) -> bool:
+    """Whether `folder` holds an export of ours (its marker, or our model_type in config.json)."""
+    if os.path.isfile(os.path.join(folder, MARKER)):
+        return True
+    try:
+        with open(os.path.join(folder, "config.json")) as f:
+            return json.load(f).get("model_type") == "fairseq_smlp"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_out_dir(out_dir: str, checkpoint: str, overwrite: bool) -> None:
+    """Refuse, before anything is read or written, an --out that the export must not replace."""
+    if os.path.islink(out_dir):
+        raise ExportError(f"--out {out_dir} is a symbolic link: give the folder itself (or a new path)")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ExportError(f"--out {out_dir} is a file, not a folder: choose a new path")
+    if not os.path.exists(out_dir) or not os.listdir(out_dir):
+        return
+    if not overwrite:
+        raise ExportError(f"--out {out_dir} exists and is not empty (pass --overwrite to replace an earlier export)")
+    target = os.path.realpath(out_dir)
+    protected = {os.path.realpath(os.getcwd()): "the current directory"}
+    folder = os.path.dirname(os.path.realpath(checkpoint))
+    while True:
+        protected.setdefault(folder, "the checkpoint's folder or one above it")
+        if os.path.dirname(folder) == folder:
+            break
+        folder = os.path.dirname(folder)
+    if target in protected:
+        raise ExportError(f"--out {out_dir} is {protected[target]}: --overwrite never replaces it; choose a new --out")
+    if not is_earlier_export(target):
+        raise ExportError(f"--out {out_dir} holds files that are not an earlier export (no {MARKER}): "
+                          "--overwrite only replaces an export; choose another --out or remove the folder yourself")
+
+
+def write_marker(folder: str, checkpoint: str) -> None:
+    """Mark `folder` as an export, so that a later --overwrite may replace it."""
+    info = {"exported_by": "fairseq_smlp.export_hf", "checkpoint": os.path.abspath(checkpoint),
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    with open(os.path.join(folder, MARKER), "w") as f:
+        json.dump(info, f, indent=1)
+
+
+def move_into_place(new: str, out_dir: str) -> None:
+    """Put the finished folder `new` at `out_dir`: an earlier export is renamed aside first and
+    removed only once the new one is in place (restored if that fails)."""
+    if not os.path.exists(out_dir) or not os.listdir(out_dir):
+        os.replace(new, out_dir)  # nothing there, or an empty folder
+        return
+    aside = tempfile.mkdtemp(prefix=".export_hf_old_", dir=os.path.dirname(os.path.abspath(out_dir)))
+    old = os.path.join(aside, "old")
+    os.rename(out_dir, old)
+    try:
+        os.rename(new, out_dir)
+    except BaseException:
+        os.rename(old, out_dir)
+        raise
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
 def export(
     checkpoint: str, out_dir: str, dict_path: Optional[str] = None, spm_model: Optional[str] = None,
     gpt2_files: Optional[Tuple[str, str]] = None, verify: bool = True, overwrite: bool = False,
 ) -> dict:
     """Write the transformers folder `out_dir`; returns a summary (family, tokenizer, max logit difference)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local files only, nothing downloads
-    if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
-        raise ExportError(f"--out {out_dir} exists and is not empty (pass --overwrite to replace it)")
-    with single_worker_checkpoint(checkpoint) as path:
+    check_out_dir(out_dir, checkpoint, overwrite)
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    with single_worker_checkpoint(checkpoint, work_dir=parent) as path:  # a merge beside --out, not in /tmp
         state = load_checkpoint(path)
     plan = plan_export(state)
     dictionary = load_dictionary(dict_path or default_dict(state))
@@ -103,8 +170,6 @@ def export(
         spm_model = default_spm_model(state)
     model = build_hf_model(state, plan)
 
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".export_hf_", dir=parent)  # the folder appears complete or not at all
     try:
         if not plan.native:  # save_pretrained then copies the modelling code and writes config.auto_map
@@ -115,10 +180,9 @@ def export(
         difference = max_logit_difference(state, dictionary, tmp) if verify else None
         if difference is not None and not difference <= VERIFY_TOLERANCE:
             raise ExportError(f"the exported model's logits differ from fairseq's by {difference:.3g} (> {VERIFY_TOLERANCE}); nothing written")
+        write_marker(tmp, checkpoint)
         readable(tmp)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        move_into_place(tmp, out_dir)
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp)
