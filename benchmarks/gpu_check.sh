@@ -11,6 +11,8 @@
 # the GPU machine's python) and .gpu_data/data-bin (python -m data_prep.small_corpus --corpus ptb --out-dir .gpu_data).
 # Results go to $OUT (default benchmarks/results/gpu).
 set -euo pipefail
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")  # private (0700), never a fixed /tmp name another user could plant
+trap 'rm -rf "$WORK"' EXIT
 OUT=${OUT:-benchmarks/results/gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -31,21 +33,20 @@ python3 benchmarks/throughput_baselines.py --device cuda --dtype bf16 --vocab 51
   --out "$OUT/throughput_base_bf16_baselayers" 2>&1 | grep -v -i warn | tail -3 || true
 
 # 3. fairseq-train on the GPU with fp16 (routers in fp32), then fairseq-eval-lm
-rm -rf /tmp/gpu_ckpt
 fairseq-train .gpu_data/data-bin --user-dir fairseq_smlp --task smlp_language_modeling --arch smlp_lm_tiny \
   --criterion moe_cross_entropy --tokens-per-sample 128 --sample-break-mode none --max-tokens 8192 \
   --required-batch-size-multiple 1 --optimizer adam --adam-betas '(0.9, 0.98)' --lr 2e-3 \
   --lr-scheduler inverse_sqrt --warmup-updates 100 --max-update 600 --fp16 --fp16-no-flatten-grads \
-  --log-format json --log-interval 100 --save-dir /tmp/gpu_ckpt --no-epoch-checkpoints --seed 1 \
+  --log-format json --log-interval 100 --save-dir "$WORK/ckpt" --no-epoch-checkpoints --seed 1 \
   2>&1 | grep -E '"train"|"valid"|"epoch"|error|Error' | tee "$OUT/train_fp16.log" || true
 fairseq-eval-lm .gpu_data/data-bin --user-dir fairseq_smlp --task smlp_language_modeling \
-  --path /tmp/gpu_ckpt/checkpoint_last.pt --gen-subset test --tokens-per-sample 128 --max-tokens 8192 \
+  --path "$WORK/ckpt/checkpoint_last.pt" --gen-subset test --tokens-per-sample 128 --max-tokens 8192 \
   2>&1 | grep -E "Loss|Perplexity|rror" | tee "$OUT/eval_fp16.log" || true
 
 # 4. rehearsals on the GPU (about 2 min each); table in $OUT/rehearsal_gpu.md
 : > "$OUT/rehearsal_gpu.jsonl"
 for recipe in train_gpu32_smlp.sh train_gpu32_base.sh train_gpu32_switch.sh; do
-  REHEARSE=1 REHEARSE_DEVICE=cuda REHEARSE_WORKERS=1 REHEARSE_EXPERTS=4 REHEARSE_DIR=/tmp/gpu_rehearse/${recipe%.sh} \
+  REHEARSE=1 REHEARSE_DEVICE=cuda REHEARSE_WORKERS=1 REHEARSE_EXPERTS=4 REHEARSE_DIR="$WORK/rehearse/${recipe%.sh}" \
     REHEARSE_RESULTS="$OUT/rehearsal_gpu.jsonl" bash recipes/$recipe > "$OUT/rehearsal_${recipe%.sh}.log" 2>&1 || true
 done
 python3 -m fairseq_smlp.rehearse --table "$OUT/rehearsal_gpu.jsonl" | tee "$OUT/rehearsal_gpu.md"
