@@ -19,6 +19,8 @@ from unittest import mock
 import numpy as np
 import torch
 
+from .precision import autocast_each_call, check_precision, cpu_autocast_dtype, fp32_trainer_config, not_a_tpu_run
+
 # numpy 2 removed np.compat; fairseq 0.12's TokenBlockDataset (fairseq-interactive, hub
 # generation for language models) still reads np.compat.long.
 if "compat" not in np.__dict__:
@@ -36,61 +38,6 @@ def verify_save_dir(save_dir: str) -> None:
     existing = next(p for p in (path, *path.parents) if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK):
         raise OSError(f"--save-dir {save_dir}: cannot write checkpoints there ({existing} is not a writable directory)")
-
-
-def _on_cpu(cfg) -> bool:
-    return cfg.common.cpu or not torch.cuda.is_available()
-
-
-def cpu_fp16_rehearsal() -> bool:
-    """SMLP_CPU_FP16=1 (set by the recipes' REHEARSE mode): run fairseq's own --fp16 path on the
-    CPU (fp16 weights, fp32 master copies, loss scaling), slowly, to rehearse a GPU run. It
-    works with --fp16-no-flatten-grads or --memory-efficient-fp16, the recipes' setting;
-    fairseq's flattened master copy asks torch.cuda for its device."""
-    return os.environ.get("SMLP_CPU_FP16") == "1"
-
-
-def check_precision(cfg) -> None:
-    """--fp16 on a CPU fails deep inside fairseq ("Torch not compiled with CUDA enabled"): say
-    which flag and what to do before anything starts."""
-    common = cfg.common
-    if _on_cpu(cfg) and (common.fp16 or common.memory_efficient_fp16) and not cpu_fp16_rehearsal():
-        flag = "--memory-efficient-fp16" if common.memory_efficient_fp16 else "--fp16"
-        raise ValueError(
-            f"{flag} needs a CUDA GPU (fairseq's fp16 training keeps fp16 weights and a loss scaler on the GPU), "
-            f"but this run is on the CPU (--cpu, or no CUDA device visible): use --bf16 (bf16 autocast with fp32 "
-            f"weights) or drop {flag} to train in fp32"
-        )
-    if _on_cpu(cfg) and common.memory_efficient_bf16:
-        raise ValueError(
-            "--memory-efficient-bf16 (bf16 weights, no fp32 master copy) is not supported on the CPU: "
-            "use --bf16 (bf16 autocast with fp32 weights and optimizer state)"
-        )
-
-
-def cpu_autocast_dtype(cfg) -> Optional[torch.dtype]:
-    """torch.bfloat16 for --bf16 on the CPU (autocast, fp32 weights), else None."""
-    return torch.bfloat16 if _on_cpu(cfg) and cfg.common.bf16 else None
-
-
-def autocast(fn, dtype: torch.dtype):
-    """fn run under CPU autocast: matmuls in `dtype`, reductions and routers in fp32."""
-
-    @functools.wraps(fn)
-    def run(*args, **kwargs):
-        with torch.autocast("cpu", dtype=dtype):
-            return fn(*args, **kwargs)
-
-    return run
-
-
-def fp32_trainer_config(cfg):
-    """What fairseq's Trainer gets for a CPU bf16 run: --bf16 off (it would cast the model to
-    bf16 and keep fp32 master weights in FP16Optimizer) and no TPU (fairseq reads --bf16 as
-    one); the precision comes from autocast around the forward instead."""
-    cfg = copy.deepcopy(cfg)
-    cfg.common.bf16, cfg.common.tpu = False, False
-    return cfg
 
 
 # ------------------------------------------------------------------ the patches
@@ -126,21 +73,37 @@ def _patch_checkpoint_files(checkpoint_utils, PathManager) -> None:
 def _patch_cli_entry(distributed_utils) -> None:
     """Every fairseq command starts in call_main: refuse bad precision flags there, before
     anything is written; on the CPU, --bf16 means bf16 autocast, not a TPU run (fairseq's
-    reading, which fails looking for torch_xla). Training autocasts its forward only (the
-    Trainer patch); the other commands (eval-lm, validate, generate) run under autocast."""
+    reading, which fails looking for torch_xla). No command is wrapped in autocast as a
+    whole (precision.py): training autocasts each step, evaluation each forward."""
     call_main = distributed_utils.call_main
 
     @functools.wraps(call_main)
     def call_main_checked(cfg, main, **kwargs):
         check_precision(cfg)
-        dtype = cpu_autocast_dtype(cfg)
-        if dtype is not None:
-            cfg.common.tpu = False
-            if main.__module__ != "fairseq_cli.train":
-                main = autocast(main, dtype)
+        if cpu_autocast_dtype(cfg) is not None:
+            not_a_tpu_run(cfg)
         return call_main(cfg, main, **kwargs)
 
     distributed_utils.call_main = call_main_checked
+
+
+def _patch_inference_precision(BaseFairseqModel) -> None:
+    """fairseq-eval-lm, -generate and -interactive (and the hub) ready a loaded model with
+    prepare_for_inference_(cfg), but do nothing for --bf16 on the CPU: there every forward of
+    the decoder (which the model's forward and generation's forward_decoder both call) runs
+    under its own bf16 autocast context."""
+    prepare = BaseFairseqModel.prepare_for_inference_
+
+    @functools.wraps(prepare)
+    def prepare_for_inference_(self, cfg):
+        prepare(self, cfg)
+        dtype = cpu_autocast_dtype(cfg)
+        target = getattr(self, "decoder", self)
+        if dtype is not None and not getattr(target, "_smlp_autocast", False):
+            target.forward = autocast_each_call(target.forward, dtype)
+            target._smlp_autocast = True
+
+    BaseFairseqModel.prepare_for_inference_ = prepare_for_inference_
 
 
 def _patch_cli_validation(distributed_utils) -> None:
@@ -167,12 +130,14 @@ def _patch_cli_validation(distributed_utils) -> None:
 
 
 def _patch_trainer(Trainer) -> None:
-    """--bf16 on the CPU trains under bf16 autocast with fp32 weights and optimizer state; with
-    sharded experts (fairseq saves on rank 0 only) every rank saves its own file -rank-R with
+    """--bf16 on the CPU trains under bf16 autocast with fp32 weights and optimizer state, one
+    context per forward; after each update torch's cache of bf16 weight copies is emptied, so
+    that a caller's own autocast held around the loop cannot run the next step on the old
+    weights (precision.py). With sharded experts (fairseq saves on rank 0 only) every rank saves its own file -rank-R with
     its experts, and reads it back on resume (checkpoints/rank_files.py)."""
     from .checkpoints import rank_files
 
-    init, state_dict, save = Trainer.__init__, Trainer.state_dict, Trainer.save_checkpoint
+    init, state_dict, save, train_step = Trainer.__init__, Trainer.state_dict, Trainer.save_checkpoint, Trainer.train_step
     should_save, suffix = Trainer.should_save_checkpoint_on_current_rank, Trainer.checkpoint_suffix
 
     @functools.wraps(init)
@@ -181,12 +146,19 @@ def _patch_trainer(Trainer) -> None:
         self.autocast_dtype = cpu_autocast_dtype(cfg)
         if self.autocast_dtype is not None:
             cfg = fp32_trainer_config(cfg)
-            criterion.forward = autocast(criterion.forward, self.autocast_dtype)  # loss and forward; backward outside
+            criterion.forward = autocast_each_call(criterion.forward, self.autocast_dtype)  # backward outside
         self.has_sharded_experts = rank_files.has_sharded_experts(model)
         if self.has_sharded_experts:
             rank_files.check_config(cfg)
             cfg.checkpoint.load_checkpoint_on_all_dp_ranks = True  # each rank reads its own experts
         init(self, cfg, task, model, criterion, *args, **kwargs)
+
+    @functools.wraps(train_step)
+    def train_step_then_forget_casts(self, *args, **kwargs):
+        try:
+            return train_step(self, *args, **kwargs)
+        finally:
+            torch.clear_autocast_cache()
 
     def should_save_checkpoint_on_current_rank(self):
         return True if self.has_sharded_experts else should_save.fget(self)
@@ -212,6 +184,7 @@ def _patch_trainer(Trainer) -> None:
         return save(self, filename, extra_state)
 
     Trainer.__init__ = __init__
+    Trainer.train_step = train_step_then_forget_casts
     Trainer.state_dict = state_dict_with_layout
     Trainer.save_checkpoint = save_checkpoint
     Trainer.should_save_checkpoint_on_current_rank = property(should_save_checkpoint_on_current_rank)
@@ -538,10 +511,11 @@ def install() -> None:
     from fairseq.distributed import utils as distributed_utils
     from fairseq.file_io import PathManager
     from fairseq.logging import progress_bar
-    from fairseq.models import FairseqLanguageModel
+    from fairseq.models import BaseFairseqModel, FairseqLanguageModel
 
     _patch_checkpoint_files(checkpoint_utils, PathManager)
     _patch_cli_entry(distributed_utils)
+    _patch_inference_precision(BaseFairseqModel)
     _patch_cli_validation(distributed_utils)
     _patch_trainer(trainer.Trainer)
     _patch_progress_bar(progress_bar)

@@ -1,7 +1,8 @@
 """Quickstart: prepare a small corpus, train smlp_lm_tiny on the CPU, report perplexity.
 
-    fairseq-smlp-quickstart                         # Penn Treebank, 12 minutes of training
-    fairseq-smlp-quickstart --minutes 3 --out-dir runs/qs
+    fairseq-smlp-quickstart                         # Penn Treebank, 1,000 updates (~8 min on 2 cores)
+    fairseq-smlp-quickstart --updates 300 --out-dir runs/qs
+    fairseq-smlp-quickstart --minutes 3             # stop after 3 minutes of training at the latest
     fairseq-smlp-quickstart --train a.txt --valid b.txt --test c.txt
 
 Each step is the real fairseq command (printed before it runs), so the run can be
@@ -9,11 +10,15 @@ repeated by hand: data_prep.small_corpus -> fairseq-train -> fairseq-eval-lm (va
 fairseq options after `--` go to fairseq-train; the task's own (--tokens-per-sample,
 --sample-break-mode, ...) reach fairseq-eval-lm too. OUT_DIR/run.json records the run's
 configuration: running again into the same --out-dir resumes that run (e.g. with more
---minutes), and a different configuration there is an error that names the difference.
+--updates or --minutes), and a different configuration there is an error that names the difference.
+A fixed number of updates, not of minutes, makes the result the same on a fast and a slow or
+busy machine: README's expected output is a committed run of this command.
 """
 import argparse
+import datetime
 import json
 import os
+import platform
 import re
 import subprocess
 import sys
@@ -21,6 +26,7 @@ import time
 from pathlib import Path
 
 import fairseq_smlp
+from fairseq_smlp.atomic_write import atomic_write_text
 from fairseq_smlp.validation import FlagError, check_args, check_config, hours_flag
 
 USER_DIR = str(Path(fairseq_smlp.__file__).resolve().parent)
@@ -45,7 +51,8 @@ def parse_args(argv=None):
     p.add_argument("--bpe", default="none", choices=["none", "sentencepiece"], help="word-level, or a sentencepiece BPE")
     p.add_argument("--vocab-size", type=int, default=8000, help="sentencepiece vocabulary size (with --bpe sentencepiece)")
     p.add_argument("--arch", default="smlp_lm_tiny")
-    p.add_argument("--minutes", type=float, default=12.0, help="training wall-clock budget")
+    p.add_argument("--updates", type=int, default=1000, help="training updates (fairseq's --max-update)")
+    p.add_argument("--minutes", type=float, default=None, help="also stop training after this many minutes (default: no limit)")
     p.add_argument("--out-dir", default="runs/quickstart", help="corpus, checkpoints and results go here")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
@@ -110,12 +117,71 @@ def perplexity(eval_output):
     return float(match.group(1))
 
 
+def training_validations(train_log) -> list:
+    """(updates, valid ppl, best valid ppl so far) of every validation fairseq-train logged, in
+    order; the best counts earlier sessions of a resumed run (fairseq's best_loss, in bits)."""
+    found = re.findall(r"valid on 'valid' subset \|.*?\| ppl ([0-9.]+) \|.*?\| num_updates (\d+)(?: \| best_loss ([0-9.]+))?",
+                       train_log)
+    out, best = [], float("inf")
+    for ppl, updates, best_loss in found:  # no best_loss before fairseq's first save
+        best = 2 ** float(best_loss) if best_loss else min(best, float(ppl))
+        out.append((int(updates), float(ppl), best))
+    return out
+
+
+# eval-lm's score of checkpoint_best.pt and training's best validation are one measurement of
+# one model on the same blocks; they differ by batching only (< 0.1% in fp32, < 0.5% in bf16)
+AGREEMENT = 0.01
+
+
+def check_agreement(valid_ppl: float, best_training_valid: float) -> None:
+    """A printed perplexity must be the trained model's: refuse to report one that the saved
+    checkpoint does not reproduce (a forward on stale weights during training, a checkpoint
+    that is not the model that was validated)."""
+    if abs(valid_ppl - best_training_valid) > AGREEMENT * best_training_valid:
+        sys.exit(f"fairseq-smlp-quickstart: error: fairseq-eval-lm scores checkpoint_best.pt at validation perplexity "
+                 f"{valid_ppl:.2f}, but training validated it at {best_training_valid:.2f}: the numbers of this run "
+                 f"cannot be trusted (please report it, with {RUN_FILE} and train.log)")
+
+
+def provenance() -> dict:
+    """When, from which code and on which machine a result was measured."""
+    import torch
+
+    repo = Path(fairseq_smlp.__file__).resolve().parents[1]
+    git = subprocess.run(["git", "-C", str(repo), "describe", "--always", "--dirty"], capture_output=True, text=True)
+    cpu = next((line.split(":", 1)[1].strip() for line in _read("/proc/cpuinfo").splitlines() if line.startswith("model name")),
+               platform.processor() or platform.machine())
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": git.stdout.strip() if git.returncode == 0 else f"fairseq-smlp {_version()}",
+        "machine": f"{cpu}, {os.cpu_count()} cores, {'with' if native_bf16() else 'no'} bf16 matrix units",
+        "torch": torch.__version__,
+    }
+
+
+def _read(path) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return ""
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fairseq-smlp")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 # ------------------------------------------------------------------ the run's configuration
 RUN_FILE = "run.json"
 
 
 def run_config(args, extra) -> dict:
-    """What makes a run in --out-dir this run (not --minutes: more minutes continue it)."""
+    """What makes a run in --out-dir this run (not --updates / --minutes: more continue it)."""
     return {"arch": args.arch, "corpus": None if args.train else args.corpus, "train": args.train, "valid": args.valid,
             "test": args.test, "bpe": args.bpe, "vocab_size": args.vocab_size if args.bpe == "sentencepiece" else None,
             "seed": args.seed, "fairseq_options": extra}
@@ -127,7 +193,11 @@ def check_out_dir(out: Path, config: dict) -> None:
         sys.exit(f"fairseq-smlp-quickstart: error: --out-dir {out} is a file, not a folder")
     recorded = out / RUN_FILE
     if recorded.is_file():
-        before = json.loads(recorded.read_text())
+        try:
+            before = json.loads(recorded.read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            sys.exit(f"fairseq-smlp-quickstart: error: {recorded} is not a readable run record ({e}): "
+                     f"delete {out} or pass a new --out-dir")
         diff = [f"{k}: {before.get(k)!r} there, {v!r} now" for k, v in config.items() if before.get(k) != v]
         if diff:
             sys.exit(f"fairseq-smlp-quickstart: error: --out-dir {out} holds a run of another configuration "
@@ -155,8 +225,12 @@ def task_options(extra) -> list:
 
 def train_command(args, data_bin, save_dir, precision, extra) -> list:
     return [sys.executable, "-m", "fairseq_cli.train", str(data_bin), "--user-dir", USER_DIR, "--arch", args.arch,
-            *TRAIN_OPTIONS, *precision, "--stop-time-hours", hours_flag(args.minutes), "--save-dir", str(save_dir),
+            *TRAIN_OPTIONS, *precision, "--max-update", str(args.updates), *time_limit(args.minutes), "--save-dir", str(save_dir),
             "--seed", str(args.seed), *extra]
+
+
+def time_limit(minutes) -> list:
+    return [] if minutes is None else ["--stop-time-hours", hours_flag(minutes)]
 
 
 def eval_command(data_bin, save_dir, subset, precision, extra) -> list:
@@ -193,29 +267,42 @@ def main(argv=None):
         )
     except (ValueError, FileNotFoundError) as e:  # a bad file or option, named
         sys.exit(f"fairseq-smlp-quickstart: error: {e}")
-    (out / RUN_FILE).write_text(json.dumps(run_config(args, extra), indent=2) + "\n")
+    atomic_write_text(out / RUN_FILE, json.dumps(run_config(args, extra), indent=2) + "\n")
     save_dir = out / "checkpoints"
     precision = precision_flags(args.precision)
     started = time.time()
     train_log = run(train_command(args, data_bin, save_dir, precision, extra), out / "train.log")
     train_minutes = (time.time() - started) / 60
 
+    validations = training_validations(train_log)
+    if not validations:
+        sys.exit(f"fairseq-smlp-quickstart: error: fairseq-train validated no model (log: {out / 'train.log'})")
     results = {"arch": args.arch, "corpus": args.train or args.corpus, "train_minutes": round(train_minutes, 2),
-               "precision": "bf16" if precision else "fp32"}
+               "precision": "bf16" if precision else "fp32", "updates": validations[-1][0],
+               "last_training_valid_ppl": validations[-1][1], "best_training_valid_ppl": round(validations[-1][2], 2)}
     # fairseq prints shared and expert parameters separately for models with experts
     counts = re.findall(r"num\. (?:shared |expert )?model params: ([0-9,]+)", train_log)
     results["params"] = sum(int(c.replace(",", "")) for c in counts)
     for subset in ("valid", "test"):
         eval_log = run(eval_command(data_bin, save_dir, subset, precision, extra), out / f"eval_{subset}.log")
         results[f"{subset}_ppl"] = perplexity(eval_log)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    results.update(provenance())
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
+    check_agreement(results["valid_ppl"], results["best_training_valid_ppl"])
 
     print("\n" + "=" * 60)
-    print(f"{args.arch} on {results['corpus']}: {results['params']:,} parameters, {train_minutes:.1f} min of training")
-    print(f"validation perplexity: {results['valid_ppl']:.2f}")
-    print(f"test perplexity:       {results['test_ppl']:.2f}")
+    print(summary(results))
     print(f"(results: {out / 'results.json'}; checkpoint: {save_dir / 'checkpoint_best.pt'})")
     return results
+
+
+def summary(results: dict) -> str:
+    """What the quickstart prints at the end (README shows it from the committed results)."""
+    return (f"{results['arch']} on {results['corpus']}: {results['params']:,} parameters, "
+            f"{results['train_minutes']:.1f} min of training ({results['updates']:,} updates, {results['precision']})\n"
+            f"validation perplexity: {results['valid_ppl']:.2f} (training's own validation: "
+            f"{results['best_training_valid_ppl']:.2f})\n"
+            f"test perplexity:       {results['test_ppl']:.2f}")
 
 
 def cli_main():

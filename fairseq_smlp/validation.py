@@ -170,6 +170,7 @@ FLAGS: Dict[str, Range] = {
     "--moe-aux-loss-weight": NON_NEGATIVE,
     # ---- our commands' own options
     "--minutes": POSITIVE,  # quickstart
+    "--updates": count(),  # quickstart
     "--vocab-size": count(8),  # quickstart, data_prep, dry_run
     "--workers": count(),  # data_prep
     "--valid-fraction": Range(0, 1, low_open=True, high_open=True),  # data_prep.paper_corpus

