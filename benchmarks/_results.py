@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import torch
+from fairseq_smlp.atomic_write import atomic_write_text
 
 
 def run_metadata(script: str, argv=None, device: str = "cpu") -> dict:
@@ -27,6 +28,6 @@ def write_results(out, result: dict, write_markdown) -> None:
     """OUT.json (everything) and OUT.md (the table, by write_markdown(path, result))."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_text(out.with_suffix(".json"), json.dumps(result, indent=2) + "\n")
     write_markdown(out.with_suffix(".md"), result)
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")

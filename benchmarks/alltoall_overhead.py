@@ -20,6 +20,7 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from fairseq_smlp.atomic_write import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -74,7 +75,7 @@ def worker(rank, port, args, out_path):
             "smoe": "sharded (2 of 4 spatial experts per worker)" if args.smoe_sharded else "replicated",
             "note": "all-to-all time includes waiting for the slower worker (it is also the synchronisation point)",
         }
-        Path(out_path).write_text(json.dumps(result, indent=2) + "\n")
+        atomic_write_text(Path(out_path), json.dumps(result, indent=2) + "\n")
         print(json.dumps(result, indent=2))
     dist.barrier()
     dist.destroy_process_group()

@@ -46,6 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from _results import run_metadata  # noqa: E402  (benchmarks/, the script's folder)
+from fairseq_smlp.atomic_write import atomic_write_text
 
 # name -> (arch, extra fairseq args)
 MODELS = {
@@ -322,7 +323,7 @@ def write_markdown(path: Path, result: dict) -> None:
         "of that model's own training time (the paper's efficiency claim is <= 0.5 against the Transformer MoEs).",
     ]
     lines += ["", f"Plots: `{Path(meta['out']).name}_ppl_vs_time.png`, `{Path(meta['out']).name}_ppl_vs_tokens.png`.", ""]
-    path.write_text("\n".join(lines))
+    atomic_write_text(path, "\n".join(lines))
 
 
 def write_plots(out: Path, result: dict) -> None:
@@ -376,7 +377,7 @@ def render(out: Path) -> None:
     """Rewrite the table and plots of an existing OUT.json (e.g. after changing the report)."""
     result = json.loads(out.with_suffix(".json").read_text())
     result["summary"] = summarize(result)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_text(out.with_suffix(".json"), json.dumps(result, indent=2) + "\n")
     write_markdown(out.with_suffix(".md"), result)
     write_plots(out, result)
 
@@ -427,7 +428,7 @@ def write_results(out: Path, args, argv, runs, data_bin, user_args, prefix, load
     }
     result["summary"] = summarize(result)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_text(out.with_suffix(".json"), json.dumps(result, indent=2) + "\n")
     write_markdown(out.with_suffix(".md"), result)
     write_plots(out, result)
 

@@ -20,6 +20,7 @@ sys.path.insert(0, str(REPO))
 from _results import run_metadata, write_results  # noqa: E402  (benchmarks/, the script's folder)
 from fairseq_smlp.criterions.moe_cross_entropy import MoECrossEntropyCriterion  # noqa: E402
 from fairseq_smlp.flops import build_model, dummy_task  # noqa: E402
+from fairseq_smlp.atomic_write import atomic_write_text
 
 
 def step_seconds(model, criterion, optimizer, batches) -> float:
@@ -65,7 +66,7 @@ def write_markdown(path: Path, r: dict) -> None:
         "| arch | fused s/step | unfused s/step | fused / unfused |", "|---|---:|---:|---:|",
         *[f"| {x['arch']} | {x['fused_s']:.3f} | {x['unfused_s']:.3f} | {x['ratio']:.2f} |" for x in r["rows"]], "",
     ]
-    path.write_text("\n".join(lines))
+    atomic_write_text(path, "\n".join(lines))
 
 
 def main(argv=None):

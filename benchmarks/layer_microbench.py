@@ -45,6 +45,7 @@ from fairseq_smlp.modules.spatial_gating import SpatialGateArgs, SpatialGatingUn
 from fairseq_smlp.moe.experts import ExpertFFN  # noqa: E402
 from fairseq_smlp.moe.router import random_hash_table  # noqa: E402
 from fairseq_smlp.moe.token_moe import MoEArgs, TokenMoE  # noqa: E402
+from fairseq_smlp.atomic_write import atomic_write_text
 
 VOCAB = 8000
 
@@ -183,7 +184,7 @@ def write_markdown(path: Path, result: dict) -> None:
             ]
             lines += ["", f"## {dtype}, H = {embed_dim}, F = {ffn_dim}", ""] + _size_table(rows)
     lines.append("")
-    path.write_text("\n".join(lines))
+    atomic_write_text(path, "\n".join(lines))
 
 
 def _size_table(rows: list) -> list:

@@ -21,6 +21,7 @@ sys.path.insert(0, str(REPO))
 
 from _results import run_metadata, write_results  # noqa: E402  (benchmarks/, the script's folder)
 from fairseq_smlp.flops import build_model  # noqa: E402
+from fairseq_smlp.atomic_write import atomic_write_text
 
 MODELS = {  # the sparsity study's models (16 experts) and their dense counterparts
     "gmlp": ("gmlp_lm_tiny", []),
@@ -78,7 +79,7 @@ def write_markdown(path: Path, result: dict) -> None:
     ]
     for name, r in result["models"].items():
         lines.append(f"| {name} | {r['params'] / 1e6:.2f}M | {r['fairseq_ms']:.1f} | {r['fused_ms']:.1f} | {r['speedup']:.1f}x |")
-    path.write_text("\n".join(lines + [""]))
+    atomic_write_text(path, "\n".join(lines + [""]))
 
 
 def main(argv=None):

@@ -29,6 +29,7 @@ sys.path.insert(0, str(REPO))
 from _results import run_metadata, write_results  # noqa: E402  (benchmarks/, the script's folder)
 from compare import MODELS, Run, prepare_data  # noqa: E402
 from throughput_baselines import matmul_peak_gflops  # noqa: E402
+from fairseq_smlp.atomic_write import atomic_write_text
 
 PRECISIONS = {"fp32": [], "bf16": ["--bf16"]}
 
@@ -83,7 +84,7 @@ def write_markdown(path: Path, result: dict) -> None:
         "tokens/s counts each copy's own Trainer.train_step time.",
         "",
     ]
-    path.write_text("\n".join(lines))
+    atomic_write_text(path, "\n".join(lines))
 
 
 def main(argv=None):

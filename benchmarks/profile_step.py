@@ -28,6 +28,7 @@ sys.path.insert(0, str(REPO))
 
 from _results import run_metadata, write_results  # noqa: E402  (benchmarks/, the script's folder)
 from fairseq_smlp.flops import build_model, dummy_task  # noqa: E402
+from fairseq_smlp.atomic_write import atomic_write_text
 
 CATEGORIES = [
     "spatial mixing", "channel projections", "expert FFN", "routing", "dispatch",
@@ -231,7 +232,7 @@ def write_markdown(path: Path, result: dict) -> None:
         "(GELU, gating product, residual adds, dropout) and the loss bookkeeping.",
         "",
     ]
-    path.write_text("\n".join(lines))
+    atomic_write_text(path, "\n".join(lines))
 
 
 def main(argv=None):

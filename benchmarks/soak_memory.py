@@ -23,6 +23,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from fairseq_smlp.atomic_write import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -137,7 +138,7 @@ def write_markdown(path: Path, r: dict) -> None:
         *[f"| {u} | {low:.1f} | {high:.1f} |" for u, (low, high) in sorted(intervals(r["samples"], r["validate_every"]).items())],
         "",
     ]
-    path.write_text("\n".join(lines))
+    atomic_write_text(path, "\n".join(lines))
 
 
 def main(argv=None):
@@ -158,7 +159,7 @@ def main(argv=None):
             r.pop(stale, None)
     else:
         r = soak(args)
-    out.with_suffix(".json").write_text(json.dumps(r, indent=1) + "\n")
+    atomic_write_text(out.with_suffix(".json"), json.dumps(r, indent=1) + "\n")
     write_markdown(out.with_suffix(".md"), r)
     print(f"growth {100 * r['growth']:+.1f}% ({'pass' if r['passed'] else 'FAIL'}); wrote {out}.json and {out}.md")
 

@@ -55,6 +55,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from _results import run_metadata  # noqa: E402
+from fairseq_smlp.atomic_write import atomic_write_text
 
 # the code this process runs: read once at start (a checkout may move while a long run goes on)
 CODE_COMMIT = os.popen(f"git -C {REPO} rev-parse --short HEAD").read().strip()
@@ -324,7 +325,7 @@ def drop_unfinished(path: Path) -> None:
     done = finished_models(records)
     kept = [r for r in records if r["kind"] == "meta" or r.get("model") in done]
     if len(kept) != len(records):
-        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def by_model(records):
@@ -466,7 +467,7 @@ def write_markdown(path: Path, meta: dict, rows: dict) -> None:
         "experts (summed over layers), share of tokens whose first expert changed since the previous evaluation.",
         "",
     ]
-    path.write_text("\n".join(lines))
+    atomic_write_text(path, "\n".join(lines))
 
 
 def write_plots(prefix: Path, meta: dict, models: dict) -> list:
@@ -567,7 +568,7 @@ def render(prefix: Path, partial: bool = False, until_tokens: int = 0) -> None:
         models = cut_at(models, until_tokens, meta["tokens_per_update"])
         meta = {**meta, "note": f"{meta.get('note') or ''} Every model as it was at {until_tokens:,} training tokens (render --until-tokens).".strip()}
     rows = summarize(models)
-    _file(prefix, ".json").write_text(json.dumps({"meta": meta, "invocations": metas, "rows": rows}, indent=2) + "\n")
+    atomic_write_text(_file(prefix, ".json"), json.dumps({"meta": meta, "invocations": metas, "rows": rows}, indent=2) + "\n")
     write_markdown(_file(prefix, ".md"), meta, rows)
     plots = write_plots(prefix, meta, models)
     print(f"wrote {prefix}.json, {prefix}.md, {', '.join(plots)}")

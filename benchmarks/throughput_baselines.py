@@ -27,6 +27,7 @@ sys.path.insert(0, str(REPO))
 
 from _results import run_metadata, write_results  # noqa: E402  (benchmarks/, the script's folder)
 from fairseq_smlp.flops import build_model, count_flops, count_params, dummy_task  # noqa: E402
+from fairseq_smlp.atomic_write import atomic_write_text
 
 ARCHS = ["smlp_lm_tiny", "gmlp_lm_tiny", "transformer_lm_tiny", "switch_lm_tiny", "gshard_lm_tiny", "hash_lm_tiny", "base_lm_tiny"]
 
@@ -125,7 +126,7 @@ def write_markdown(path: Path, result: dict) -> None:
             f"{100 * r['mfu']:.1f}% |"
         )
     lines += ["", f"MFU = 3 x forward FLOPs/token x tokens/s / {result['dtype']} matmul peak. Wall-clock figures drift with machine load.", ""]
-    path.write_text("\n".join(lines))
+    atomic_write_text(path, "\n".join(lines))
 
 
 def main(argv=None):

@@ -15,6 +15,8 @@ Checkpoints saved before this have no record: only their sizes are compared.
 import hashlib
 from typing import List, Optional
 
+from ..errors import UserError
+
 
 def fingerprint(dictionary) -> dict:
     """{"size", "sha256", "symbols"} of a fairseq Dictionary (specials and padding included)."""
@@ -47,8 +49,12 @@ def first_differences(saved: List[str], mine: List[str], limit: int = 3) -> str:
     return f"{len(pairs)} of {max(len(saved), len(mine))} entries differ, first (checkpoint vs here): {shown}"
 
 
-def _mismatch(dict_file: str, detail: str) -> ValueError:
-    return ValueError(
+class DictionaryMismatchError(UserError, ValueError):
+    """A checkpoint loaded into a model built on another dictionary."""
+
+
+def _mismatch(dict_file: str, detail: str) -> DictionaryMismatchError:
+    return DictionaryMismatchError(
         f"dictionary mismatch: the checkpoint was trained with another dictionary than {dict_file} ({detail}). "
         "Use the data-bin the model was trained on, or binarize your text with that dictionary "
         "(fairseq-preprocess --only-source --srcdict TRAINED/dict.txt)"
