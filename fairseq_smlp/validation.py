@@ -157,6 +157,7 @@ FLAGS: Dict[str, Range] = {
     "--partial-prefix-ratio": Range(0, 1, low_open=True, high_open=True),
     "--spatial-init-eps": NON_NEGATIVE,
     "--expert-dropout": PROBABILITY,  # also the baselines'
+    "--tmoe-bias-update-rate": Range(0, note="0: the bias never moves"),
     # ---- Transformer-MoE baselines (MoETransformerLanguageModelConfig)
     "--moe-freq": count(0, note="0: no MoE layer"),
     "--moe-experts": count(),
@@ -164,6 +165,7 @@ FLAGS: Dict[str, Range] = {
     "--moe-train-capacity-factor": Range(note="<= 0: no limit"),
     "--moe-eval-capacity-factor": Range(note="<= 0: no limit"),
     "--moe-router-z-loss": NON_NEGATIVE,
+    "--moe-bias-update-rate": Range(0, note="0: the bias never moves"),
     "--hash-seed": SEED,
     "--base-experts": count(0, note="0: one per worker"),
     # ---- criterion (MoECrossEntropyConfig)

@@ -6,6 +6,7 @@ Log fields (loads as shares of a perfectly balanced load: 1.0 = balanced):
     moe_unused     experts that got nothing, summed over layers
     moe_aux        the layers' auxiliary losses, summed       moe_dropped   the largest share of
                                                                             tokens a layer dropped
+    moe_bias_range the largest max - min of a top1_biased router's selection bias over layers
 and per layer `moe/L{block}_{feature_moe|spatial_moe|...}_{load_max,load_min,unused,aux,dropped}`,
 which only the JSON log and TensorBoard (--tensorboard-logdir) show (fairseq_patches.py).
 """
@@ -45,6 +46,8 @@ def layer_statistics(stats) -> dict:
         out["aux"] = stats.aux_loss.item()
     if stats.dropped is not None:
         out["dropped"] = (stats.dropped.float() / stats.total.float().clamp(min=1)).item()
+    if getattr(stats, "bias_range", None) is not None:
+        out["bias_range"] = stats.bias_range.item()
     return out
 
 
@@ -138,6 +141,9 @@ def routing_log(moe_stats) -> dict:
         dropped = [f["dropped"] for f in layers if "dropped" in f]
         if dropped:
             log["moe_dropped"] = max(dropped)
+        bias_range = [f["bias_range"] for f in layers if "bias_range" in f]
+        if bias_range:
+            log["moe_bias_range"] = max(bias_range)
     return log
 
 

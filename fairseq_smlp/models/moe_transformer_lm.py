@@ -43,8 +43,12 @@ from .archs import register_archs
 
 @dataclass
 class MoETransformerLanguageModelConfig(TransformerLanguageModelConfig):
-    moe_router: ChoiceEnum(["top1", "top2", "hash", "none"]) = field(
-        default="top1", metadata={"help": "token MoE routing: top1 (Switch), top2 (GShard), hash (HASH Layers), none (dense FFNs; Base Layers come from --base-layers)"}
+    moe_router: ChoiceEnum(["top1", "top2", "hash", "top1_biased", "none"]) = field(
+        default="top1", metadata={"help": "token MoE routing: top1 (Switch), top2 (GShard), hash (HASH Layers), top1_biased "
+                                  "(auxiliary-loss-free balancing, docs/routers.md), none (dense FFNs; Base Layers come from --base-layers)"}
+    )
+    moe_bias_update_rate: float = field(
+        default=0.001, metadata={"help": "--moe-router top1_biased: bias += rate * sign(mean load - load) after each update"}
     )
     moe_freq: int = field(default=2, metadata={"help": "every k-th layer (layers k-1, 2k-1, ...) has an MoE FFN; 0: none"})
     moe_experts: int = field(default=4, metadata={"help": "experts per MoE layer"})
@@ -57,6 +61,11 @@ class MoETransformerLanguageModelConfig(TransformerLanguageModelConfig):
     )
     moe_second_expert_policy: ChoiceEnum(["sampling", "all", "random"]) = field(
         default="sampling", metadata={"help": "top2, training only: second expert sampled from the softmax, always the runner-up, or the runner-up kept with probability 2*g2/(g1+g2)"}
+    )
+    moe_second_expert_queue: ChoiceEnum(["gshard", "causal"]) = field(
+        default="gshard", metadata={"help": "top2 capacity queue: gshard (all first choices before any second: in training a "
+                                    "later token can take an earlier token's slot, not causal) or causal (token order, each "
+                                    "token's first choice just before its second)"}
     )
     moe_router_z_loss: float = field(
         default=0.0, metadata={"help": "top1/top2: router z-loss weight relative to the balance loss (added to the layer's aux loss; 0: off)"}
@@ -130,7 +139,9 @@ def build_moe_ffn(args, dictionary) -> MoEFeedForward:
         activation=activation, train_capacity_factor=args.moe_train_capacity_factor,
         eval_capacity_factor=args.moe_eval_capacity_factor, z_loss_weight=args.moe_router_z_loss,
         second_expert_policy=str(args.moe_second_expert_policy), hash_table=table,
+        second_expert_queue=str(getattr(args, "moe_second_expert_queue", "gshard")),
         expert_init=str(args.expert_init), expert_dropout=args.expert_dropout or 0.0,
+        bias_update_rate=getattr(args, "moe_bias_update_rate", 0.001),
     ))
 
 

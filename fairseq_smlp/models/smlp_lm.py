@@ -45,11 +45,16 @@ class SmlpConfig(FairseqDataclass):
     partial_prefix_ratio: float = field(default=0.2, metadata={"help": "partial prediction: share of the positions the router reads; the loss covers the rest"})
     partial_balance: ChoiceEnum(["assignment", "aux_loss"]) = field(default="assignment", metadata={"help": "partial prediction: balanced assignment, or first choice + Switch auxiliary loss"})
     tmoe_experts: int = field(default=4, metadata={"help": "feature-mixing (tMoE) experts per sparse block"})
-    tmoe_router: ChoiceEnum(["base", "top1"]) = field(
+    tmoe_router: ChoiceEnum(["base", "top1", "top1_biased"]) = field(
         default="base", metadata={"help": "tMoE routing: base (the paper's: Base Layers' balanced assignment in training, "
-                                  "greedy at evaluation, output mixed by sigmoid(x . c_e)) or top1 (Switch: softmax gate, "
-                                  "capacity factor 1.25 in training, none at evaluation, auxiliary loss weighted by "
-                                  "--moe-aux-loss-weight); a diagnosis option of benchmarks/sparsity.py"}
+                                  "greedy at evaluation, output mixed by sigmoid(x . c_e)), top1 (Switch: softmax gate, "
+                                  "capacity factor 1.25 in training filled position by position, none at evaluation, "
+                                  "auxiliary loss weighted by --moe-aux-loss-weight) or top1_biased (auxiliary-loss-free "
+                                  "balancing: top-1 of sigmoid score + a per-expert bias nudged after each update, same "
+                                  "routing in training and evaluation, nothing dropped); see docs/routers.md"}
+    )
+    tmoe_bias_update_rate: float = field(
+        default=0.001, metadata={"help": "--tmoe-router top1_biased: bias += rate * sign(mean load - load) after each update"}
     )
     tmoe_ffn_embed_dim: int = field(default=2048, metadata={"help": "hidden width of each tMoE expert FFN"})
     expert_init: ChoiceEnum(["dense", "zero_output"]) = field(
@@ -195,11 +200,28 @@ def build_sparse_block(cfg) -> SparseBlock:
         init_eps=cfg.spatial_init_eps, expert_parallel=cfg.smoe_expert_parallel,
     ))
     token_mixing = GatedMLPBlock(cfg.decoder_embed_dim, cfg.decoder_ffn_embed_dim, gate, split_gate, cfg.dropout)
+    router = str(getattr(cfg, "tmoe_router", "base"))
     tmoe = MoEArgs(
-        str(getattr(cfg, "tmoe_router", "base")), cfg.tmoe_experts, cfg.decoder_embed_dim, cfg.tmoe_ffn_embed_dim, solver=str(cfg.balanced_assignment),
+        router, cfg.tmoe_experts, cfg.decoder_embed_dim, cfg.tmoe_ffn_embed_dim, solver=str(cfg.balanced_assignment),
         expert_init=str(cfg.expert_init), expert_dropout=cfg.expert_dropout,
+        bias_update_rate=getattr(cfg, "tmoe_bias_update_rate", 0.001),
     )
-    return SparseBlock(token_mixing, TokenMoE(tmoe), cfg.dropout)
+    # base: the paper's routing, bit-for-bit (its training assignment sees the whole batch anyway)
+    feature_moe = TokenMoE(tmoe) if router == "base" else PositionMajorMoE(tmoe)
+    return SparseBlock(token_mixing, feature_moe, cfg.dropout)
+
+
+class PositionMajorMoE(TokenMoE):
+    """The tMoE on sMLP's batch-first (B, T, H) states, routed position-major: the router
+    sees all sequences' position t before position t+1, so first-come-first-served capacity
+    makes a token compete only with tokens at earlier or equal positions, never with later
+    positions of other sequences (as fairseq's time-major Transformer layers do)."""
+
+    def forward(self, x: torch.Tensor):
+        if x.dim() != 3:
+            return super().forward(x)
+        out, stats = super().forward(x.transpose(0, 1))  # (T, B, H)
+        return out.transpose(0, 1), stats
 
 
 # ---------------------------------------------------------------- architectures

@@ -5,11 +5,18 @@ Token routers (sMLP's tMoE and the Transformer-MoE baselines), x: (N, H) ->
     BaseRouter    Base Layers (Lewis et al. 2021), sMLP's tMoE: balanced assignment / greedy
     Top1Router    Switch (Fedus et al. 2021): softmax gate, capacity, load-balancing loss
     Top2Router    GShard (Lepikhin et al. 2020): first and second choice, capacity, loss
+    Top1BiasedRouter  auxiliary-loss-free balancing (Wang et al. 2024): top-1 of score + bias
     HashRouter    HASH Layers (Roller et al. 2021): a fixed token-id -> expert table
 The channel router of sMoE's partial prediction, z: (B, n, C) -> channel order and weights:
     PrefixChannelRouter  reads the first P positions only (sMLP paper, section 3.3)
 
 Routers never move data: grouping tokens by expert and running the experts is dispatch.py.
+
+Causality: capacity is first come, first served in the order of the N items, so callers
+flatten position-major (all sequences' position t before position t+1: fairseq's (T, B)
+layers do; sMLP's (B, T) tMoE transposes first), and a token then only competes with
+tokens at earlier or equal positions. Only BaseRouter's training assignment and
+Top2Router's GShard queue (its default) look ahead.
 """
 import heapq
 import math
@@ -32,6 +39,7 @@ class RoutingStats:
     aux_loss: Optional[torch.Tensor] = None  # scalar load-balancing loss (1.0 = balanced)
     dropped: Optional[torch.Tensor] = None  # scalar: items that no expert processed
     total: Optional[torch.Tensor] = None  # scalar: items routed (for the dropped fraction)
+    bias_range: Optional[torch.Tensor] = None  # scalar: max - min of a biased router's selection bias
 
 
 def check_finite(logits: torch.Tensor, layer: str) -> None:
@@ -241,20 +249,25 @@ class Top2Router(LearnedGateRouter):
     Second expert in training, by --moe-second-expert-policy: "all" the runner-up,
     "sampling" drawn from the remaining experts' softmax (Gumbel-max), "random" the
     runner-up kept with probability 2 * g2 / (g1 + g2) (GShard's own policy). In
-    evaluation always the runner-up. Capacity: all first choices queue before any second
-    choice (GShard's order), so in training a later token's first choice can take an
-    earlier token's second slot. Combine weights are the gate probabilities renormalised
+    evaluation always the runner-up. Capacity, by --moe-second-expert-queue: "gshard" (the
+    default, GShard's order) queues all first choices before any second choice, so in
+    training a later token's first choice can take an earlier token's second slot (NOT
+    causal when dropping happens); "causal" keeps one queue in token order, each token's
+    first choice just before its second. Combine weights are the gate probabilities renormalised
     over the kept experts.
     """
 
     top_k = 2
     policies = ("sampling", "all", "random")
+    queues = ("gshard", "causal")
 
-    def __init__(self, *args, second_expert_policy: str = "sampling", **kwargs):
+    def __init__(self, *args, second_expert_policy: str = "sampling", queue: str = "gshard", **kwargs):
         super().__init__(*args, **kwargs)
         if second_expert_policy not in self.policies:
             raise ValueError(f"--moe-second-expert-policy must be one of {self.policies}, got {second_expert_policy!r}")
-        self.second_expert_policy = second_expert_policy
+        if queue not in self.queues:
+            raise ValueError(f"--moe-second-expert-queue must be one of {self.queues}, got {queue!r}")
+        self.second_expert_policy, self.queue = second_expert_policy, queue
 
     def route(self, x: torch.Tensor):
         """x: (N, H) -> expert_index (N, 2) (-1 = dropped), weight (N, 2) fp32, RoutingStats."""
@@ -267,12 +280,17 @@ class Top2Router(LearnedGateRouter):
             wants_second = 2 * (g2 / (g1 + g2)).detach() > torch.rand_like(g2)
 
         capacity = self.capacity(x.size(0))
-        keep1 = within_capacity(first, capacity, self.num_experts)
-        first_counts = torch.bincount(first, minlength=self.num_experts)
-        keep2 = within_capacity(second, capacity, self.num_experts, active=wants_second, offset=first_counts)
-
-        kept = torch.stack([keep1, keep2], dim=1)  # (N, 2)
-        experts = torch.stack([first, second], dim=1)
+        experts = torch.stack([first, second], dim=1)  # (N, 2)
+        if self.queue == "causal":
+            # one queue in token order, each token's first choice just before its second: a
+            # token competes only with tokens at earlier or equal positions
+            active = torch.stack([torch.ones_like(wants_second), wants_second], dim=1)
+            kept = within_capacity(experts.reshape(-1), capacity, self.num_experts, active=active.reshape(-1)).view_as(experts)
+        else:  # GShard: every first choice before any second choice
+            keep1 = within_capacity(first, capacity, self.num_experts)
+            first_counts = torch.bincount(first, minlength=self.num_experts)
+            keep2 = within_capacity(second, capacity, self.num_experts, active=wants_second, offset=first_counts)
+            kept = torch.stack([keep1, keep2], dim=1)
         gates = torch.stack([g1, g2], dim=1) * kept
         weight = gates / gates.sum(dim=1, keepdim=True).clamp(min=torch.finfo(gates.dtype).tiny)
         expert_index = torch.where(kept, experts, -1)
@@ -286,6 +304,91 @@ class Top2Router(LearnedGateRouter):
             uniform = torch.rand(logits_t.t().shape, device=logits_t.device, dtype=logits_t.dtype).clamp_(min=1e-9, max=1 - 1e-9)
             logits_t = logits_t - uniform.log_().neg_().log_().t()  # + Gumbel noise: a softmax sample
         return logits_t.scatter(0, first.unsqueeze(0), float("-inf")).max(dim=0).indices
+
+
+# ------------------------------------------------------------------- auxiliary-loss-free balancing
+def all_reduce_counts(counts: torch.Tensor) -> torch.Tensor:
+    """Sum expert counts over fairseq's data-parallel workers (a no-op in one process)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        try:
+            from fairseq.distributed.utils import get_data_parallel_group
+
+            group = get_data_parallel_group()
+        except Exception:  # fairseq's groups not set up (a plain torch.distributed run)
+            group = None
+        dist.all_reduce(counts, group=group)
+    return counts
+
+
+class Top1BiasedRouter(Router):
+    """Auxiliary-loss-free load balancing (Wang et al. 2024, arXiv 2408.15664; DeepSeek-V3).
+
+    scores = sigmoid (or softmax) of fp32 logits x . W_e; each token goes to
+    argmax_e (score_e + bias_e), weighted by its UNBIASED score_e. The bias is a buffer
+    (in the checkpoint, no gradient) that steers selection only: after each optimizer
+    update, bias_e += rate * sign(mean load - load_e), the load counted over every training
+    forward of that update and summed over the data-parallel workers (a global-batch
+    statistic, identical on every worker). The update is applied at the first training
+    forward after the gate's weights changed (an optimizer step happened; a skipped fp16
+    step changes nothing, so it leaves the bias alone), or by calling `update_bias()`.
+    Same routing in training and evaluation, no capacity, nothing dropped, no auxiliary
+    loss: every token's expert depends on that token alone (causal, incremental decoding
+    equals the full forward).
+    """
+
+    top_k = 1
+    score_functions = ("sigmoid", "softmax")
+
+    def __init__(self, embed_dim: int, num_experts: int, bias_update_rate: float = 1e-3, score_function: str = "sigmoid"):
+        check_expert_count(num_experts, "--moe-experts")
+        super().__init__(num_experts)
+        if score_function not in self.score_functions:
+            raise ValueError(f"score function must be one of {self.score_functions}, got {score_function!r}")
+        self.bias_update_rate, self.score_function = bias_update_rate, score_function
+        self.gate = nn.Linear(embed_dim, num_experts, bias=False)
+        nn.init.normal_(self.gate.weight, std=0.1 * embed_dim ** -0.5)
+        self.register_buffer("expert_bias", torch.zeros(num_experts))  # persistent: saved in checkpoints
+        self._pending = None  # (E,) fp32 loads counted since the last bias update (not saved)
+        self._seen_weight = None  # the gate's weights at the last training forward
+
+    def route(self, x: torch.Tensor):
+        """x: (N, H) -> expert_index (N, 1), weight (N, 1) fp32, RoutingStats."""
+        if self.training:
+            self._update_after_optimizer_step()
+        logits_t = self.score_by_expert(x, self.gate.weight)  # (E, N)
+        scores_t = torch.sigmoid(logits_t) if self.score_function == "sigmoid" else torch.softmax(logits_t, dim=0)
+        with torch.no_grad():
+            expert = (scores_t + self.expert_bias.float().unsqueeze(1)).argmax(dim=0)  # (N,)
+        weight = scores_t.gather(0, expert.unsqueeze(0)).t()  # (N, 1) unbiased score
+        counts = torch.bincount(expert, minlength=self.num_experts).float()
+        if self.training:
+            self._pending = counts.clone() if self._pending is None else self._pending.to(counts.device) + counts
+        bias = self.expert_bias.float()
+        stats = RoutingStats(
+            layer=self.name, expert_counts=counts, dropped=torch.zeros((), dtype=torch.long, device=x.device),
+            total=torch.tensor(x.size(0), device=x.device), bias_range=(bias.max() - bias.min()).detach(),
+        )
+        return expert.unsqueeze(1), weight, stats
+
+    def _update_after_optimizer_step(self) -> None:
+        weight = self.gate.weight.detach()
+        seen = self._seen_weight
+        if seen is not None and seen.shape == weight.shape and seen.device == weight.device and seen.dtype == weight.dtype:
+            if not torch.equal(seen, weight):
+                self.update_bias()
+        self._seen_weight = weight.clone()
+
+    @torch.no_grad()
+    def update_bias(self) -> None:
+        """bias += rate * sign(mean load - load), from the loads counted since the last update."""
+        if self._pending is None:
+            return
+        load = all_reduce_counts(self._pending.to(self.expert_bias.device, torch.float32))
+        self._pending = None
+        if load.sum() > 0:
+            self.expert_bias.add_(self.bias_update_rate * torch.sign(load.mean() - load).to(self.expert_bias.dtype))
 
 
 # ------------------------------------------------------------------- HASH Layers

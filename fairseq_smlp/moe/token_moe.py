@@ -11,14 +11,14 @@ import torch.nn as nn
 
 from .dispatch import dispatch_to_experts
 from .experts import ExpertFFN
-from .router import BaseRouter, HashRouter, Top1Router, Top2Router
+from .router import BaseRouter, HashRouter, Top1BiasedRouter, Top1Router, Top2Router
 
-ROUTERS = ("base", "top1", "top2", "hash")
+ROUTERS = ("base", "top1", "top2", "hash", "top1_biased")
 
 
 @dataclass
 class MoEArgs:
-    router: str  # one of ROUTERS: base (Base Layers / tMoE), top1 (Switch), top2 (GShard), hash
+    router: str  # one of ROUTERS: base (Base Layers / tMoE), top1 (Switch), top2 (GShard), hash, top1_biased (loss-free)
     num_experts: int  # all workers together
     embed_dim: int  # H
     ffn_dim: int  # hidden width of each expert
@@ -29,9 +29,11 @@ class MoEArgs:
     eval_capacity_factor: float = 0.0  # <= 0: no limit
     z_loss_weight: float = 0.0  # top1/top2: router z-loss
     second_expert_policy: str = "sampling"  # top2, training
+    second_expert_queue: str = "gshard"  # top2: gshard (all first choices first) or causal (token order)
     hash_table: Optional[torch.Tensor] = None  # hash: (V,) expert of every token id
     expert_init: str = "dense"  # ExpertFFN.INITS: dense (as a dense FFN) or zero_output (Base Layers)
     expert_dropout: float = 0.0  # dropout on the experts' hidden activations
+    bias_update_rate: float = 1e-3  # top1_biased: step of the selection bias after each update
 
 
 class TokenMoE(nn.Module):
@@ -61,7 +63,9 @@ def build_router(args: MoEArgs):
         return BaseRouter(args.embed_dim, args.num_experts, args.solver)
     if args.router == "hash":
         return HashRouter(args.hash_table, args.num_experts)
+    if args.router == "top1_biased":
+        return Top1BiasedRouter(args.embed_dim, args.num_experts, args.bias_update_rate)
     gate = (args.embed_dim, args.num_experts, args.train_capacity_factor, args.eval_capacity_factor, args.z_loss_weight)
     if args.router == "top1":
         return Top1Router(*gate)
-    return Top2Router(*gate, second_expert_policy=args.second_expert_policy)
+    return Top2Router(*gate, second_expert_policy=args.second_expert_policy, queue=args.second_expert_queue)
