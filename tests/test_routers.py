@@ -122,3 +122,117 @@ def test_sequence_major_capacity_would_leak():
         if isinstance(module, TokenMoE):
             module.forward = TokenMoE.forward.__get__(module)  # flatten (B, T) as it comes: sequence-major
     assert _max_leak(model, training=True) > 0.1
+
+
+# ------------------------------------------------------------------ top1_biased
+def _skewed_router(rate=0.01):
+    torch.manual_seed(0)
+    router = Top1BiasedRouter(8, 4, bias_update_rate=rate)
+    with torch.no_grad():
+        router.gate.weight.zero_()
+        router.gate.weight[0, 0] = 5.0  # expert 0 wins every token with x[:, 0] > 0
+    return router
+
+
+def test_biased_router_bias_moves_toward_balance_over_updates():
+    router = _skewed_router()
+    x = torch.randn(256, 8)
+    x[:, 0] = x[:, 0].abs() + 0.1  # every token prefers expert 0
+    optimizer = torch.optim.SGD(router.parameters(), lr=1e-3)
+    loads = []
+    for _ in range(60):
+        router.train()
+        index, weight, stats = router(x)
+        loads.append(stats.expert_counts.max().item() / x.size(0))
+        optimizer.zero_grad()
+        weight.sum().backward()  # the gate learns only through the unbiased score of its choice
+        optimizer.step()  # the next training forward applies this update's loads to the bias
+    bias = router.expert_bias
+    assert bias[0] < 0 and (bias[1:] > 0).all()  # the overloaded expert is pushed down, the others up
+    assert loads[0] == 1.0 and loads[-1] < 0.6
+    assert stats.bias_range.item() == pytest.approx((bias.max() - bias.min()).item())
+
+
+def test_biased_router_counts_the_whole_update():
+    """Several forwards (micro-batches) before one optimizer step: one bias step of `rate`,
+    from the loads summed over all of them; no step at all without an optimizer update."""
+    router = _skewed_router(rate=0.5).train()
+    x = torch.randn(32, 8)
+    x[:, 0] = x[:, 0].abs() + 0.1
+    for _ in range(3):
+        router(x)
+    assert torch.equal(router.expert_bias, torch.zeros(4))  # no update yet
+    with torch.no_grad():
+        router.gate.weight[1, 1] += 1e-3  # what an optimizer step does
+    router(x)
+    assert router.expert_bias.tolist() == [-0.5, 0.5, 0.5, 0.5]
+    router.eval()(x)
+    with torch.no_grad():
+        router.gate.weight[1, 1] += 1e-3
+    router.eval()(x)  # evaluation neither counts nor updates
+    assert router.expert_bias.tolist() == [-0.5, 0.5, 0.5, 0.5]
+
+
+def test_biased_router_routes_alike_in_training_and_evaluation():
+    torch.manual_seed(0)
+    router = Top1BiasedRouter(8, 4)
+    router.expert_bias.copy_(torch.tensor([0.3, -0.1, 0.0, 0.05]))
+    x = torch.randn(500, 8)
+    train_index, train_weight, train_stats = router.train()(x)
+    eval_index, eval_weight, _ = router.eval()(x)
+    assert torch.equal(train_index, eval_index)  # zero mismatch
+    assert torch.equal(train_weight, eval_weight)
+    assert train_stats.dropped.item() == 0 and (train_index >= 0).all()
+    # the gate value is the unbiased score of the chosen expert
+    scores = torch.sigmoid(x @ router.gate.weight.t())
+    assert torch.allclose(train_weight.squeeze(1), scores.gather(1, train_index).squeeze(1))
+    assert not torch.equal(train_index.squeeze(1), scores.argmax(1))  # the bias did steer selection
+
+
+def test_biased_router_bias_is_in_the_checkpoint():
+    model = _smlp("top1_biased")
+    biases = {k: v for k, v in model.state_dict().items() if k.endswith("router.expert_bias")}
+    assert biases and all(v.shape == (4,) for v in biases.values())
+    assert not any(n.endswith("expert_bias") for n, _ in model.named_parameters())
+    key = next(iter(biases))
+    state = model.state_dict()
+    state[key] = torch.tensor([0.1, -0.2, 0.3, 0.0])
+    fresh = _smlp("top1_biased")
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.state_dict()[key], state[key])
+
+
+def test_biased_router_incremental_decoding_equals_full_forward():
+    model = _smlp("top1_biased")
+    for module in model.modules():
+        if isinstance(module, Top1BiasedRouter):
+            module.expert_bias.copy_(torch.tensor([0.2, -0.3, 0.1, 0.0]))
+    model.eval()
+    x = _tokens()
+    with torch.no_grad():
+        full = model.decoder(x)[0]
+        state = {}
+        steps = [model.decoder(x[:, : t + 1], incremental_state=state)[0] for t in range(SEQ)]
+    assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
+
+
+def test_bias_range_reaches_the_log():
+    from fairseq_smlp.criterions.moe_cross_entropy import routing_log
+
+    model = _smlp("top1_biased")
+    for i, module in enumerate(m for m in model.modules() if isinstance(m, Top1BiasedRouter)):
+        module.expert_bias.copy_(torch.tensor([0.25, -0.25, 0.0, 0.0]))
+    with torch.no_grad():
+        stats = model(_tokens())[1]["moe_stats"]
+    log = routing_log(stats)
+    assert log["moe_bias_range"] == pytest.approx(0.5)
+    assert log["moe_dropped"] == 0
+
+
+def test_bias_update_rate_flag_is_checked():
+    from fairseq_smlp.validation import FlagError, check_value
+
+    check_value("--tmoe-bias-update-rate", 0.001)
+    check_value("--moe-bias-update-rate", 0.0)
+    with pytest.raises(FlagError):
+        check_value("--tmoe-bias-update-rate", -0.1)
