@@ -2,7 +2,7 @@
 
     python benchmarks/layer_microbench.py [--experts 2 4 8 16] [--batch 32] [--seq-len 128]
         [--embed-dim 128] [--ffn-dim 256] [--extra-sizes 512x1024] [--dtypes fp32 bf16]
-        [--repeats 15] [--threads N] [--clock wall|cpu]
+        [--repeats 15] [--threads N] [--clock wall|cpu] [--compare-paths]
 
 Layers (training mode, CPU; fp32, or bf16 autocast around the forward as `--cpu --bf16`
 trains), N = batch x seq-len tokens of width H:
@@ -19,6 +19,12 @@ unit (one T x T matrix) for sMoE. Also "experts only": the tMoE experts run on a
 dispatched (E, N/E, H) buffer, so ratio(tMoE) - ratio(experts only) is routing + dispatch.
 fairseq's Base Layers hold one expert per worker, so in one process a Base layer is a dense
 FFN; tMoE-libbase is Base Layers' routing (balanced assignment + sigmoid mix, libbase solver).
+
+--compare-paths adds, for every token-routed layer, "<layer> [grouped]": the same module on the
+previous dispatch path (moe.dispatch "grouped": rows grouped by expert, uneven loads on
+grouped_mm or slots padded to the largest load) next to the default "static" path (exact
+balance: one permutation + bmm; otherwise an (E, C, H) buffer filled by scatter, one bmm per
+projection), interleaved in the same run.
 
 All variants of one expert count run interleaved, repeats times; the ratio is
 median(layer) / median(its dense reference). --clock cpu times with the thread's CPU clock
@@ -42,6 +48,7 @@ sys.path.insert(0, str(REPO))
 
 from _results import run_metadata, write_results  # noqa: E402  (benchmarks/, the script's folder)
 from fairseq_smlp.modules.spatial_gating import SpatialGateArgs, SpatialGatingUnit  # noqa: E402
+from fairseq_smlp.moe.dispatch import dispatch_path  # noqa: E402
 from fairseq_smlp.moe.experts import ExpertFFN  # noqa: E402
 from fairseq_smlp.moe.router import random_hash_table  # noqa: E402
 from fairseq_smlp.moe.token_moe import MoEArgs, TokenMoE  # noqa: E402
@@ -75,6 +82,21 @@ class ExpertsOnly(nn.Module):
         return self.experts(flat).view_as(x)
 
 
+class OnPath(nn.Module):
+    """A token-routed MoE layer run on another dispatch path (moe.dispatch.PATHS)."""
+
+    def __init__(self, layer: nn.Module, path: str):
+        super().__init__()
+        self.layer, self.path = layer, path
+
+    def forward(self, x):
+        with dispatch_path(self.path):
+            return self.layer(x)
+
+
+TOKEN_ROUTED = ("tMoE", "tMoE-libbase", "Switch", "HASH", "GShard")
+
+
 def build_layers(num_experts: int, args) -> dict:
     """name -> (module, input kind, dense reference name)."""
     H, F, T = args.embed_dim, args.ffn_dim, args.seq_len
@@ -98,6 +120,11 @@ def build_layers(num_experts: int, args) -> dict:
         layers["GShard"] = (
             TokenMoE(MoEArgs("top2", num_experts, H, F // 2, train_capacity_factor=2.0, **relu)), "tokens", "dense FFN (relu)",
         )
+    if getattr(args, "compare_paths", False):
+        for name in TOKEN_ROUTED:
+            if name in layers:
+                module, kind, reference = layers[name]
+                layers[f"{name} [grouped]"] = (OnPath(module, "grouped"), kind, reference)
     hash_router = hash_moe.router
     for module, _, _ in layers.values():
         module.train()
@@ -175,6 +202,14 @@ def write_markdown(path: Path, result: dict) -> None:
         "",
         "Ratio = median time of the layer / median time of its dense reference (1.10 = 10% overhead).",
     ]
+    if result.get("compare_paths"):
+        lines += [
+            "",
+            "Rows without a suffix run the default \"static\" dispatch (issue 24: exact balance -> one permutation "
+            "and one bmm per projection; otherwise an (E, C, H) buffer filled by scatter, one bmm per projection); "
+            "\"[grouped]\" rows run the same module on the previous path (rows grouped by expert, grouped_mm in fp32 "
+            "or slots padded to the largest load), interleaved in the same run: the before/after pair.",
+        ]
     for dtype in dtypes:
         for size in result["sizes"]:
             embed_dim, ffn_dim = (int(d) for d in size.split("x"))
@@ -221,6 +256,9 @@ def main(argv=None):
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help="cpu: the thread's CPU time (use with --threads 1)")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument(
+        "--compare-paths", action="store_true", help='also time every token-routed layer on the previous "grouped" dispatch path'
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "layer_microbench"))
     args = parser.parse_args(argv)
@@ -248,7 +286,7 @@ def main(argv=None):
         "clock": args.clock,
         "tokens": args.batch * args.seq_len,
         "sizes": sizes,
-        **{k: getattr(args, k) for k in ("batch", "seq_len", "embed_dim", "ffn_dim", "input_scale", "repeats", "warmup")},
+        **{k: getattr(args, k) for k in ("batch", "seq_len", "embed_dim", "ffn_dim", "input_scale", "repeats", "warmup", "compare_paths")},
         "rows": rows,
     }
     write_results(args.out, result, write_markdown)

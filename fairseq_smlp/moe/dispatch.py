@@ -9,7 +9,20 @@ One stable sort groups the assignments by expert; its inverse (each assignment's
 grouped block) brings the outputs back. When every token has exactly one kept assignment
 (tMoE, HASH, Switch without overflow) grouping is a permutation of the tokens, and both
 directions (and their gradients) are plain row gathers: no zero-filled buffer, no index_add.
+
+Paths (issue 24), chosen per call in one process (`set_dispatch_path` / `dispatch_path`):
+  "static" (default)  static-shape dispatch: `dispatch_balanced` when every expert gets exactly
+                      N/E tokens (Base training, a balanced assignment): one permutation, one
+                      bmm per projection on (E, N/E, H); else `dispatch_padded`: the rows are
+                      scattered straight into an (E, C, H) buffer, C = the largest load (never
+                      more than a capacity router's C), one bmm per projection, each token
+                      gathers its slots weighted by its combine weights; nothing is dropped
+                      that the router kept.
+  "grouped"           the previous path: rows grouped by expert, uneven loads on exactly their
+                      rows (grouped_mm where torch can, else slots padded to the largest load).
+Expert parallelism (world size > 1) always takes the grouped path (rows travel grouped).
 """
+import contextlib
 import functools
 from typing import NamedTuple, Optional
 
@@ -75,7 +88,32 @@ class _CombinePermuted(torch.autograd.Function):
         return grad_out, grad_weight, None, None
 
 
-def dispatch_to_experts(x: torch.Tensor, expert_index: torch.Tensor, weight: Optional[torch.Tensor], experts: ExpertFFN) -> torch.Tensor:
+PATHS = ("static", "grouped")
+_PATH = {"default": "static"}
+
+
+def set_dispatch_path(path: str) -> None:
+    """The dispatch path every later call takes (one of PATHS)."""
+    if path not in PATHS:
+        raise ValueError(f"dispatch path must be one of {PATHS}, got {path!r}")
+    _PATH["default"] = path
+
+
+@contextlib.contextmanager
+def dispatch_path(path: str):
+    """with dispatch_path("grouped"): ... runs the calls inside on that path (the backward
+    follows the path its forward took)."""
+    previous = _PATH["default"]
+    set_dispatch_path(path)
+    try:
+        yield
+    finally:
+        _PATH["default"] = previous
+
+
+def dispatch_to_experts(
+    x: torch.Tensor, expert_index: torch.Tensor, weight: Optional[torch.Tensor], experts: ExpertFFN, path: Optional[str] = None,
+) -> torch.Tensor:
     """Send each token to its experts, run them, and sum the weighted outputs.
 
     x: (N, H); expert_index: (N, k) long, -1 where an assignment was dropped;
@@ -83,12 +121,24 @@ def dispatch_to_experts(x: torch.Tensor, expert_index: torch.Tensor, weight: Opt
     Returns (N, H): sum_k w_k f_{e_k}(x), zero for a token with no kept assignment (it
     passes through the caller's residual), in the experts' output dtype (under CPU autocast
     bf16, as an autocast linear layer returns; the caller's residual add promotes it exactly).
+    path: one of PATHS, None for the current default (see the module docstring).
     """
-    num_tokens, k = expert_index.shape
+    path = path or _PATH["default"]
+    if path not in PATHS:
+        raise ValueError(f"dispatch path must be one of {PATHS}, got {path!r}")
     if experts.world_size == 1:  # (rows between workers keep their dtype)
         # experts that start with a matmul cast their rows to the autocast dtype anyway: cast
         # once before grouping, and move half the bytes (a pre-norm expert normalises fp32 rows)
         x = x.to(experts.input_dtype(x))
+        if path == "static":
+            return dispatch_static(x, expert_index, weight, experts)
+    return dispatch_grouped(x, expert_index, weight, experts)
+
+
+def dispatch_grouped(x: torch.Tensor, expert_index: torch.Tensor, weight: Optional[torch.Tensor], experts: ExpertFFN) -> torch.Tensor:
+    """The "grouped" path: x (N, H), expert_index (N, k) -> (N, H) through rows grouped by
+    expert (M, H), M = kept assignments; also the expert-parallel path."""
+    num_tokens, k = expert_index.shape
     grouping = group_by_expert(expert_index.reshape(-1), experts.num_experts)
     order, position, counts, num_kept = grouping
     run_local = functools.partial(run_experts, experts)
@@ -134,3 +184,133 @@ def run_experts(experts: ExpertFFN, rows: torch.Tensor, counts: torch.Tensor) ->
     slots = rows.new_zeros(num_experts * capacity, hidden).index_copy(0, flat_slot, rows)
     out = experts(slots.view(num_experts, capacity, hidden))
     return out.reshape(-1, hidden).index_select(0, flat_slot)
+
+
+# ------------------------------------------------------------------ static-shape dispatch (issue 24)
+def dispatch_static(x: torch.Tensor, expert_index: torch.Tensor, weight: Optional[torch.Tensor], experts: ExpertFFN) -> torch.Tensor:
+    """The "static" path, one process: x (N, H), expert_index (N, k) -> (N, H).
+
+    One bincount decides: k = 1, nothing dropped and every expert at exactly N/E tokens ->
+    dispatch_balanced; anything else -> dispatch_padded."""
+    num_tokens, k = expert_index.shape
+    num_experts = experts.num_experts
+    flat = expert_index.reshape(-1)  # (A,), A = N k, token-major: a = n k + j
+    key = torch.remainder(flat, num_experts + 1)  # dropped (-1) -> E
+    counts = torch.bincount(key, minlength=num_experts + 1)  # (E + 1,): loads, then dropped
+    if k == 1 and num_tokens % num_experts == 0 and bool((counts[:num_experts] == num_tokens // num_experts).all()):
+        return dispatch_balanced(x, key, weight, experts)
+    return dispatch_padded(x, key, counts, weight, experts)
+
+
+def dispatch_balanced(x: torch.Tensor, expert: torch.Tensor, weight: Optional[torch.Tensor], experts: ExpertFFN) -> torch.Tensor:
+    """Exact balance: x (N, H), expert (N,) with N / E tokens on every expert -> (N, H).
+
+    One stable argsort is the permutation to slots: x[order] is (E, N/E, H) in expert order
+    (token order inside an expert); its inverse brings the outputs back, no padding."""
+    num_experts, hidden = experts.num_experts, x.size(-1)
+    order = torch.argsort(expert, stable=True)  # (N,) slot -> token
+    position = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))  # token -> slot
+    slots = _PermuteRows.apply(x, order, position).view(num_experts, -1, hidden)  # (E, N/E, H)
+    out = experts(slots).reshape(-1, hidden)  # (N, H) in slot order
+    if weight is None:
+        return _PermuteRows.apply(out, position, order)
+    return _CombinePermuted.apply(out, weight, position, order)
+
+
+def slot_positions(key: torch.Tensor, counts: torch.Tensor, capacity: int) -> torch.Tensor:
+    """key (A,) expert of each assignment (E = dropped), counts (E + 1,) -> slot (A,).
+
+    slot[a] = e * C + (rank of a among expert e's assignments, in assignment order): the
+    first-come-first-served position the capacity routers' one-hot cumsum gives; dropped
+    assignments get E * C (a trash row past the buffer)."""
+    num_experts = counts.numel() - 1
+    order = torch.argsort(key, stable=True)  # (A,) assignments by expert
+    sorted_key = key.index_select(0, order)
+    starts = torch.cumsum(counts, 0) - counts  # (E + 1,) first sorted index of each expert
+    rank = torch.arange(key.numel(), device=key.device) - starts.index_select(0, sorted_key)
+    sorted_slot = (sorted_key * capacity + rank).clamp_(max=num_experts * capacity)
+    return torch.empty_like(order).scatter_(0, order, sorted_slot)
+
+
+def dispatch_padded(
+    x: torch.Tensor, key: torch.Tensor, counts: torch.Tensor, weight: Optional[torch.Tensor], experts: ExpertFFN,
+) -> torch.Tensor:
+    """Capacity-padded: x (N, H), key (N k,) expert per assignment (E = dropped), counts (E + 1,)
+    -> (N, H).
+
+    x (N, H) -> slots (E, C, H) by one scatter per choice (zero rows pad each expert to C, the
+    largest load), one bmm per projection, then y[n] = sum_j w[n, j] out[slot[n, j]]: a dropped
+    assignment (slot E C) contributes nothing, a token with none gives 0."""
+    num_experts, hidden = experts.num_experts, x.size(-1)
+    num_tokens = x.size(0)
+    capacity = int(counts[:num_experts].max())
+    slot = slot_positions(key, counts, capacity).view(num_tokens, -1)  # (N, k)
+    has_dropped = bool(counts[num_experts] > 0)
+    slots = _ScatterToSlots.apply(x, slot, num_experts * capacity, has_dropped)  # (E C, H)
+    out = experts(slots.view(num_experts, capacity, hidden)).reshape(-1, hidden)  # (E C, H)
+    return _GatherFromSlots.apply(out, weight, slot, has_dropped)
+
+
+class _ScatterToSlots(torch.autograd.Function):
+    """x (N, H), slot (N, k) -> slots (S, H): slots[slot[n, j]] = x[n]; slot S = dropped (a trash
+    row, cut off); slots no token fills stay zero. Backward: grad_x[n] = sum_j grad[slot[n, j]]."""
+
+    @staticmethod
+    def forward(ctx, x, slot, num_slots, has_dropped):
+        ctx.save_for_backward(slot)
+        ctx.num_slots, ctx.has_dropped = num_slots, has_dropped
+        buffer = x.new_zeros(num_slots + has_dropped, x.size(-1))
+        for j in range(slot.size(1)):  # one scatter per choice: no (N k, H) copy of x
+            buffer.index_copy_(0, slot[:, j], x)
+        return buffer[:num_slots]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (slot,) = ctx.saved_tensors
+        if ctx.has_dropped:  # the trash row's gradient is zero
+            grad = torch.cat([grad, grad.new_zeros(1, grad.size(-1))])
+        grad_x = grad.index_select(0, slot[:, 0])
+        for j in range(1, slot.size(1)):
+            grad_x += grad.index_select(0, slot[:, j])
+        return grad_x, None, None, None
+
+
+class _GatherFromSlots(torch.autograd.Function):
+    """out (S, H), weight (N, k) or None (= 1), slot (N, k) -> y (N, H),
+    y[n] = sum_j weight[n, j] out[slot[n, j]], where slot S (dropped) reads zero.
+
+    Backward: grad_out[slot[n, j]] = weight[n, j] grad_y[n] (slots are distinct, so a copy, not
+    an add; padding slots get zero); grad_weight[n, j] = <grad_y[n], out[slot[n, j]]>, 0 if dropped."""
+
+    @staticmethod
+    def forward(ctx, out, weight, slot, has_dropped):
+        num_slots, k = out.size(0), slot.size(1)
+        ctx.save_for_backward(out, weight, slot)
+        ctx.has_dropped = has_dropped
+        source = torch.cat([out, out.new_zeros(1, out.size(-1))]) if has_dropped else out  # (S [+ 1], H)
+        ctx.num_slots = num_slots
+        y = None
+        for j in range(k):
+            picked = source.index_select(0, slot[:, j])  # (N, H)
+            if weight is not None:
+                picked.mul_(weight[:, j : j + 1].to(picked.dtype))
+            y = picked if y is None else y.add_(picked)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        out, weight, slot = ctx.saved_tensors
+        num_slots, k = ctx.num_slots, slot.size(1)
+        grad_out = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_out = grad.new_zeros(num_slots + ctx.has_dropped, grad.size(-1))
+            for j in range(k):
+                rows = grad if weight is None else grad * weight[:, j : j + 1].to(grad.dtype)
+                grad_out.index_copy_(0, slot[:, j], rows)
+            grad_out = grad_out[:num_slots]
+        if weight is not None and ctx.needs_input_grad[1]:
+            source = torch.cat([out, out.new_zeros(1, out.size(-1))]) if ctx.has_dropped else out
+            grad_weight = torch.stack(
+                [(grad * source.index_select(0, slot[:, j]).to(grad.dtype)).sum(-1) for j in range(k)], dim=1
+            ).to(weight.dtype)
+        return grad_out, grad_weight, None, None
