@@ -2,7 +2,7 @@
 
     python benchmarks/layer_microbench.py [--experts 2 4 8 16] [--batch 32] [--seq-len 128]
         [--embed-dim 128] [--ffn-dim 256] [--extra-sizes 512x1024] [--dtypes fp32 bf16]
-        [--repeats 15] [--threads N] [--clock wall|cpu] [--compare-paths]
+        [--repeats 15] [--threads N] [--clock wall|cpu] [--path auto|static|grouped] [--compare-paths]
 
 Layers (training mode, CPU; fp32, or bf16 autocast around the forward as `--cpu --bf16`
 trains), N = batch x seq-len tokens of width H:
@@ -48,7 +48,7 @@ sys.path.insert(0, str(REPO))
 
 from _results import run_metadata, write_results  # noqa: E402  (benchmarks/, the script's folder)
 from fairseq_smlp.modules.spatial_gating import SpatialGateArgs, SpatialGatingUnit  # noqa: E402
-from fairseq_smlp.moe.dispatch import dispatch_path  # noqa: E402
+from fairseq_smlp.moe.dispatch import PATHS, dispatch_path, set_dispatch_path  # noqa: E402
 from fairseq_smlp.moe.experts import ExpertFFN  # noqa: E402
 from fairseq_smlp.moe.router import random_hash_table  # noqa: E402
 from fairseq_smlp.moe.token_moe import MoEArgs, TokenMoE  # noqa: E402
@@ -205,8 +205,9 @@ def write_markdown(path: Path, result: dict) -> None:
     if result.get("compare_paths"):
         lines += [
             "",
-            "Rows without a suffix run the default \"static\" dispatch (issue 24: exact balance -> one permutation "
-            "and one bmm per projection; otherwise an (E, C, H) buffer filled by scatter, one bmm per projection); "
+            f"Rows without a suffix run the \"{result.get('path', 'static')}\" dispatch path (moe/dispatch.py; static, "
+            "issue 24: exact balance -> one permutation and one bmm per projection; otherwise an (E, C, H) buffer "
+            "filled by scatter, one bmm per projection); "
             "\"[grouped]\" rows run the same module on the previous path (rows grouped by expert, grouped_mm in fp32 "
             "or slots padded to the largest load), interleaved in the same run: the before/after pair.",
         ]
@@ -241,6 +242,12 @@ def _size_table(rows: list) -> list:
     return lines
 
 
+def _default_path() -> str:
+    from fairseq_smlp.moe import dispatch
+
+    return dispatch._PATH["default"]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--experts", type=int, nargs="+", default=[2, 4, 8, 16])
@@ -256,6 +263,7 @@ def main(argv=None):
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help="cpu: the thread's CPU time (use with --threads 1)")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--path", choices=PATHS, default=None, help="dispatch path of the unsuffixed rows (default: the code's default)")
     parser.add_argument(
         "--compare-paths", action="store_true", help='also time every token-routed layer on the previous "grouped" dispatch path'
     )
@@ -264,6 +272,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.path:
+        set_dispatch_path(args.path)
 
     metadata = run_metadata("layer_microbench.py", argv)  # load average before the run
     sizes = [f"{args.embed_dim}x{args.ffn_dim}", *args.extra_sizes]
@@ -287,6 +297,7 @@ def main(argv=None):
         "tokens": args.batch * args.seq_len,
         "sizes": sizes,
         **{k: getattr(args, k) for k in ("batch", "seq_len", "embed_dim", "ffn_dim", "input_scale", "repeats", "warmup", "compare_paths")},
+        "path": args.path or _default_path(),
         "rows": rows,
     }
     write_results(args.out, result, write_markdown)

@@ -104,12 +104,35 @@ def test_each_path_is_taken_where_it_should(monkeypatch):
         monkeypatch.setattr(dispatch, name, lambda *a, _f=original, _n=name: taken.append(_n) or _f(*a))
     experts = random_experts(4)
     x = torch.randn(32, 8)
-    for kind in ("balanced", "uneven", "dropped", "top2"):
-        index = routing_case(kind, 32, 4)
-        dispatch_to_experts(x, index, torch.rand(index.shape), experts)
+    with dispatch_path("static"):
+        for kind in ("balanced", "uneven", "dropped", "top2"):
+            index = routing_case(kind, 32, 4)
+            dispatch_to_experts(x, index, torch.rand(index.shape), experts)
     with dispatch_path("grouped"):
         dispatch_to_experts(x, routing_case("balanced", 32, 4), torch.rand(32, 1), experts)
     assert taken == ["dispatch_balanced"] + ["dispatch_padded"] * 3 + ["dispatch_grouped"]
+    taken.clear()
+    with dispatch_path("static"):
+        dispatch_to_experts(x, routing_case("uneven", 32, 4), torch.rand(32, 1), experts)
+    assert taken == ["dispatch_padded"]
+
+
+def test_auto_path_takes_grouped_mm_for_uneven_fp32_and_padded_under_autocast(monkeypatch):
+    """"auto" (the default): exact balance -> balanced; uneven -> grouped_mm where the experts
+    can run it (fp32), else padded (bf16 autocast)."""
+    taken = []
+    for name in ("dispatch_balanced", "dispatch_padded", "dispatch_grouped"):
+        original = getattr(dispatch, name)
+        monkeypatch.setattr(dispatch, name, lambda *a, _f=original, _n=name: taken.append(_n) or _f(*a))
+    experts = random_experts(4, hidden=16, ffn=32)
+    x = torch.randn(32, 16)
+    with dispatch_path("auto"):
+        dispatch_to_experts(x, routing_case("balanced", 32, 4), torch.rand(32, 1), experts)
+        dispatch_to_experts(x, routing_case("dropped", 32, 4), torch.rand(32, 1), experts)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            dispatch_to_experts(x, routing_case("dropped", 32, 4), torch.rand(32, 1), experts)
+    grouped = "dispatch_grouped" if experts.can_run_grouped(x) else "dispatch_padded"
+    assert taken == ["dispatch_balanced", grouped, "dispatch_padded"]
     with pytest.raises(ValueError, match="dispatch path"):
         dispatch.set_dispatch_path("fast")
 
@@ -173,8 +196,10 @@ def test_every_router_static_equals_grouped(router, num_experts, train):
         moe.router.route = capped
     static = moe_outputs_and_grads(moe, x, "static", token_ids)
     grouped = moe_outputs_and_grads(moe, x, "grouped", token_ids)
-    for a, b in zip(static, grouped):
+    auto = moe_outputs_and_grads(moe, x, "auto", token_ids)
+    for a, b, c in zip(static, grouped, auto):
         assert_close(a, b)
+        assert_close(c, b)
     bf16_static = moe_outputs_and_grads(moe, x, "static", token_ids, torch.bfloat16)
     bf16_grouped = moe_outputs_and_grads(moe, x, "grouped", token_ids, torch.bfloat16)
     for a, b in zip(bf16_static, bf16_grouped):
@@ -198,8 +223,9 @@ def test_base_layer_static_equals_grouped(train):
         out.backward(torch.arange(out.numel(), dtype=out.dtype).view_as(out).sin())
         return [out.detach(), xg.grad] + [p.grad.clone() for p in layer.parameters()]
 
-    for a, b in zip(run("static"), run("grouped")):
+    for a, b, c in zip(run("static"), run("grouped"), run("auto")):
         assert_close(a, b)
+        assert_close(c, b)
 
 
 @pytest.mark.parametrize("kind", ["balanced", "uneven", "dropped", "top2"])

@@ -11,15 +11,19 @@ grouped block) brings the outputs back. When every token has exactly one kept as
 directions (and their gradients) are plain row gathers: no zero-filled buffer, no index_add.
 
 Paths (issue 24), chosen per call in one process (`set_dispatch_path` / `dispatch_path`):
-  "static" (default)  static-shape dispatch: `dispatch_balanced` when every expert gets exactly
-                      N/E tokens (Base training, a balanced assignment): one permutation, one
-                      bmm per projection on (E, N/E, H); else `dispatch_padded`: the rows are
-                      scattered straight into an (E, C, H) buffer, C = the largest load (never
-                      more than a capacity router's C), one bmm per projection, each token
-                      gathers its slots weighted by its combine weights; nothing is dropped
-                      that the router kept.
-  "grouped"           the previous path: rows grouped by expert, uneven loads on exactly their
-                      rows (grouped_mm where torch can, else slots padded to the largest load).
+  "static"   static-shape dispatch: `dispatch_balanced` when every expert gets exactly N/E
+             tokens (Base training, a balanced assignment): one permutation, one bmm per
+             projection on (E, N/E, H); else `dispatch_padded`: the rows are scattered
+             straight into an (E, C, H) buffer, C = the largest load (never more than a
+             capacity router's C), one bmm per projection, each token gathers its slots
+             weighted by its combine weights; nothing is dropped that the router kept.
+  "grouped"  the previous path: rows grouped by expert, uneven loads on exactly their rows
+             (grouped_mm where torch can, else slots padded to the largest load): dropless
+             in FLOPs as well as in tokens.
+  "auto"     (default) what measured fastest (benchmarks/results/layer_microbench.md,
+             --compare-paths): exact balance -> dispatch_balanced; uneven loads -> grouped_mm
+             on exactly the rows where the experts can run it (fp32: padding to C costs up to
+             the capacity factor in FLOPs), else (bf16 autocast) dispatch_padded.
 Expert parallelism (world size > 1) always takes the grouped path (rows travel grouped).
 """
 import contextlib
@@ -88,8 +92,8 @@ class _CombinePermuted(torch.autograd.Function):
         return grad_out, grad_weight, None, None
 
 
-PATHS = ("static", "grouped")
-_PATH = {"default": "static"}
+PATHS = ("auto", "static", "grouped")
+_PATH = {"default": "auto"}
 
 
 def set_dispatch_path(path: str) -> None:
@@ -130,8 +134,8 @@ def dispatch_to_experts(
         # experts that start with a matmul cast their rows to the autocast dtype anyway: cast
         # once before grouping, and move half the bytes (a pre-norm expert normalises fp32 rows)
         x = x.to(experts.input_dtype(x))
-        if path == "static":
-            return dispatch_static(x, expert_index, weight, experts)
+        if path != "grouped":
+            return dispatch_static(x, expert_index, weight, experts, uneven_grouped=path == "auto")
     return dispatch_grouped(x, expert_index, weight, experts)
 
 
@@ -187,11 +191,14 @@ def run_experts(experts: ExpertFFN, rows: torch.Tensor, counts: torch.Tensor) ->
 
 
 # ------------------------------------------------------------------ static-shape dispatch (issue 24)
-def dispatch_static(x: torch.Tensor, expert_index: torch.Tensor, weight: Optional[torch.Tensor], experts: ExpertFFN) -> torch.Tensor:
-    """The "static" path, one process: x (N, H), expert_index (N, k) -> (N, H).
+def dispatch_static(
+    x: torch.Tensor, expert_index: torch.Tensor, weight: Optional[torch.Tensor], experts: ExpertFFN, uneven_grouped: bool = False,
+) -> torch.Tensor:
+    """The "static" / "auto" paths, one process: x (N, H), expert_index (N, k) -> (N, H).
 
     One bincount decides: k = 1, nothing dropped and every expert at exactly N/E tokens ->
-    dispatch_balanced; anything else -> dispatch_padded."""
+    dispatch_balanced; anything else -> dispatch_padded, or (uneven_grouped, "auto") the
+    grouped path where the experts run grouped_mm on exactly their rows."""
     num_tokens, k = expert_index.shape
     num_experts = experts.num_experts
     flat = expert_index.reshape(-1)  # (A,), A = N k, token-major: a = n k + j
@@ -199,6 +206,8 @@ def dispatch_static(x: torch.Tensor, expert_index: torch.Tensor, weight: Optiona
     counts = torch.bincount(key, minlength=num_experts + 1)  # (E + 1,): loads, then dropped
     if k == 1 and num_tokens % num_experts == 0 and bool((counts[:num_experts] == num_tokens // num_experts).all()):
         return dispatch_balanced(x, key, weight, experts)
+    if uneven_grouped and experts.can_run_grouped(x):
+        return dispatch_grouped(x, expert_index, weight, experts)
     return dispatch_padded(x, key, counts, weight, experts)
 
 
