@@ -100,15 +100,31 @@ def top2_route(router, x):
     if router.training and router.second_expert_policy == "random":
         wants_second = 2 * (g2 / (g1 + g2)).detach() > torch.rand_like(g2)
     capacity = router.capacity(x.size(0))
-    keep1 = within_capacity(first, capacity, router.num_experts)
-    first_counts = torch.bincount(first, minlength=router.num_experts)
-    keep2 = within_capacity(second, capacity, router.num_experts, active=wants_second, offset=first_counts)
-    kept = torch.stack([keep1, keep2], dim=1)
+    if router.queue == "causal":
+        kept = causal_queue(first.tolist(), second.tolist(), wants_second.tolist(), capacity, router.num_experts)
+    else:
+        keep1 = within_capacity(first, capacity, router.num_experts)
+        first_counts = torch.bincount(first, minlength=router.num_experts)
+        keep2 = within_capacity(second, capacity, router.num_experts, active=wants_second, offset=first_counts)
+        kept = torch.stack([keep1, keep2], dim=1)
     experts = torch.stack([first, second], dim=1)
     gates = torch.stack([g1, g2], dim=1) * kept
     weight = gates / gates.sum(dim=1, keepdim=True).clamp(min=torch.finfo(gates.dtype).tiny)
     expert_index = torch.where(kept, experts, torch.full_like(experts, -1))
     return expert_index, weight, gate_aux_loss(router, logits, probs, first), stats(router.num_experts, expert_index)
+
+
+def causal_queue(first, second, wants_second, capacity, num_experts):
+    """Tokens in order, each one's first choice then its second, while the expert has room."""
+    used = [0] * num_experts
+    kept = []
+    for e1, e2, wants in zip(first, second, wants_second):
+        row = []
+        for expert, active in ((e1, True), (e2, wants)):
+            row.append(bool(active and used[expert] < capacity))
+            used[expert] += row[-1]
+        kept.append(row)
+    return torch.tensor(kept, dtype=torch.bool).reshape(-1, 2)
 
 
 # ------------------------------------------------------------------ balanced assignment

@@ -134,11 +134,23 @@ def test_top2_renormalises_over_kept_experts():
     assert stats.expert_counts.tolist() == [1, 2, 1] and stats.dropped.item() == 0
 
 
-def test_top2_first_choices_queue_before_second_choices():
-    # token 0: first 0, second 1; token 1: first 1, second 0. capacity 1: token 1's first
-    # choice takes expert 1 although token 0 comes first (GShard's order)
+def test_top2_queue_is_token_order_by_default():
+    # token 0: first 0, second 1; token 1: first 1, second 0. capacity 1: token 0 keeps both
+    # experts, token 1 (a later position) gets none
     rows = [[2.0, 1.0, -5.0], [1.0, 2.0, -5.0]]
     router, x = gate_router(Top2Router, rows, train_capacity_factor=0.5, eval_capacity_factor=0, second_expert_policy="all")
+    router.train()
+    index, weight, stats = router(x)
+    assert index.tolist() == [[0, 1], [-1, -1]]
+    assert stats.dropped.item() == 1
+
+
+def test_top2_gshard_queue_puts_first_choices_before_second_choices():
+    # the same tokens with --moe-second-expert-queue gshard: token 1's first choice takes
+    # expert 1 although token 0 comes first (GShard's order)
+    rows = [[2.0, 1.0, -5.0], [1.0, 2.0, -5.0]]
+    router, x = gate_router(Top2Router, rows, train_capacity_factor=0.5, eval_capacity_factor=0, second_expert_policy="all",
+                            queue="gshard")
     router.train()
     index, weight, stats = router(x)  # capacity = ceil(0.5 * ceil(2 / 3)) = 1
     assert index.tolist() == [[0, -1], [1, -1]]

@@ -40,8 +40,7 @@ FAMILIES = {
     "smlp_top1_biased": lambda: _smlp("top1_biased"),
     "smlp_base": lambda: _smlp("base"),  # evaluation only
     "switch": lambda: _baseline("switch_lm_tiny", "--moe-experts", "4"),
-    "gshard_causal": lambda: _baseline("gshard_lm_tiny", "--moe-experts", "4", "--moe-second-expert-policy", "all",
-                                       "--moe-second-expert-queue", "causal"),
+    "gshard": lambda: _baseline("gshard_lm_tiny", "--moe-experts", "4", "--moe-second-expert-policy", "all"),
     "hash": lambda: _baseline("hash_lm_tiny", "--moe-experts", "4"),
     "switch_biased": lambda: _baseline("switch_lm_tiny", "--moe-experts", "4", "--moe-router", "top1_biased"),
 }
@@ -100,19 +99,19 @@ def test_no_position_sees_a_later_position_of_any_sequence(family, training):
 
 
 def test_gshard_queue_looks_ahead_in_training():
-    """GShard's own capacity order (the default queue, kept as published) is the documented
-    exception among the baselines: every first choice before any second choice lets a later
-    position take an earlier position's second slot (wherever a capacity drops tokens; the
-    default evaluation capacity is unlimited)."""
+    """Why the default top-2 queue is in token order: GShard's own order (--moe-second-expert-queue
+    gshard, kept for comparison) queues every first choice before any second choice and lets a
+    later position take an earlier position's second slot wherever a capacity drops tokens."""
     torch.manual_seed(0)
-    model = _baseline("gshard_lm_tiny", "--moe-experts", "4", "--moe-second-expert-policy", "all")
+    model = _baseline("gshard_lm_tiny", "--moe-experts", "4", "--moe-second-expert-policy", "all",
+                      "--moe-second-expert-queue", "gshard")
     _tight_capacity(model)
     assert _max_leak(model, training=True) > 0.1
 
 
 def test_sequence_major_capacity_would_leak():
     """The check above has teeth: sMLP's top1 tMoE filling its capacity sequence by sequence
-    (the order before issue 25) lets an early position see later positions of earlier sequences."""
+    (the order it had before) lets an early position see later positions of earlier sequences."""
     from fairseq_smlp.moe.token_moe import TokenMoE
 
     torch.manual_seed(0)

@@ -62,10 +62,10 @@ class MoETransformerLanguageModelConfig(TransformerLanguageModelConfig):
     moe_second_expert_policy: ChoiceEnum(["sampling", "all", "random"]) = field(
         default="sampling", metadata={"help": "top2, training only: second expert sampled from the softmax, always the runner-up, or the runner-up kept with probability 2*g2/(g1+g2)"}
     )
-    moe_second_expert_queue: ChoiceEnum(["gshard", "causal"]) = field(
-        default="gshard", metadata={"help": "top2 capacity queue: gshard (all first choices before any second: in training a "
-                                    "later token can take an earlier token's slot, not causal) or causal (token order, each "
-                                    "token's first choice just before its second)"}
+    moe_second_expert_queue: ChoiceEnum(["causal", "gshard"]) = field(
+        default="causal", metadata={"help": "top2 capacity queue: causal (token order, each token's first choice just before "
+                                    "its second) or gshard (all first choices before any second: in training a later token "
+                                    "can take an earlier token's slot, so the LM sees the future when tokens are dropped)"}
     )
     moe_router_z_loss: float = field(
         default=0.0, metadata={"help": "top1/top2: router z-loss weight relative to the balance loss (added to the layer's aux loss; 0: off)"}
@@ -139,7 +139,7 @@ def build_moe_ffn(args, dictionary) -> MoEFeedForward:
         activation=activation, train_capacity_factor=args.moe_train_capacity_factor,
         eval_capacity_factor=args.moe_eval_capacity_factor, z_loss_weight=args.moe_router_z_loss,
         second_expert_policy=str(args.moe_second_expert_policy), hash_table=table,
-        second_expert_queue=str(getattr(args, "moe_second_expert_queue", "gshard")),
+        second_expert_queue=str(getattr(args, "moe_second_expert_queue", "causal")),
         expert_init=str(args.expert_init), expert_dropout=args.expert_dropout or 0.0,
         bias_update_rate=getattr(args, "moe_bias_update_rate", 0.001),
     ))

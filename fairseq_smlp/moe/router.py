@@ -249,11 +249,12 @@ class Top2Router(LearnedGateRouter):
     Second expert in training, by --moe-second-expert-policy: "all" the runner-up,
     "sampling" drawn from the remaining experts' softmax (Gumbel-max), "random" the
     runner-up kept with probability 2 * g2 / (g1 + g2) (GShard's own policy). In
-    evaluation always the runner-up. Capacity, by --moe-second-expert-queue: "gshard" (the
-    default, GShard's order) queues all first choices before any second choice, so in
-    training a later token's first choice can take an earlier token's second slot (NOT
-    causal when dropping happens); "causal" keeps one queue in token order, each token's
-    first choice just before its second. Combine weights are the gate probabilities renormalised
+    evaluation always the runner-up. Capacity, by --moe-second-expert-queue: "causal" (the
+    default) keeps one queue in token order, each token's first choice just before its
+    second, so a token competes only with earlier positions; "gshard" (GShard's own order)
+    queues all first choices before any second choice, so in training a later token's first
+    choice can take an earlier token's second slot: a causal LM then learns from the future
+    whenever tokens are dropped (kept for comparison with the paper's setting). Combine weights are the gate probabilities renormalised
     over the kept experts.
     """
 
@@ -261,7 +262,7 @@ class Top2Router(LearnedGateRouter):
     policies = ("sampling", "all", "random")
     queues = ("gshard", "causal")
 
-    def __init__(self, *args, second_expert_policy: str = "sampling", queue: str = "gshard", **kwargs):
+    def __init__(self, *args, second_expert_policy: str = "sampling", queue: str = "causal", **kwargs):
         super().__init__(*args, **kwargs)
         if second_expert_policy not in self.policies:
             raise ValueError(f"--moe-second-expert-policy must be one of {self.policies}, got {second_expert_policy!r}")

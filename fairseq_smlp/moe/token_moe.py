@@ -29,7 +29,7 @@ class MoEArgs:
     eval_capacity_factor: float = 0.0  # <= 0: no limit
     z_loss_weight: float = 0.0  # top1/top2: router z-loss
     second_expert_policy: str = "sampling"  # top2, training
-    second_expert_queue: str = "gshard"  # top2: gshard (all first choices first) or causal (token order)
+    second_expert_queue: str = "causal"  # top2: causal (token order) or gshard (all first choices first: leaks)
     hash_table: Optional[torch.Tensor] = None  # hash: (V,) expert of every token id
     expert_init: str = "dense"  # ExpertFFN.INITS: dense (as a dense FFN) or zero_output (Base Layers)
     expert_dropout: float = 0.0  # dropout on the experts' hidden activations
