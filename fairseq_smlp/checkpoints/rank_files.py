@@ -27,6 +27,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from .safe_load import load_checkpoint_file
+from ..errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -80,8 +81,8 @@ INTERVAL_FILE = re.compile(r"^checkpoint_\d+_(\d+)\.pt$")  # checkpoint_<epoch>_
 EPOCH_FILE = re.compile(r"^checkpoint\d+\.pt$")  # checkpoint<epoch>.pt
 
 
-class ResumeError(RuntimeError):
-    pass
+class ResumeError(UserError, RuntimeError):
+    """The ranks' checkpoints share no update to resume from (the message names each rank's files)."""
 
 
 def strip_rank_suffix(path: str) -> str:
