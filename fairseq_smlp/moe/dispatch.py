@@ -229,9 +229,10 @@ def dispatch_balanced(x: torch.Tensor, expert: torch.Tensor, weight: Optional[to
 def slot_positions(key: torch.Tensor, counts: torch.Tensor, capacity: int) -> torch.Tensor:
     """key (A,) expert of each assignment (E = dropped), counts (E + 1,) -> slot (A,).
 
-    slot[a] = e * C + (rank of a among expert e's assignments, in assignment order): the
-    first-come-first-served position the capacity routers' one-hot cumsum gives; dropped
-    assignments get E * C (a trash row past the buffer)."""
+    slot[a] = e * C + (rank of a among expert e's assignments, in assignment order
+    a = n k + j; for top-1 the first-come-first-served position of the router's one-hot
+    cumsum); dropped assignments get E * C (a trash row past the buffer). Slots of kept
+    assignments are distinct, so scatters into them are copies, never sums."""
     num_experts = counts.numel() - 1
     order = torch.argsort(key, stable=True)  # (A,) assignments by expert
     sorted_key = key.index_select(0, order)
