@@ -1,7 +1,7 @@
 """Errors in what the user gave (a flag, a file, a checkpoint): one line, not a traceback.
 
 The plugin raises `UserError` (or a subclass) for a problem the user can fix from the message
-alone; fairseq's commands (through fairseq_patches._patch_cli_validation) and the plugin's own
+alone; fairseq's commands (through fairseq_patches._patch_cli_entry) and the plugin's own
 command-line tools end such an error with `prog: error: MESSAGE` on stderr and exit status 1.
 SMLP_DEBUG=1 shows the full traceback instead.
 """

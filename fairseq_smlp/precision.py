@@ -16,6 +16,8 @@ from typing import Optional
 
 import torch
 
+from .validation import FlagError
+
 
 def _on_cpu(cfg) -> bool:
     return cfg.common.cpu or not torch.cuda.is_available()
@@ -31,17 +33,17 @@ def cpu_fp16_rehearsal() -> bool:
 
 def check_precision(cfg) -> None:
     """--fp16 on a CPU fails deep inside fairseq ("Torch not compiled with CUDA enabled"): say
-    which flag and what to do before anything starts."""
+    which flag and what to do before anything starts (a FlagError: one line, no traceback)."""
     common = cfg.common
     if _on_cpu(cfg) and (common.fp16 or common.memory_efficient_fp16) and not cpu_fp16_rehearsal():
         flag = "--memory-efficient-fp16" if common.memory_efficient_fp16 else "--fp16"
-        raise ValueError(
+        raise FlagError(
             f"{flag} needs a CUDA GPU (fairseq's fp16 training keeps fp16 weights and a loss scaler on the GPU), "
             f"but this run is on the CPU (--cpu, or no CUDA device visible): use --bf16 (bf16 autocast with fp32 "
             f"weights) or drop {flag} to train in fp32"
         )
     if _on_cpu(cfg) and common.memory_efficient_bf16:
-        raise ValueError(
+        raise FlagError(
             "--memory-efficient-bf16 (bf16 weights, no fp32 master copy) is not supported on the CPU: "
             "use --bf16 (bf16 autocast with fp32 weights and optimizer state)"
         )

@@ -1,6 +1,6 @@
 """Quickstart: prepare a small corpus, train smlp_lm_tiny on the CPU, report perplexity.
 
-    fairseq-smlp-quickstart                         # Penn Treebank, 1,000 updates (~8 min on 2 cores)
+    fairseq-smlp-quickstart                         # Penn Treebank, 1,000 updates
     fairseq-smlp-quickstart --updates 300 --out-dir runs/qs
     fairseq-smlp-quickstart --minutes 3             # stop after 3 minutes of training at the latest
     fairseq-smlp-quickstart --train a.txt --valid b.txt --test c.txt

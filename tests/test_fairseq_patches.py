@@ -11,6 +11,9 @@ import torch
 
 import fairseq_smlp  # noqa: F401  (installs the patches)
 from fairseq_smlp import fairseq_patches
+from fairseq_smlp.checkpoints import resume
+from fairseq_smlp.moe.fairseq_base_layer import base_layer_as_only_worker
+from fairseq_smlp.optim.cpu_adamw import CpuFusedAdamW
 from fairseq_smlp.checkpoints import file_safety
 from fairseq_smlp.checkpoints.file_safety import CorruptCheckpointError
 
@@ -155,7 +158,7 @@ def test_resume_explicit_restore_file_must_exist(tmp_path):
     with pytest.raises(FileNotFoundError, match=rf"--restore-file {missing}: {missing} does not exist"):
         checkpoint_utils.load_checkpoint(checkpoint_config(restore_file=missing), one_process_trainer())
     cfg = checkpoint_config(save_dir=str(tmp_path))  # the default restore file, no checkpoint yet: a first launch
-    assert fairseq_patches.resume_config(cfg, one_process_trainer()) is cfg
+    assert resume.resume_config(cfg, one_process_trainer()) is cfg
 
 
 def test_resume_takes_a_rank_files_name_on_disk(tmp_path):
@@ -170,11 +173,11 @@ def test_resume_takes_a_rank_files_name_on_disk(tmp_path):
         gathered.append(obj)
         return [(str(tmp_path / "checkpoint_1_20-rank-0.pt"), 20), obj]
 
-    original, fairseq_patches._gather = fairseq_patches._gather, gather
+    original, resume.gather = resume.gather, gather
     try:
-        resolved = fairseq_patches.resume_config(cfg, trainer)
+        resolved = resume.resume_config(cfg, trainer)
     finally:
-        fairseq_patches._gather = original
+        resume.gather = original
     assert resolved.restore_file == str(tmp_path / "checkpoint_1_20.pt")
     assert gathered == [(str(tmp_path / "checkpoint_1_20-rank-1.pt"), 20)]
 
@@ -318,7 +321,7 @@ def test_base_layer_runs_as_the_only_worker_without_changing_fairseq_outside():
 
     rank_fn, all2all = distributed_utils.get_data_parallel_rank, base_layer.All2All
     x = torch.randn(5, 3, requires_grad=True)
-    with fairseq_patches.base_layer_as_only_worker():
+    with base_layer_as_only_worker():
         assert distributed_utils.get_data_parallel_rank() == 0
         y = base_layer.All2All.apply(x, [5], [5])
         y.sum().backward()
@@ -355,7 +358,7 @@ def test_cpu_adam_is_torch_fused_adamw_with_fairseqs_updates():
     fused_w, old_w = weights(), weights()
     fused = optim.build_optimizer(adam_config().optimizer, fused_w)
     old = optim.build_optimizer(adam_config("--use-old-adam").optimizer, old_w)
-    assert type(fused.optimizer) is fairseq_patches.CpuFusedAdamW and fused.supports_flat_params
+    assert type(fused.optimizer) is CpuFusedAdamW and fused.supports_flat_params
     assert type(old.optimizer) is Adam
     adam_steps(fused, fused_w, 5)
     adam_steps(old, old_w, 5)

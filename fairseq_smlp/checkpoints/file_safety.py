@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import zipfile
+from pathlib import Path
 
 from ..errors import UserError
 
@@ -98,3 +99,13 @@ def load_or_explain(load, path, *args, **kwargs):
             "(checkpoint_<epoch>_<updates>.pt / the last complete checkpoint_*.pt) is intact: "
             "pass it with --restore-file (training) or --path (evaluation)."
         ) from e
+
+
+def verify_save_dir(save_dir: str) -> None:
+    """fairseq creates --save-dir at start to test it, so a run that then fails on a bad flag
+    leaves an empty directory: test the nearest existing parent instead (the directory is
+    created at the first save)."""
+    path = Path(save_dir).resolve()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise OSError(f"--save-dir {save_dir}: cannot write checkpoints there ({existing} is not a writable directory)")

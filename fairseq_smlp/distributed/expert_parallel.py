@@ -127,3 +127,17 @@ def run_sharded_spatial(mixing, groups: torch.Tensor, world: int) -> torch.Tenso
     back = mixed.view(world, big_b, big_n, local, c).permute(0, 3, 1, 2, 4).reshape(num_experts * big_b * big_n, c)
     out = _exchange(back).view(num_experts, big_b, big_n, c).permute(1, 2, 0, 3)  # (B', n', E, c)
     return out[:bsz, :n]
+
+
+def experts_finite_on_every_rank(expert_params) -> bool:
+    """True when no expert gradient holds inf/NaN on any data-parallel rank (a collective
+    with several workers: every rank holds expert parameters, so every rank joins)."""
+    from fairseq.distributed import utils as distributed_utils
+
+    grads = [p.grad for p in expert_params if p.grad is not None]
+    device = grads[0].device if grads else expert_params[0].device
+    finite = torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else torch.tensor(True, device=device)
+    flag = finite.to(device=device, dtype=torch.float32).reshape(1)
+    if torch.distributed.is_initialized() and distributed_utils.get_data_parallel_world_size() > 1:
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN, group=distributed_utils.get_data_parallel_group())
+    return bool(flag.item() == 1)

@@ -2,11 +2,13 @@
 one expert per worker, E = W. One process holds all E experts in BaseExpertsLayer instead
 (moe/base_experts.py); `build_base_layer` picks between the two.
 """
+import contextlib
+from unittest import mock
+
 import torch
 from fairseq.distributed import utils as distributed_utils
 from fairseq.modules import base_layer
 
-from .. import fairseq_patches
 from .base_experts import BaseExpertsLayer
 from .router import RoutingStats, check_finite
 
@@ -21,7 +23,7 @@ class FairseqBaseLayer(base_layer.BaseLayer):
     """
 
     def __init__(self, args):
-        with fairseq_patches.base_layer_as_only_worker():
+        with base_layer_as_only_worker():
             super().__init__(args)
         self.name = "base_layer"
         self.last_stats = None
@@ -50,7 +52,7 @@ class FairseqBaseLayer(base_layer.BaseLayer):
         # else "expected m1 and m2 to have the same dtype"
         if self.num_workers > 1 and input_features.requires_grad:
             self._check_equal_token_counts(input_features.numel() // input_features.size(-1))
-        with fairseq_patches.base_layer_as_only_worker():
+        with base_layer_as_only_worker():
             result, *rest = super().forward(input_features.to(self.expert_centroids.dtype), *args, **kwargs)
         return (result.to(input_features.dtype), *rest)
 
@@ -131,3 +133,30 @@ def check_base_layer_layout(model, state_dict) -> None:
             "file each) but this process holds every expert of a Base layer itself: convert the rank files with "
             f"`python -m fairseq_smlp.checkpoints reshard CKPT --to-world-size 1 --out NEW.pt`"
         )
+
+
+class _LocalAll2All(torch.autograd.Function):
+    """All-to-all among one worker: every token stays where it is."""
+
+    @staticmethod
+    def forward(ctx, xs, input_splits=None, output_splits=None):
+        return xs.clone()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return grad_output, None, None
+
+
+@contextlib.contextmanager
+def base_layer_as_only_worker():
+    """fairseq's BaseLayer asks torch.distributed for its rank and all-to-all even in one
+    process: give it rank 0 and the identity all-to-all while no process group exists (one
+    process, e.g. tests or --base-experts 0); nothing changes when torch.distributed is set up."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        yield
+        return
+    from fairseq.distributed import utils as distributed_utils
+    from fairseq.modules import base_layer
+
+    with mock.patch.object(distributed_utils, "get_data_parallel_rank", lambda: 0), mock.patch.object(base_layer, "All2All", _LocalAll2All):
+        yield

@@ -1,0 +1,1 @@
+"""Optimizers the plugin gives fairseq (fairseq_patches.py wires them in)."""

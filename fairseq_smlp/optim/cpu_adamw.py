@@ -1,0 +1,20 @@
+"""torch's fused AdamW for CPU runs: fairseq's CPU Adam is a Python loop of about ten
+whole-tensor passes per parameter (benchmarks/results/optimizer_ab.md)."""
+import torch
+
+
+class CpuFusedAdamW(torch.optim.AdamW):
+    """torch's fused AdamW (one kernel per tensor), what fairseq's Adam is on the CPU.
+    fairseq's is AdamW too (decoupled weight decay); the one difference is where eps enters:
+    torch adds it to the bias-corrected sqrt(v), as fairseq's own GPU FusedAdam does, fairseq's
+    CPU Adam before the correction (it matters only for gradients near eps, in the first steps)."""
+
+    supports_flat_params = True  # FP16Optimizer (the CPU fp16 rehearsal) hands it one flat fp32 tensor
+
+    def __init__(self, param_groups, lr, betas, eps, weight_decay):
+        super().__init__(param_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=True)
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:  # the state of fairseq's Adam (an older checkpoint) says nothing of it
+            group["fused"] = True
