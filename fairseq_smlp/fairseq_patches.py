@@ -24,7 +24,6 @@ if "compat" not in np.__dict__:
     np.compat = types.SimpleNamespace(long=np.int64)
 
 _INSTALLED = False
-PER_LAYER_PREFIX = "moe/"  # per-layer routing figures (criterions/moe_cross_entropy.py)
 
 
 # ------------------------------------------------------------------ every command
@@ -238,6 +237,8 @@ def own_cause(error: BaseException) -> Optional[BaseException]:
 def _patch_progress_bar(progress_bar) -> None:
     """The plain log line (simple, tqdm) keeps the routing summary; the per-layer routing
     figures (a hundred fields at 9b) go to the JSON log and TensorBoard only."""
+    from .criterions.moe_cross_entropy import PER_LAYER_PREFIX
+
     base_format = progress_bar.BaseProgressBar._format_stats
 
     def _format_stats(self, stats):

@@ -20,9 +20,10 @@ from fairseq import metrics, utils
 from fairseq.criterions import FairseqCriterion, register_criterion
 from fairseq.dataclass import FairseqDataclass
 
-from ..fairseq_patches import PER_LAYER_PREFIX
 from ..validation import check_value
 from .fused_output_loss import LinearCrossEntropy, fused_output_weight
+
+PER_LAYER_PREFIX = "moe/"  # per-layer routing figures: JSON log and TensorBoard only (fairseq_patches.py)
 
 
 @dataclass
