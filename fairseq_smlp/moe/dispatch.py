@@ -263,7 +263,8 @@ def dispatch_padded(
 
 class _ScatterToSlots(torch.autograd.Function):
     """x (N, H), slot (N, k) -> slots (S, H): slots[slot[n, j]] = x[n]; slot S = dropped (a trash
-    row, cut off); slots no token fills stay zero. Backward: grad_x[n] = sum_j grad[slot[n, j]]."""
+    row, cut off); slots no token fills stay zero. Backward: grad_x[n] = sum_j grad[slot[n, j]]
+    over the kept assignments (a clamped gather, dropped rows zeroed: no copy of grad)."""
 
     @staticmethod
     def forward(ctx, x, slot, num_slots, has_dropped):
@@ -277,50 +278,54 @@ class _ScatterToSlots(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (slot,) = ctx.saved_tensors
-        if ctx.has_dropped:  # the trash row's gradient is zero
-            grad = torch.cat([grad, grad.new_zeros(1, grad.size(-1))])
-        grad_x = grad.index_select(0, slot[:, 0])
-        for j in range(1, slot.size(1)):
-            grad_x += grad.index_select(0, slot[:, j])
+        num_slots = ctx.num_slots
+        if num_slots == 0:  # every assignment dropped
+            return grad.new_zeros(slot.size(0), grad.size(-1)), None, None, None
+        grad_x = None
+        for j in range(slot.size(1)):
+            rows = grad.index_select(0, slot[:, j].clamp(max=num_slots - 1))
+            if ctx.has_dropped:
+                rows.masked_fill_(slot[:, j : j + 1] >= num_slots, 0)
+            grad_x = rows if grad_x is None else grad_x.add_(rows)
         return grad_x, None, None, None
 
 
 class _GatherFromSlots(torch.autograd.Function):
     """out (S, H), weight (N, k) or None (= 1), slot (N, k) -> y (N, H),
-    y[n] = sum_j weight[n, j] out[slot[n, j]], where slot S (dropped) reads zero.
+    y[n] = sum_j weight[n, j] out[slot[n, j]], where slot S (dropped) contributes zero.
 
-    Backward: grad_out[slot[n, j]] = weight[n, j] grad_y[n] (slots are distinct, so a copy, not
+    A dropped assignment gathers a clamped slot with scale 0 (no zero row appended to out).
+    Backward: grad_out[slot[n, j]] = scale[n, j] grad_y[n] (slots are distinct, so a copy, not
     an add; padding slots get zero); grad_weight[n, j] = <grad_y[n], out[slot[n, j]]>, 0 if dropped."""
 
     @staticmethod
     def forward(ctx, out, weight, slot, has_dropped):
         num_slots, k = out.size(0), slot.size(1)
-        ctx.save_for_backward(out, weight, slot)
-        ctx.has_dropped = has_dropped
-        source = torch.cat([out, out.new_zeros(1, out.size(-1))]) if has_dropped else out  # (S [+ 1], H)
-        ctx.num_slots = num_slots
+        kept = slot < num_slots  # (N, k)
+        scale = kept.to(torch.float32) if weight is None else weight * kept  # (N, k), 0 where dropped
+        index = slot.clamp(max=max(num_slots - 1, 0))
+        source = out if num_slots else out.new_zeros(1, out.size(-1))
+        ctx.save_for_backward(source, weight, slot, index, scale, kept)
+        ctx.num_slots, ctx.has_dropped = num_slots, has_dropped
         y = None
-        for j in range(k):
-            picked = source.index_select(0, slot[:, j])  # (N, H)
-            if weight is not None:
-                picked.mul_(weight[:, j : j + 1].to(picked.dtype))
+        for j in range(k):  # (a non-finite expert output at a clamped slot reaches a dropped token too)
+            picked = source.index_select(0, index[:, j]).mul_(scale[:, j : j + 1].to(out.dtype))  # (N, H)
             y = picked if y is None else y.add_(picked)
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        out, weight, slot = ctx.saved_tensors
+        source, weight, slot, index, scale, kept = ctx.saved_tensors
         num_slots, k = ctx.num_slots, slot.size(1)
         grad_out = grad_weight = None
         if ctx.needs_input_grad[0]:
             grad_out = grad.new_zeros(num_slots + ctx.has_dropped, grad.size(-1))
-            for j in range(k):
-                rows = grad if weight is None else grad * weight[:, j : j + 1].to(grad.dtype)
-                grad_out.index_copy_(0, slot[:, j], rows)
+            for j in range(k):  # dropped assignments land in the trash row (scale 0), cut off
+                grad_out.index_copy_(0, slot[:, j], grad * scale[:, j : j + 1].to(grad.dtype))
             grad_out = grad_out[:num_slots]
         if weight is not None and ctx.needs_input_grad[1]:
-            source = torch.cat([out, out.new_zeros(1, out.size(-1))]) if ctx.has_dropped else out
             grad_weight = torch.stack(
-                [(grad * source.index_select(0, slot[:, j]).to(grad.dtype)).sum(-1) for j in range(k)], dim=1
-            ).to(weight.dtype)
+                [(grad * source.index_select(0, index[:, j]).to(grad.dtype)).sum(-1) for j in range(k)], dim=1
+            )
+            grad_weight = grad_weight.masked_fill_(~kept, 0).to(weight.dtype)
         return grad_out, grad_weight, None, None
