@@ -1,7 +1,6 @@
 """The main job of README's first command, end to end on a tiny budget: corpus preparation,
 fairseq-train, fairseq-eval-lm on valid and test, results.json."""
 import json
-import math
 import subprocess
 import sys
 
@@ -10,21 +9,79 @@ import pytest
 from conftest import REPO
 
 
-def test_quickstart_runs_end_to_end(tmp_path):
-    out = subprocess.run(["fairseq-smlp-quickstart", "--minutes", "0.05", "--out-dir", str(tmp_path / "qs")],
-                         cwd=REPO, capture_output=True, text=True, timeout=900)
+QUICK_UPDATES = 30  # the reference: tests/quality_reference.json "quickstart" (python tests/test_quality.py --write-quickstart)
+
+
+def quickstart(out_dir, precision):
+    return subprocess.run(["fairseq-smlp-quickstart", "--minutes", "20", "--out-dir", str(out_dir), "--precision", precision,
+                           "--", "--max-update", str(QUICK_UPDATES)], cwd=REPO, capture_output=True, text=True, timeout=1200)
+
+
+@pytest.mark.parametrize("choice", ["auto", "the other"])
+def test_quickstart_trains_a_model_as_good_as_a_measured_run(tmp_path, choice):
+    """README's main command at a tiny fixed number of updates, in the precision auto picks on
+    this CPU and in the other one: perplexity within 15% of a measured good run's, the one
+    printed equal to results.json, eval-lm's equal to training's own validation."""
+    from fairseq_smlp.quickstart import native_bf16, summary
+    from test_quality import TOLERANCE, reference
+
+    auto = "bf16" if native_bf16() else "fp32"
+    precision = auto if choice == "auto" else {"bf16": "fp32", "fp32": "bf16"}[auto]
+    out = quickstart(tmp_path / "qs", choice if choice == "auto" else precision)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     results = json.loads((tmp_path / "qs" / "results.json").read_text())
-    assert results["arch"] == "smlp_lm_tiny" and results["params"] == 2_375_680
+    assert results["arch"] == "smlp_lm_tiny" and results["params"] == 2_375_680 and results["updates"] == QUICK_UPDATES
+    assert results["precision"] == precision
+    if choice == "auto":
+        assert f"precision: {precision} (" in out.stdout  # said why
+    good = reference()["quickstart"][precision]
     for key in ("valid_ppl", "test_ppl"):
-        assert math.isfinite(results[key]) and results[key] > 1
-    assert f"test perplexity:       {results['test_ppl']:.2f}" in out.stdout
+        assert good[key] * (1 - TOLERANCE) <= results[key] <= good[key] * (1 + TOLERANCE), (key, results[key], good[key])
+    assert abs(results["valid_ppl"] - results["best_training_valid_ppl"]) < 0.005 * results["valid_ppl"]
+    assert {"date", "commit", "machine", "torch"} <= set(results)
+    assert summary(results) in out.stdout
     assert (tmp_path / "qs" / "checkpoints" / "checkpoint_best.pt").exists()
-    # bf16 autocast exactly where the CPU has bf16 units, and said so
-    from fairseq_smlp.quickstart import native_bf16
 
-    assert results["precision"] == ("bf16" if native_bf16() else "fp32")
-    assert f"precision: {results['precision']} (" in out.stdout
+
+def test_readme_shows_the_committed_quickstart_results():
+    """README's expected output is the committed measurements' (python benchmarks/readme_quickstart.py
+    writes it), never typed by hand."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import readme_quickstart
+
+    for precision in ("bf16", "fp32"):
+        assert readme_quickstart.results(precision)["precision"] == precision
+    readme = (REPO / "README.md").read_text()
+    assert readme_quickstart.readme_block(readme) == readme_quickstart.block()
+
+
+def test_a_quickstart_whose_checkpoint_disagrees_with_training_stops(capsys):
+    from fairseq_smlp import quickstart
+
+    quickstart.check_agreement(125.3, 125.0)
+    with pytest.raises(SystemExit) as e:
+        quickstart.check_agreement(1520.0, 401.89)
+    assert "scores checkpoint_best.pt at validation perplexity 1520.00, but training validated it at 401.89" in str(e.value.code)
+
+
+def test_training_validations_are_read_from_fairseqs_log():
+    from fairseq_smlp import quickstart
+
+    log = ("epoch 001 | valid on 'valid' subset | loss 8.65 | nll_loss 8.65 | ppl 401.89 | wps 1 | wpb 2 | bsz 3 | "
+           "num_updates 200\n"  # fairseq's first validation: no best yet
+           "epoch 002 | valid on 'valid' subset | loss 8.7 | nll_loss 8.7 | ppl 415.9 | wps 1 | wpb 2 | bsz 3 | "
+           "num_updates 400 | best_loss 8.65\n")
+    found = quickstart.training_validations(log)
+    assert [(u, p) for u, p, _ in found] == [(200, 401.89), (400, 415.9)]
+    assert found[-1][2] == pytest.approx(2 ** 8.65)
+
+
+def test_a_truncated_run_record_is_named(tmp_path):
+    out = tmp_path / "qs"
+    out.mkdir()
+    (out / "run.json").write_text('{"arch": "smlp')
+    message = quickstart_exit(["--out-dir", str(out)])
+    assert message.startswith(f"fairseq-smlp-quickstart: error: {out / 'run.json'} is not a readable run record")
 
 
 def test_precision_auto_follows_the_cpu(monkeypatch, capsys):
