@@ -24,7 +24,6 @@ import os
 import re
 from typing import Dict, List, Optional, Tuple
 
-import torch
 
 from .safe_load import load_checkpoint_file
 from ..errors import UserError

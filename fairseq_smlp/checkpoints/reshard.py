@@ -16,6 +16,7 @@ metadata, or, for a single-process checkpoint, from its model rebuilt on the met
 (tied parameters counted once, as fairseq's optimizer counts them). State that cannot be
 split (--fp16 flattened master weights) is dropped, with the exact reason.
 """
+
 import argparse
 import glob
 import os
@@ -77,13 +78,17 @@ def check_one_save(paths, states):
     if metas[0]:
         ranks = sorted(m["rank"] if m else -1 for m in metas)
         if ranks != list(range(metas[0]["world_size"])):
-            sys.exit(f"reshard: the checkpoint has {metas[0]['world_size']} rank files (ranks 0..{metas[0]['world_size'] - 1}); "
-                     f"given: " + ", ".join(f"{p} (rank {m['rank'] if m else 'none'})" for p, m in zip(paths, metas)))
+            sys.exit(
+                f"reshard: the checkpoint has {metas[0]['world_size']} rank files (ranks 0..{metas[0]['world_size'] - 1}); "
+                f"given: " + ", ".join(f"{p} (rank {m['rank'] if m else 'none'})" for p, m in zip(paths, metas))
+            )
     updates = [update_of(s) for s in states]
     if len(set(updates)) > 1:
-        sys.exit("reshard: the rank files were saved at different updates (a run killed between the ranks' saves?): "
-                 + ", ".join(f"{p}: update {u}" for p, u in zip(paths, updates))
-                 + ". Pass the rank files of one save, e.g. checkpoint_<epoch>_<update>-rank-R.pt of an update every rank wrote")
+        sys.exit(
+            "reshard: the rank files were saved at different updates (a run killed between the ranks' saves?): "
+            + ", ".join(f"{p}: update {u}" for p, u in zip(paths, updates))
+            + ". Pass the rank files of one save, e.g. checkpoint_<epoch>_<update>-rank-R.pt of an update every rank wrote"
+        )
 
 
 def reshard_model(states, n, experts):
@@ -99,8 +104,10 @@ def reshard_model(states, n, experts):
         for r in range(n):
             out[r][key] = value
     if differing:
-        print(f"reshard: warning: {len(differing)} shared tensor(s) differ between ranks (first: {differing[0]}); taking "
-              "rank 0's. Shared parameters stay equal under --ddp-backend legacy_ddp; this run did not keep them so")
+        print(
+            f"reshard: warning: {len(differing)} shared tensor(s) differ between ranks (first: {differing[0]}); taking "
+            "rank 0's. Shared parameters stay equal under --ddp-backend legacy_ddp; this run did not keep them so"
+        )
     return out
 
 
@@ -135,8 +142,10 @@ def why_not_per_parameter(optim, names):
             return f"it has {len(groups)} parameter groups (one expected)"
         count = len(groups[0]["params"])
         if count == 1 and len(names) > 1:
-            return ("it holds one flattened fp32 vector for all parameters (--fp16/--bf16 master weights without "
-                    "--fp16-no-flatten-grads), which cannot be split by expert")
+            return (
+                "it holds one flattened fp32 vector for all parameters (--fp16/--bf16 master weights without "
+                "--fp16-no-flatten-grads), which cannot be split by expert"
+            )
         if count != len(names):
             return f"it holds {count} parameters, the model {len(names)}"
     return None
@@ -151,8 +160,10 @@ def reshard_optimizer(states, n, experts):
     try:
         names = parameter_names(states[0])
     except Exception as e:  # a cfg this code cannot build (another plugin version, missing arch, ...)
-        print(f"reshard: dropping the optimizer state: the parameter order could not be recovered (rebuilding the "
-              f"model from the checkpoint's cfg failed: {type(e).__name__}: {e}); resume with --reset-optimizer")
+        print(
+            f"reshard: dropping the optimizer state: the parameter order could not be recovered (rebuilding the "
+            f"model from the checkpoint's cfg failed: {type(e).__name__}: {e}); resume with --reset-optimizer"
+        )
         return None, None
     reason = why_not_per_parameter(optim, names)
     if reason:
@@ -200,7 +211,11 @@ def output_paths(out, n):
 
 def base_layer_keys(model_state) -> set:
     """Parameters of fairseq's BaseLayer (one expert per worker) in a model state."""
-    return {k for k in model_state if BASE_SUBLAYER.match(k) or k.endswith(".expert_centroids") and k[: -len("expert_centroids")] + "expert_network.0.ff1.weight" in model_state}
+    return {
+        k
+        for k in model_state
+        if BASE_SUBLAYER.match(k) or k.endswith(".expert_centroids") and k[: -len("expert_centroids")] + "expert_network.0.ff1.weight" in model_state
+    }
 
 
 def base_layers_to_experts(models):
@@ -263,8 +278,10 @@ def reshard(paths, n, out):
     if base and n == 1:
         models[0].update(base_layers_to_experts([s["model"] for s in ranked]))
         optims = None  # parameters renamed and reshaped: the optimizer state does not follow
-        print(f"reshard: fairseq's BaseLayer of {len(states)} workers -> one layer with all {len(states)} experts "
-              "(optimizer state dropped: resume training from it with --reset-optimizer)")
+        print(
+            f"reshard: fairseq's BaseLayer of {len(states)} workers -> one layer with all {len(states)} experts "
+            "(optimizer state dropped: resume training from it with --reset-optimizer)"
+        )
     written = []
     for r, path in enumerate(output_paths(out, n)):
         state = dict(states[0])

@@ -17,6 +17,7 @@ The dense baselines `transformer_lm_*` are fairseq's `transformer_lm` with match
 The decoder returns the routing statistics of every MoE layer in extra["moe_stats"] for
 the `moe_cross_entropy` criterion.
 """
+
 from dataclasses import dataclass, field
 
 import torch
@@ -44,12 +45,13 @@ from .archs import register_archs
 @dataclass
 class MoETransformerLanguageModelConfig(TransformerLanguageModelConfig):
     moe_router: ChoiceEnum(["top1", "top2", "hash", "top1_biased", "none"]) = field(
-        default="top1", metadata={"help": "token MoE routing: top1 (Switch), top2 (GShard), hash (HASH Layers), top1_biased "
-                                  "(auxiliary-loss-free balancing, docs/routers.md), none (dense FFNs; Base Layers come from --base-layers)"}
+        default="top1",
+        metadata={
+            "help": "token MoE routing: top1 (Switch), top2 (GShard), hash (HASH Layers), top1_biased "
+            "(auxiliary-loss-free balancing, docs/routers.md), none (dense FFNs; Base Layers come from --base-layers)"
+        },
     )
-    moe_bias_update_rate: float = field(
-        default=0.001, metadata={"help": "--moe-router top1_biased: bias += rate * sign(mean load - load) after each update"}
-    )
+    moe_bias_update_rate: float = field(default=0.001, metadata={"help": "--moe-router top1_biased: bias += rate * sign(mean load - load) after each update"})
     moe_freq: int = field(default=2, metadata={"help": "every k-th layer (layers k-1, 2k-1, ...) has an MoE FFN; 0: none"})
     moe_experts: int = field(default=4, metadata={"help": "experts per MoE layer"})
     moe_expert_ffn_dim: int = field(default=0, metadata={"help": "hidden width of each expert FFN; 0: --decoder-ffn-embed-dim"})
@@ -60,12 +62,18 @@ class MoETransformerLanguageModelConfig(TransformerLanguageModelConfig):
         default=0.0, metadata={"help": "capacity factor in evaluation; <= 0 (default): no limit, so routing is per token and incremental decoding matches"}
     )
     moe_second_expert_policy: ChoiceEnum(["sampling", "all", "random"]) = field(
-        default="sampling", metadata={"help": "top2, training only: second expert sampled from the softmax, always the runner-up, or the runner-up kept with probability 2*g2/(g1+g2)"}
+        default="sampling",
+        metadata={
+            "help": "top2, training only: second expert sampled from the softmax, always the runner-up, or the runner-up kept with probability 2*g2/(g1+g2)"
+        },
     )
     moe_second_expert_queue: ChoiceEnum(["causal", "gshard"]) = field(
-        default="causal", metadata={"help": "top2 capacity queue: causal (token order, each token's first choice just before "
-                                    "its second) or gshard (all first choices before any second: in training a later token "
-                                    "can take an earlier token's slot, so the LM sees the future when tokens are dropped)"}
+        default="causal",
+        metadata={
+            "help": "top2 capacity queue: causal (token order, each token's first choice just before "
+            "its second) or gshard (all first choices before any second: in training a later token "
+            "can take an earlier token's slot, so the LM sees the future when tokens are dropped)"
+        },
     )
     moe_router_z_loss: float = field(
         default=0.0, metadata={"help": "top1/top2: router z-loss weight relative to the balance loss (added to the layer's aux loss; 0: off)"}
@@ -75,20 +83,34 @@ class MoETransformerLanguageModelConfig(TransformerLanguageModelConfig):
     )
     hash_seed: int = field(default=0, metadata={"help": "hash: seed of the random table"})
     expert_init: ChoiceEnum(["dense", "zero_output"]) = field(
-        default="dense", metadata={"help": "top1/top2/hash experts: dense (each expert starts as the dense FFN it replaces, "
-                                   "as Switch, GShard, HASH and fairseq's MoE do) or zero_output (output weight 0, "
-                                   "Base Layers' convention). Base layers always start as Base Layers do"}
+        default="dense",
+        metadata={
+            "help": "top1/top2/hash experts: dense (each expert starts as the dense FFN it replaces, "
+            "as Switch, GShard, HASH and fairseq's MoE do) or zero_output (output weight 0, "
+            "Base Layers' convention). Base layers always start as Base Layers do"
+        },
     )
     expert_dropout: float = field(
-        default=0.0, metadata={"help": "dropout on the hidden activations inside every expert (top1/top2/hash experts "
-                                 "and the Base layer's experts; Switch's 'expert dropout')"}
+        default=0.0,
+        metadata={
+            "help": "dropout on the hidden activations inside every expert (top1/top2/hash experts and the Base layer's experts; Switch's 'expert dropout')"
+        },
     )
     base_experts: int = field(
-        default=0, metadata={"help": "experts of each Base layer. In one process: all of them in the process "
-                                 "(BaseExpertsLayer); with W workers: fairseq's BaseLayer, one expert per worker, "
-                                 "so it must be W. 0: one per worker (one process: a single expert)"}
+        default=0,
+        metadata={
+            "help": "experts of each Base layer. In one process: all of them in the process "
+            "(BaseExpertsLayer); with W workers: fairseq's BaseLayer, one expert per worker, "
+            "so it must be W. 0: one per worker (one process: a single expert)"
+        },
     )
-    moe_compile: bool = field(default=False, metadata={"help": "torch.compile the MoE hot paths (experts' batched forward, partial-prediction sMoE mixing); off by default, eager with one log line where the compiler cannot run"})
+    moe_compile: bool = field(
+        default=False,
+        metadata={
+            "help": "torch.compile the MoE hot paths (experts' batched forward, partial-prediction sMoE mixing); "
+            "off by default, eager with one log line where the compiler cannot run"
+        },
+    )
 
 
 def is_moe_layer(index: int, moe_freq: int) -> bool:
@@ -133,16 +155,25 @@ def build_moe_ffn(args, dictionary) -> MoEFeedForward:
     if router == "hash":
         balanced = str(args.hash_type) == "balanced"
         table = balanced_hash_table(dictionary.count, num_experts) if balanced else random_hash_table(len(dictionary), num_experts, args.hash_seed)
-    return MoEFeedForward(MoEArgs(
-        router, num_experts, args.decoder_embed_dim, args.moe_expert_ffn_dim or args.decoder_ffn_embed_dim,
-        expert_norm=False,  # the layer's own final_layer_norm already normalises the FFN input
-        activation=activation, train_capacity_factor=args.moe_train_capacity_factor,
-        eval_capacity_factor=args.moe_eval_capacity_factor, z_loss_weight=args.moe_router_z_loss,
-        second_expert_policy=str(args.moe_second_expert_policy), hash_table=table,
-        second_expert_queue=str(getattr(args, "moe_second_expert_queue", "causal")),
-        expert_init=str(args.expert_init), expert_dropout=args.expert_dropout or 0.0,
-        bias_update_rate=getattr(args, "moe_bias_update_rate", 0.001),
-    ))
+    return MoEFeedForward(
+        MoEArgs(
+            router,
+            num_experts,
+            args.decoder_embed_dim,
+            args.moe_expert_ffn_dim or args.decoder_ffn_embed_dim,
+            expert_norm=False,  # the layer's own final_layer_norm already normalises the FFN input
+            activation=activation,
+            train_capacity_factor=args.moe_train_capacity_factor,
+            eval_capacity_factor=args.moe_eval_capacity_factor,
+            z_loss_weight=args.moe_router_z_loss,
+            second_expert_policy=str(args.moe_second_expert_policy),
+            hash_table=table,
+            second_expert_queue=str(getattr(args, "moe_second_expert_queue", "causal")),
+            expert_init=str(args.expert_init),
+            expert_dropout=args.expert_dropout or 0.0,
+            bias_update_rate=getattr(args, "moe_bias_update_rate", 0.001),
+        )
+    )
 
 
 class MoETransformerDecoderLayer(TransformerDecoderLayerBase):
@@ -267,8 +298,12 @@ def _register(model: str, family: str, doc: str, **family_defaults):
     sizes = {}
     for size, (embed_dim, heads, layers, ffn_dim, experts) in SIZES.items():
         defaults = dict(
-            decoder_embed_dim=embed_dim, decoder_input_dim=embed_dim, decoder_output_dim=embed_dim,
-            decoder_attention_heads=heads, decoder_layers=layers, decoder_ffn_embed_dim=ffn_dim,
+            decoder_embed_dim=embed_dim,
+            decoder_input_dim=embed_dim,
+            decoder_output_dim=embed_dim,
+            decoder_attention_heads=heads,
+            decoder_layers=layers,
+            decoder_ffn_embed_dim=ffn_dim,
             share_decoder_input_output_embed=True,
         )
         if model == "moe_transformer_lm":
@@ -290,24 +325,46 @@ _register("transformer_lm", "transformer_lm", "dense Transformer LM, FLOP-matche
 # FLOPs per token stay those of smlp_lm_9b
 SCALED = dict(decoder_ffn_embed_dim={"9b": 2048}, moe_expert_ffn_dim={"9b": 4096})
 _register(
-    "moe_transformer_lm", "switch_lm", "Switch: top-1 MoE FFN every other layer",
-    moe_router="top1", moe_freq=2, moe_train_capacity_factor=1.25, **SCALED,
+    "moe_transformer_lm",
+    "switch_lm",
+    "Switch: top-1 MoE FFN every other layer",
+    moe_router="top1",
+    moe_freq=2,
+    moe_train_capacity_factor=1.25,
+    **SCALED,
 )
 # top-2 sends each token through two experts: experts half as wide keep the FLOPs
 _register(
-    "moe_transformer_lm", "gshard_lm", "GShard: top-2 MoE FFN every other layer",
-    moe_router="top2", moe_freq=2, moe_train_capacity_factor=2.0, decoder_ffn_embed_dim={"9b": 2048}, moe_expert_ffn_dim={"tiny": 128, "base": 1152, "large": 1536, "9b": 2048},
+    "moe_transformer_lm",
+    "gshard_lm",
+    "GShard: top-2 MoE FFN every other layer",
+    moe_router="top2",
+    moe_freq=2,
+    moe_train_capacity_factor=2.0,
+    decoder_ffn_embed_dim={"9b": 2048},
+    moe_expert_ffn_dim={"tiny": 128, "base": 1152, "large": 1536, "9b": 2048},
 )
 _register(
-    "moe_transformer_lm", "hash_lm", "HASH Layers: token-id-routed MoE FFN every other layer",
-    moe_router="hash", moe_freq=2, **SCALED,
+    "moe_transformer_lm",
+    "hash_lm",
+    "HASH Layers: token-id-routed MoE FFN every other layer",
+    moe_router="hash",
+    moe_freq=2,
+    **SCALED,
 )
 # Base Layers: fairseq inserts N whole BASE layers (each S FFN sublayers of width F) into a
 # shallower Transformer; as many experts as smlp_lm_* has tMoE experts (one per worker in a
 # multi-worker run)
 _register(
-    "moe_transformer_lm", "base_lm", "Base Layers: --base-layers with --base-experts experts",
-    moe_router="none", moe_freq=0, base_layers=1, base_shuffle=1, base_experts={size: s[4] for size, s in SIZES.items()},
-    decoder_layers={"tiny": 3, "base": 10, "large": 20, "9b": 17}, base_sublayers={"tiny": 3, "base": 4, "large": 8, "9b": 18},
+    "moe_transformer_lm",
+    "base_lm",
+    "Base Layers: --base-layers with --base-experts experts",
+    moe_router="none",
+    moe_freq=0,
+    base_layers=1,
+    base_shuffle=1,
+    base_experts={size: s[4] for size, s in SIZES.items()},
+    decoder_layers={"tiny": 3, "base": 10, "large": 20, "9b": 17},
+    base_sublayers={"tiny": 3, "base": 4, "large": 8, "9b": 18},
     decoder_ffn_embed_dim={"tiny": 240, "base": 2304, "large": 3072, "9b": 4096},
 )

@@ -5,18 +5,17 @@ A stack of gMLP blocks, no attention and no position embeddings. Blocks chosen b
 mixing experts) and a tMoE (feature mixing experts, Base-layer routing) follows them.
 With no sparse block it is a dense gMLP (the `gmlp_lm_*` archs).
 """
+
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import torch
 import torch.nn as nn
-from fairseq import utils
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.models import (
     FairseqIncrementalDecoder,
     FairseqLanguageModel,
     register_model,
-    register_model_architecture,
 )
 from fairseq.models.transformer import Embedding
 from fairseq.modules import LayerNorm
@@ -40,34 +39,56 @@ class SmlpConfig(FairseqDataclass):
     sparse_every: int = field(default=2, metadata={"help": "every k-th block is sparse (blocks k-1, 2k-1, ...); 0: all dense"})
     sparse_layers: Optional[str] = field(default=None, metadata={"help": "comma-separated block indices that are sparse (overrides --sparse-every)"})
     smoe_experts: int = field(default=4, metadata={"help": "spatial experts per sparse block (must divide the chunked channels)"})
-    smoe_routing: ChoiceEnum(["deterministic", "partial"]) = field(default="deterministic", metadata={"help": "sMoE routing of channel chunks to spatial experts"})
-    smoe_chunk: ChoiceEnum(["gate", "all"]) = field(default="gate", metadata={"help": "what sMoE chunks: the gate half Z2 (gMLP-style) or all of Z (no split; Z gated by its own token mixing)"})
+    smoe_routing: ChoiceEnum(["deterministic", "partial"]) = field(
+        default="deterministic", metadata={"help": "sMoE routing of channel chunks to spatial experts"}
+    )
+    smoe_chunk: ChoiceEnum(["gate", "all"]) = field(
+        default="gate", metadata={"help": "what sMoE chunks: the gate half Z2 (gMLP-style) or all of Z (no split; Z gated by its own token mixing)"}
+    )
     partial_prefix_ratio: float = field(default=0.2, metadata={"help": "partial prediction: share of the positions the router reads; the loss covers the rest"})
-    partial_balance: ChoiceEnum(["assignment", "aux_loss"]) = field(default="assignment", metadata={"help": "partial prediction: balanced assignment, or first choice + Switch auxiliary loss"})
+    partial_balance: ChoiceEnum(["assignment", "aux_loss"]) = field(
+        default="assignment", metadata={"help": "partial prediction: balanced assignment, or first choice + Switch auxiliary loss"}
+    )
     tmoe_experts: int = field(default=4, metadata={"help": "feature-mixing (tMoE) experts per sparse block"})
     tmoe_router: ChoiceEnum(["base", "top1", "top1_biased"]) = field(
-        default="base", metadata={"help": "tMoE routing: base (the paper's: Base Layers' balanced assignment in training, "
-                                  "greedy at evaluation, output mixed by sigmoid(x . c_e)), top1 (Switch: softmax gate, "
-                                  "capacity factor 1.25 in training filled position by position, none at evaluation, "
-                                  "auxiliary loss weighted by --moe-aux-loss-weight) or top1_biased (auxiliary-loss-free "
-                                  "balancing: top-1 of sigmoid score + a per-expert bias nudged after each update, same "
-                                  "routing in training and evaluation, nothing dropped); see docs/routers.md"}
+        default="base",
+        metadata={
+            "help": "tMoE routing: base (the paper's: Base Layers' balanced assignment in training, "
+            "greedy at evaluation, output mixed by sigmoid(x . c_e)), top1 (Switch: softmax gate, "
+            "capacity factor 1.25 in training filled position by position, none at evaluation, "
+            "auxiliary loss weighted by --moe-aux-loss-weight) or top1_biased (auxiliary-loss-free "
+            "balancing: top-1 of sigmoid score + a per-expert bias nudged after each update, same "
+            "routing in training and evaluation, nothing dropped); see docs/routers.md"
+        },
     )
-    tmoe_bias_update_rate: float = field(
-        default=0.001, metadata={"help": "--tmoe-router top1_biased: bias += rate * sign(mean load - load) after each update"}
-    )
+    tmoe_bias_update_rate: float = field(default=0.001, metadata={"help": "--tmoe-router top1_biased: bias += rate * sign(mean load - load) after each update"})
     tmoe_ffn_embed_dim: int = field(default=2048, metadata={"help": "hidden width of each tMoE expert FFN"})
     expert_init: ChoiceEnum(["dense", "zero_output"]) = field(
-        default="dense", metadata={"help": "tMoE experts: dense (start as a dense FFN: nn.Linear's init, as the Transformer "
-                                   "MoE baselines' experts) or zero_output (output weight 0: the tMoE adds nothing at first)"}
+        default="dense",
+        metadata={
+            "help": "tMoE experts: dense (start as a dense FFN: nn.Linear's init, as the Transformer "
+            "MoE baselines' experts) or zero_output (output weight 0: the tMoE adds nothing at first)"
+        },
     )
     expert_dropout: float = field(default=0.0, metadata={"help": "dropout on the hidden activations inside every tMoE expert"})
     balanced_assignment: ChoiceEnum(["torch", "libbase"]) = field(
-        default="torch", metadata={"help": "solver of the balanced assignments (tMoE training, --partial-balance assignment): "
-                                   "torch (vectorised dual prices, exact optimum when prices converge) or fairseq's compiled libbase auction"}
+        default="torch",
+        metadata={
+            "help": "solver of the balanced assignments (tMoE training, --partial-balance assignment): "
+            "torch (vectorised dual prices, exact optimum when prices converge) or fairseq's compiled libbase auction"
+        },
     )
-    smoe_expert_parallel: bool = field(default=False, metadata={"help": "shard the sMoE spatial experts over the data-parallel workers (deterministic routing; default: replicated on every worker)"})
-    moe_compile: bool = field(default=False, metadata={"help": "torch.compile the MoE hot paths (experts' batched forward, partial-prediction sMoE mixing); off by default, eager with one log line where the compiler cannot run"})
+    smoe_expert_parallel: bool = field(
+        default=False,
+        metadata={"help": "shard the sMoE spatial experts over the data-parallel workers (deterministic routing; default: replicated on every worker)"},
+    )
+    moe_compile: bool = field(
+        default=False,
+        metadata={
+            "help": "torch.compile the MoE hot paths (experts' batched forward, partial-prediction sMoE mixing); "
+            "off by default, eager with one log line where the compiler cannot run"
+        },
+    )
     spatial_init_eps: float = field(default=1e-3, metadata={"help": "spatial matrices start uniform in +-eps/T_max (bias 1)"})
     dropout: float = field(default=0.1, metadata={"help": "dropout on embeddings and block outputs"})
     share_decoder_input_output_embed: bool = field(default=True, metadata={"help": "tie input and output embeddings"})
@@ -122,15 +143,13 @@ class SmlpDecoder(FairseqIncrementalDecoder):
         self.embed_tokens = embed_tokens
         self.dropout = nn.Dropout(cfg.dropout)
         sparse = set(sparse_block_indices(cfg))
-        self.layers = nn.ModuleList(
-            build_sparse_block(cfg) if i in sparse else build_dense_block(cfg) for i in range(cfg.decoder_layers)
-        )
+        self.layers = nn.ModuleList(build_sparse_block(cfg) if i in sparse else build_dense_block(cfg) for i in range(cfg.decoder_layers))
         self.final_norm = LayerNorm(cfg.decoder_embed_dim)
         self.output_projection = nn.Linear(cfg.decoder_embed_dim, len(dictionary), bias=False)
         if cfg.share_decoder_input_output_embed:
             self.output_projection.weight = embed_tokens.weight
         else:
-            nn.init.normal_(self.output_projection.weight, std=cfg.decoder_embed_dim ** -0.5)
+            nn.init.normal_(self.output_projection.weight, std=cfg.decoder_embed_dim**-0.5)
         name_routers(self)  # routers label their statistics with their place
         # positions before score_from were read by a partial-prediction router: not scored
         self.score_from = max((m.prefix_length for m in self.modules() if isinstance(m, SpatialGatingUnit)), default=0)
@@ -193,17 +212,29 @@ def build_sparse_block(cfg) -> SparseBlock:
     check_expert_count(cfg.smoe_experts, "--smoe-experts")
     check_expert_count(cfg.tmoe_experts, "--tmoe-experts")
     split_gate = cfg.smoe_chunk == "gate"
-    gate = SpatialGatingUnit(SpatialGateArgs(
-        channels=cfg.decoder_ffn_embed_dim // 2 if split_gate else cfg.decoder_ffn_embed_dim,
-        max_positions=cfg.max_target_positions, num_experts=cfg.smoe_experts, routing=str(cfg.smoe_routing),
-        prefix_ratio=cfg.partial_prefix_ratio, balance=str(cfg.partial_balance), solver=str(cfg.balanced_assignment),
-        init_eps=cfg.spatial_init_eps, expert_parallel=cfg.smoe_expert_parallel,
-    ))
+    gate = SpatialGatingUnit(
+        SpatialGateArgs(
+            channels=cfg.decoder_ffn_embed_dim // 2 if split_gate else cfg.decoder_ffn_embed_dim,
+            max_positions=cfg.max_target_positions,
+            num_experts=cfg.smoe_experts,
+            routing=str(cfg.smoe_routing),
+            prefix_ratio=cfg.partial_prefix_ratio,
+            balance=str(cfg.partial_balance),
+            solver=str(cfg.balanced_assignment),
+            init_eps=cfg.spatial_init_eps,
+            expert_parallel=cfg.smoe_expert_parallel,
+        )
+    )
     token_mixing = GatedMLPBlock(cfg.decoder_embed_dim, cfg.decoder_ffn_embed_dim, gate, split_gate, cfg.dropout)
     router = str(getattr(cfg, "tmoe_router", "base"))
     tmoe = MoEArgs(
-        router, cfg.tmoe_experts, cfg.decoder_embed_dim, cfg.tmoe_ffn_embed_dim, solver=str(cfg.balanced_assignment),
-        expert_init=str(cfg.expert_init), expert_dropout=cfg.expert_dropout,
+        router,
+        cfg.tmoe_experts,
+        cfg.decoder_embed_dim,
+        cfg.tmoe_ffn_embed_dim,
+        solver=str(cfg.balanced_assignment),
+        expert_init=str(cfg.expert_init),
+        expert_dropout=cfg.expert_dropout,
         bias_update_rate=getattr(cfg, "tmoe_bias_update_rate", 0.001),
     )
     # base: the paper's routing, bit-for-bit (its training assignment sees the whole batch anyway)
@@ -232,14 +263,24 @@ SIZES = {
     "large": dict(decoder_embed_dim=1024, decoder_ffn_embed_dim=4096, decoder_layers=24, smoe_experts=32, tmoe_experts=32, tmoe_ffn_embed_dim=4096),
     # the paper's scaled deterministic sMLP, about 9.4B parameters at 1,024 tokens and a 51k
     # vocabulary: 64 tMoE experts, one per GPU of a 64-GPU run
-    "9b": dict(decoder_embed_dim=1024, decoder_ffn_embed_dim=4096, decoder_layers=32, smoe_experts=32, tmoe_experts=64, tmoe_ffn_embed_dim=4096, smoe_routing="deterministic"),
+    "9b": dict(
+        decoder_embed_dim=1024,
+        decoder_ffn_embed_dim=4096,
+        decoder_layers=32,
+        smoe_experts=32,
+        tmoe_experts=64,
+        tmoe_ffn_embed_dim=4096,
+        smoe_routing="deterministic",
+    ),
 }
 
 
 def _describe(d: dict) -> str:
     sparse = d["decoder_layers"] // 2
-    return (f"{d['decoder_layers']} blocks of width {d['decoder_embed_dim']} (FFN {d['decoder_ffn_embed_dim']}), {sparse} sparse "
-            f"with {d['smoe_experts']} spatial and {d['tmoe_experts']} feature experts")
+    return (
+        f"{d['decoder_layers']} blocks of width {d['decoder_embed_dim']} (FFN {d['decoder_ffn_embed_dim']}), {sparse} sparse "
+        f"with {d['smoe_experts']} spatial and {d['tmoe_experts']} feature experts"
+    )
 
 
 register_archs("smlp_lm", "smlp_lm", {size: dict(d, sparse_every=2) for size, d in SIZES.items()}, describe=_describe)

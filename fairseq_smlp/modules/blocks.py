@@ -1,5 +1,5 @@
 """The two blocks of sMLP: a dense gMLP block, and a sparse block (sMoE + tMoE)."""
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 import torch.nn as nn
 import torch.nn.functional as F
