@@ -44,6 +44,10 @@ class SpatialGatingUnit(nn.Module):
     mixed by its own spatial matrix, assigned deterministically or by a PrefixChannelRouter.
     """
 
+    def compile_targets(self) -> list:
+        """What --moe-compile compiles (moe/compile.py): the routed mixing of a partial sMoE."""
+        return ["mix_routed"] if self.router is not None else []
+
     def __init__(self, args: SpatialGateArgs):
         super().__init__()
         if args.channels % args.num_experts != 0:

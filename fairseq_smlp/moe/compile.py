@@ -54,20 +54,15 @@ class CompiledOrEager:
 
 
 def compile_moe(model: nn.Module) -> int:
-    """Compile the hot paths of every MoE module in `model` (--moe-compile). Returns how
-    many functions were wrapped (0 where the compiler is missing: then eager, one log line)."""
-    from ..modules.spatial_gating import SpatialGatingUnit
-    from .experts import ExpertFFN
-
+    """Compile the hot paths of every module in `model` that opts in with a
+    `compile_targets()` method naming them (--moe-compile). Returns how many functions were
+    wrapped (0 where the compiler is missing: then eager, one log line)."""
     if not compiler_available():
         _fall_back("setup", RuntimeError("no torch.compile or no C++ compiler on PATH"))
         return 0
     wrapped = 0
     for name, module in model.named_modules():
-        if isinstance(module, ExpertFFN):
-            module.forward = CompiledOrEager(module.forward, f"{name}.forward")
-            wrapped += 1
-        elif isinstance(module, SpatialGatingUnit) and module.router is not None:
-            module.mix_routed = CompiledOrEager(module.mix_routed, f"{name}.mix_routed")
+        for method in getattr(module, "compile_targets", lambda: [])():
+            setattr(module, method, CompiledOrEager(getattr(module, method), f"{name}.{method}"))
             wrapped += 1
     return wrapped

@@ -30,6 +30,10 @@ class ExpertFFN(nn.Module):
 
     INITS = ("dense", "zero_output")
 
+    def compile_targets(self) -> list:
+        """What --moe-compile compiles (moe/compile.py): the batched expert forward."""
+        return ["forward"]
+
     def __init__(
         self, num_experts: int, embed_dim: int, ffn_dim: int, pre_norm: bool = True, activation: str = "gelu",
         init: str = "dense", dropout: float = 0.0,
