@@ -12,10 +12,12 @@ from fairseq_smlp.atomic_write import atomic_write_text
 
 
 def run_metadata(script: str, argv=None, device: str = "cpu") -> dict:
-    """The command that produced the figures, and the machine (or GPU) it ran on."""
+    """The command that produced the figures (`python -m benchmarks.SCRIPT ARGS`; SCRIPT with or
+    without .py), and the machine (or GPU) it ran on."""
     args = argv if argv is not None else sys.argv[1:]
+    module = script[:-3] if script.endswith(".py") else script
     return {
-        "command": " ".join([f"python benchmarks/{script}", *map(shlex.quote, args)]),
+        "command": " ".join([f"python -m benchmarks.{module}", *map(shlex.quote, args)]),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "machine": torch.cuda.get_device_name() if device == "cuda" else f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
         "torch": torch.__version__,

@@ -1,6 +1,6 @@
 """Share of the training step spent in the expert all-to-all, 2 CPU workers (gloo).
 
-    python benchmarks/alltoall_overhead.py [--steps 10] [--batch 8] [--length 128] [--smoe-sharded]
+    python -m benchmarks.alltoall_overhead [--steps 10] [--batch 8] [--length 128] [--smoe-sharded]
 
 Each worker trains smlp_lm_tiny-sized sMLP (4 blocks, H=128, 2 sparse blocks with 4 tMoE
 experts sharded 2 per worker) on random tokens: forward, backward, legacy_ddp gradient
@@ -12,7 +12,6 @@ import argparse
 import json
 import os
 import socket
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,7 +22,6 @@ import torch.multiprocessing as mp
 from fairseq_smlp.atomic_write import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 
 def build_model(length: int, smoe_sharded: bool = False, vocab: int = 1000):
@@ -82,7 +80,7 @@ def worker(rank, port, args, out_path):
 
 
 def main():
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.alltoall_overhead")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batch", type=int, default=8)

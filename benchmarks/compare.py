@@ -1,6 +1,6 @@
 """Quality per compute: every model family trained for the same wall-clock, side by side.
 
-    python benchmarks/compare.py [--minutes 5] [--threads 1] [--models smlp smlp_partial switch ...]
+    python -m benchmarks.compare [--minutes 5] [--threads 1] [--models smlp smlp_partial switch ...]
         [--corpus wikitext-2 | wikitext-2+books-mix | --data-bin DIR] [--precision fp32|bf16]
         [--experts E] [--max-epochs N] [--out benchmarks/results/compare] [-- fairseq-train options]
 
@@ -36,17 +36,15 @@ import json
 import logging
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from _results import run_metadata  # noqa: E402  (benchmarks/, the script's folder)
+from benchmarks._results import run_metadata
 from fairseq_smlp.atomic_write import atomic_write_text
+
+REPO = Path(__file__).resolve().parents[1]
 
 # name -> (arch, extra fairseq args)
 MODELS = {
@@ -349,7 +347,7 @@ def write_plots(out: Path, result: dict) -> None:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.compare", description=__doc__.split("\n\n")[0])
     p.add_argument("--minutes", type=float, default=5.0, help="training wall-clock per model")
     p.add_argument("--points", type=int, default=6, help="validation points (round-robin slices) per model")
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))

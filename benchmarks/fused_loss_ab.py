@@ -1,6 +1,6 @@
 """Fused vs unfused output loss (criterions/fused_output_loss.py), A/B in one process.
 
-    python benchmarks/fused_loss_ab.py [--archs smlp_lm_tiny transformer_lm_tiny] [--rounds 7] [--threads N]
+    python -m benchmarks.fused_loss_ab [--archs smlp_lm_tiny transformer_lm_tiny] [--rounds 7] [--threads N]
 
 Each round times a few training steps (forward, backward, Adam) with the fused and then the
 unfused criterion on the same model and batches; the ratio of the median step times is
@@ -8,20 +8,17 @@ reported, so that machine drift cancels. Writes benchmarks/results/fused_loss_ab
 """
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from _results import run_metadata, write_results  # noqa: E402  (benchmarks/, the script's folder)
-from fairseq_smlp.criterions.moe_cross_entropy import MoECrossEntropyCriterion  # noqa: E402
-from fairseq_smlp.flops import build_model, dummy_task  # noqa: E402
+from benchmarks._results import run_metadata, write_results
+from fairseq_smlp.criterions.moe_cross_entropy import MoECrossEntropyCriterion
+from fairseq_smlp.flops import build_model, dummy_task
 from fairseq_smlp.atomic_write import atomic_write_text
 
+REPO = Path(__file__).resolve().parents[1]
 
 def step_seconds(model, criterion, optimizer, batches) -> float:
     start = time.perf_counter()
@@ -70,7 +67,7 @@ def write_markdown(path: Path, r: dict) -> None:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.fused_loss_ab", description=__doc__.split("\n\n")[0])
     p.add_argument("--archs", nargs="+", default=["smlp_lm_tiny", "transformer_lm_tiny"])
     p.add_argument("--vocab", type=int, default=8000)
     p.add_argument("--max-tokens", type=int, default=4096)

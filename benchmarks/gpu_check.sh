@@ -23,12 +23,12 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python3 -c "import torch, fairseq, fairseq_smlp; print('torch', torch.__version__, 'fairseq', fairseq.__version__)" | tee -a "$OUT/gpu.txt"
 
 # 2. throughput of every family at base size, 1,024-token blocks, 16k tokens per update
-python3 benchmarks/throughput_baselines.py --device cuda --dtype bf16 --vocab 51200 \
+python3 -m benchmarks.throughput_baselines --device cuda --dtype bf16 --vocab 51200 \
   --tokens-per-sample 1024 --max-tokens 16384 --steps 10 --warmup 3 \
   --archs smlp_lm_base gmlp_lm_base transformer_lm_base switch_lm_base gshard_lm_base hash_lm_base \
   --out "$OUT/throughput_base_bf16" 2>&1 | grep -v -i warn || true
 # Base Layers apart: fairseq's BaseLayer needs libbase, compiled against another torch there
-python3 benchmarks/throughput_baselines.py --device cuda --dtype bf16 --vocab 51200 \
+python3 -m benchmarks.throughput_baselines --device cuda --dtype bf16 --vocab 51200 \
   --tokens-per-sample 1024 --max-tokens 16384 --steps 10 --warmup 3 --archs base_lm_base \
   --out "$OUT/throughput_base_bf16_baselayers" 2>&1 | grep -v -i warn | tail -3 || true
 

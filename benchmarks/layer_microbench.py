@@ -1,6 +1,6 @@
 """Forward + backward time of each MoE layer against the dense layer of the same active FLOPs.
 
-    python benchmarks/layer_microbench.py [--experts 2 4 8 16] [--batch 32] [--seq-len 128]
+    python -m benchmarks.layer_microbench [--experts 2 4 8 16] [--batch 32] [--seq-len 128]
         [--embed-dim 128] [--ffn-dim 256] [--extra-sizes 512x1024] [--dtypes fp32 bf16]
         [--repeats 15] [--threads N] [--clock wall|cpu] [--path auto|static|grouped] [--compare-paths]
 
@@ -36,23 +36,21 @@ benchmarks/results/layer_microbench.{json,md}.
 import argparse
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from _results import run_metadata, write_results  # noqa: E402  (benchmarks/, the script's folder)
-from fairseq_smlp.modules.spatial_gating import SpatialGateArgs, SpatialGatingUnit  # noqa: E402
-from fairseq_smlp.moe.dispatch import PATHS, dispatch_path, set_dispatch_path  # noqa: E402
-from fairseq_smlp.moe.experts import ExpertFFN  # noqa: E402
-from fairseq_smlp.moe.router import random_hash_table  # noqa: E402
-from fairseq_smlp.moe.token_moe import MoEArgs, TokenMoE  # noqa: E402
+from benchmarks._results import run_metadata, write_results
+from fairseq_smlp.modules.spatial_gating import SpatialGateArgs, SpatialGatingUnit
+from fairseq_smlp.moe.dispatch import PATHS, dispatch_path, set_dispatch_path
+from fairseq_smlp.moe.experts import ExpertFFN
+from fairseq_smlp.moe.router import random_hash_table
+from fairseq_smlp.moe.token_moe import MoEArgs, TokenMoE
 from fairseq_smlp.atomic_write import atomic_write_text
+
+REPO = Path(__file__).resolve().parents[1]
 
 VOCAB = 8000
 
@@ -249,7 +247,7 @@ def _default_path() -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.layer_microbench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--experts", type=int, nargs="+", default=[2, 4, 8, 16])
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=128)

@@ -1,7 +1,7 @@
 """One Adam step on the CPU: fairseq's Adam (`--use-old-adam`) against torch's fused AdamW, which
 the plugin gives fp32 CPU runs (fairseq_patches._patch_cpu_adam), on the tiny models' parameters.
 
-    python benchmarks/optimizer_ab.py [--threads 1] [--steps 30] [--rounds 5] [--out benchmarks/results/optimizer_ab]
+    python -m benchmarks.optimizer_ab [--threads 1] [--steps 30] [--rounds 5] [--out benchmarks/results/optimizer_ab]
 
 Both optimizers are built by fairseq's `build_optimizer` from the same `--optimizer adam` flags as
 the study's runs, over the real parameters of each model (random gradients). Rounds alternate the
@@ -10,18 +10,16 @@ Results: OUT.json and OUT.md.
 """
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from _results import run_metadata, write_results  # noqa: E402  (benchmarks/, the script's folder)
-from fairseq_smlp.flops import build_model  # noqa: E402
+from benchmarks._results import run_metadata, write_results
+from fairseq_smlp.flops import build_model
 from fairseq_smlp.atomic_write import atomic_write_text
+
+REPO = Path(__file__).resolve().parents[1]
 
 MODELS = {  # the sparsity study's models (16 experts) and their dense counterparts
     "gmlp": ("gmlp_lm_tiny", []),
@@ -83,7 +81,7 @@ def write_markdown(path: Path, result: dict) -> None:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.optimizer_ab", description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--rounds", type=int, default=5)

@@ -1,6 +1,6 @@
 """fp32 against --bf16 training of one arch through fairseq's Trainer, in ONE run.
 
-    python benchmarks/precision_ab.py [--model smlp] [--updates 600] [--slice 25]
+    python -m benchmarks.precision_ab [--model smlp] [--updates 600] [--slice 25]
         [--threads 1] [--corpus wikitext-2 | --data-bin DIR] [-- more fairseq-train options]
 
 Two copies of the arch are built as fairseq-train builds them (same seed: same initial
@@ -17,19 +17,17 @@ Data and training options are benchmarks/compare.py's (WikiText-2, 8k sentencepi
 """
 import argparse
 import os
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from _results import run_metadata, write_results  # noqa: E402  (benchmarks/, the script's folder)
-from compare import MODELS, Run, prepare_data  # noqa: E402
-from throughput_baselines import matmul_peak_gflops  # noqa: E402
+from benchmarks._results import run_metadata, write_results
+from benchmarks.compare import MODELS, Run, prepare_data
+from benchmarks.throughput_baselines import matmul_peak_gflops
 from fairseq_smlp.atomic_write import atomic_write_text
+
+REPO = Path(__file__).resolve().parents[1]
 
 PRECISIONS = {"fp32": [], "bf16": ["--bf16"]}
 
@@ -88,7 +86,7 @@ def write_markdown(path: Path, result: dict) -> None:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.precision_ab", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smlp", choices=list(MODELS), help="a model of benchmarks/compare.py (smlp: smlp_lm_tiny)")
     p.add_argument("--updates", type=int, default=600, help="updates per precision")
     p.add_argument("--slice", type=int, default=25, help="updates per turn of the round-robin")

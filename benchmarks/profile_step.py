@@ -1,6 +1,6 @@
 """Where one training step of a tiny arch spends its time, by category (torch.profiler).
 
-    python benchmarks/profile_step.py [--arch smlp_lm_tiny] [--max-tokens 4096]
+    python -m benchmarks.profile_step [--arch smlp_lm_tiny] [--max-tokens 4096]
         [--tokens-per-sample 128] [--vocab 8000] [--steps 3] [--warmup 3] [--threads N]
         [--dtype fp32|bf16]
 
@@ -14,7 +14,6 @@ Time is the ops' self CPU time, so categories add up. Results:
 benchmarks/results/profile_step.{json,md} (--out to change).
 """
 import argparse
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -23,12 +22,11 @@ import torch
 import torch.nn as nn
 from torch.autograd.profiler import record_function
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from _results import run_metadata, write_results  # noqa: E402  (benchmarks/, the script's folder)
-from fairseq_smlp.flops import build_model, dummy_task  # noqa: E402
+from benchmarks._results import run_metadata, write_results
+from fairseq_smlp.flops import build_model, dummy_task
 from fairseq_smlp.atomic_write import atomic_write_text
+
+REPO = Path(__file__).resolve().parents[1]
 
 CATEGORIES = [
     "spatial mixing", "channel projections", "expert FFN", "routing", "dispatch",
@@ -236,7 +234,7 @@ def write_markdown(path: Path, result: dict) -> None:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.profile_step", description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", default="smlp_lm_tiny")
     parser.add_argument("--model-args", nargs=argparse.REMAINDER, default=[], help="extra fairseq model flags (last)")
     parser.add_argument("--vocab", type=int, default=8000)

@@ -2,9 +2,9 @@
 
     fairseq-smlp-quickstart --precision bf16 --out-dir runs/qs_bf16   # then copy its results.json
     fairseq-smlp-quickstart --precision fp32 --out-dir runs/qs_fp32   #   to benchmarks/results/quickstart_{bf16,fp32}.json
-    python benchmarks/readme_quickstart.py                            # fills README's quickstart block
+    python -m benchmarks.readme_quickstart                            # fills README's quickstart block
 
-tests/test_quickstart.py fails when README's block differs from what this writes.
+tests/integration/test_quickstart.py fails when README's block differs from what this writes.
 """
 import json
 import re
@@ -53,4 +53,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    import argparse
+
+    argparse.ArgumentParser(prog="python -m benchmarks.readme_quickstart", description=__doc__.split("\n\n")[0],
+                            epilog="Writes README.md's quickstart block from benchmarks/results/quickstart_{bf16,fp32}.json.").parse_args()
     main()

@@ -1,6 +1,6 @@
 """Soak: resident memory of a long fairseq-train run must stay flat.
 
-    python benchmarks/soak_memory.py [--updates 2000] [--validate-every 200] [--threads 1]
+    python -m benchmarks.soak_memory [--updates 2000] [--validate-every 200] [--threads 1]
 
 Trains smlp_lm_tiny with the real `fairseq-train` (PTB word level, via data_prep) for
 --updates updates, validating every --validate-every, and samples the training process's
@@ -26,7 +26,6 @@ from pathlib import Path
 from fairseq_smlp.atomic_write import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 
 def rss_mb(pid: int) -> float:
@@ -95,7 +94,7 @@ def soak(args) -> dict:
         if proc.returncode != 0:
             raise SystemExit(f"fairseq-train failed (exit {proc.returncode}): {shlex.join(cmd)}")
     return {
-        "command": shlex.join(["python", "benchmarks/soak_memory.py", *sys.argv[1:]]),
+        "command": shlex.join(["python", "-m", "benchmarks.soak_memory", *sys.argv[1:]]),
         "train_command": shlex.join(cmd), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "updates": args.updates, "validate_every": args.validate_every, "seconds": samples[-1]["seconds"],
         **verdict(samples, args.validate_every), "samples": samples,
@@ -142,7 +141,7 @@ def write_markdown(path: Path, r: dict) -> None:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.soak_memory", description=__doc__.split("\n\n")[0])
     p.add_argument("--updates", type=int, default=2000)
     p.add_argument("--validate-every", type=int, default=200)
     p.add_argument("--threads", type=int, default=1)

@@ -1,10 +1,10 @@
 """Where sparsity pays: each sparse family against its dense counterpart, by expert count,
 at equal FLOPs per token, on tokens the model has never trained on.
 
-    python benchmarks/sparsity.py train [--regime single-pass|repeated] [--models NAME ...]
+    python -m benchmarks.sparsity train [--regime single-pass|repeated] [--models NAME ...]
         [--precision fp32|bf16] [--lr 2e-3] [--max-train-tokens N] [--out PREFIX] [-- fairseq args]
-    python benchmarks/sparsity.py render [--out PREFIX] [--partial]
-    python benchmarks/sparsity.py list                      # the model names
+    python -m benchmarks.sparsity render [--out PREFIX] [--partial]
+    python -m benchmarks.sparsity list                      # the model names
 
 Regimes (data prepared once into runs/sparsity/, data_prep.small_corpus):
   single-pass  WikiText-2 train + books-mix train (about 4.1M whitespace tokens, one 8k
@@ -30,8 +30,9 @@ routing): load entropy (1.0 = every expert the same load), unused experts, and t
 tokens whose (first) expert changed since the previous evaluation; the training log's per-batch
 statistics (load max/min, dropped tokens, aux loss) averaged over each logging interval.
 
-Output: PREFIX.jsonl, one JSON record per line, appended as the run goes (a killed run loses at
-most the model in progress; a rerun skips every model already done):
+Output: the raw records DIR/raw/NAME.jsonl for PREFIX = DIR/NAME (records_file; the committed
+studies' are in benchmarks/results/raw/), one JSON record per line, appended as the run goes (a
+killed run loses at most the model in progress; a rerun skips every model already done):
   {"kind": "start", "model", "arch", "args", "params", "params_active", "flops_per_token", "meta"}
   {"kind": "train", "model", "tokens", "updates", "epoch", "nll", "seconds", "moe": {...}}   per interval
   {"kind": "eval",  "model", "tokens", "updates", "epoch", "valid_nll", "train_nll_epoch", "router": {...}}
@@ -50,12 +51,10 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-from _results import run_metadata  # noqa: E402
+from benchmarks._results import run_metadata
 from fairseq_smlp.atomic_write import atomic_write_text
+
+REPO = Path(__file__).resolve().parents[1]
 
 # the code this process runs: read once at start (a checkout may move while a long run goes on)
 CODE_COMMIT = os.popen(f"git -C {REPO} rev-parse --short HEAD").read().strip()
@@ -228,7 +227,7 @@ def eval_schedule(total_tokens: int, points: int):
 
 
 def train_model(name: str, data_bin: Path, args, log) -> None:
-    from compare import Run
+    from benchmarks.compare import Run
 
     arch, extra, dense, family, experts = MODELS[name]
     torch.manual_seed(args.seed)
@@ -307,6 +306,13 @@ def train_model(name: str, data_bin: Path, args, log) -> None:
 def _file(prefix: Path, suffix: str) -> Path:
     """PREFIX + suffix (not Path.with_suffix: a prefix like runs/lr_0.002 has a dot of its own)."""
     return Path(f"{prefix}{suffix}")
+
+
+def records_file(prefix: Path) -> Path:
+    """The raw records of PREFIX = DIR/NAME: DIR/raw/NAME.jsonl, next to the rendered PREFIX.json,
+    PREFIX.md and PREFIX_*.png."""
+    prefix = Path(prefix)
+    return prefix.parent / "raw" / f"{prefix.name}.jsonl"
 
 
 def read_records(path: Path):
@@ -558,10 +564,10 @@ def cut_at(models: dict, until_tokens: int, tokens_per_update: int) -> dict:
 
 
 def render(prefix: Path, partial: bool = False, until_tokens: int = 0) -> None:
-    records = read_records(_file(prefix, ".jsonl"))
+    records = read_records(records_file(prefix))
     metas = [r for r in records if r["kind"] == "meta"]
     if not metas:
-        raise SystemExit(f"{_file(prefix, '.jsonl')}: no records")
+        raise SystemExit(f"{records_file(prefix)}: no records")
     meta = {**metas[-1], "commands": list(dict.fromkeys(m["command"] for m in metas))}
     models = with_unfinished(records) if partial else by_model(records)
     if until_tokens:
@@ -576,7 +582,8 @@ def render(prefix: Path, partial: bool = False, until_tokens: int = 0) -> None:
 
 # --------------------------------------------------------------------------- main
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m benchmarks.sparsity", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("action", choices=["train", "render", "list"])
     p.add_argument("--regime", choices=list(REGIMES), default="single-pass")
     p.add_argument("--models", nargs="+", default=None, help=f"default: {' '.join(DEFAULT_MODELS)}")
@@ -609,7 +616,7 @@ def parse_args(argv=None):
     args.models = args.models or DEFAULT_MODELS
     bad = [m for m in args.models if m not in MODELS]
     if bad:
-        p.error(f"--models: unknown {bad}; `python benchmarks/sparsity.py list` shows the names")
+        p.error(f"--models: unknown {bad}; `python -m benchmarks.sparsity list` shows the names")
     args.out = Path(args.out or REPO / "benchmarks" / "results" / f"sparsity_{args.regime.replace('-', '_')}")
     return args
 
@@ -629,7 +636,7 @@ def main(argv=None):
     import fairseq_smlp  # noqa: F401
 
     data_bin = Path(args.data_bin) if args.data_bin else prepare_data(args.regime, args.vocab_size)
-    path = _file(args.out, ".jsonl")
+    path = records_file(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     drop_unfinished(path)
     done = finished_models(read_records(path))
@@ -641,7 +648,7 @@ def main(argv=None):
             print(json.dumps(record)[:300], flush=True)
 
     log({
-        "kind": "meta", **run_metadata("sparsity.py", argv), "regime": args.regime,
+        "kind": "meta", **run_metadata("sparsity", argv), "regime": args.regime,
         "data": args.data_bin or f"{REGIMES[args.regime]['corpus']}, {args.vocab_size} sentencepiece BPE", "precision": args.precision, "epochs": args.epochs, "lr": args.lr,
         "warmup": args.warmup, "dropout": args.dropout, "seed": args.seed, "tokens_per_update": args.tokens_per_update,
         "valid_blocks": args.valid_blocks, "max_train_tokens": args.max_train_tokens, "fairseq": args.fairseq,

@@ -1,6 +1,6 @@
 """Training throughput (tokens/s) of every tiny baseline and smlp_lm_tiny, in one run.
 
-    python benchmarks/throughput_baselines.py [--archs A B ...] [--vocab 8000]
+    python -m benchmarks.throughput_baselines [--archs A B ...] [--vocab 8000]
         [--tokens-per-sample 128] [--max-tokens 2048] [--steps 10] [--warmup 3] [--threads N]
         [--device cpu|cuda] [--dtype fp32|bf16] [--moe-compile-rows]
 
@@ -16,18 +16,16 @@ drifts), and the model FLOP utilisation is 3 * forward FLOPs per token * tokens/
 Results: benchmarks/results/throughput_baselines.{json,md}.
 """
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from _results import run_metadata, write_results  # noqa: E402  (benchmarks/, the script's folder)
-from fairseq_smlp.flops import build_model, count_flops, count_params, dummy_task  # noqa: E402
+from benchmarks._results import run_metadata, write_results
+from fairseq_smlp.flops import build_model, count_flops, count_params, dummy_task
 from fairseq_smlp.atomic_write import atomic_write_text
+
+REPO = Path(__file__).resolve().parents[1]
 
 ARCHS = ["smlp_lm_tiny", "gmlp_lm_tiny", "transformer_lm_tiny", "switch_lm_tiny", "gshard_lm_tiny", "hash_lm_tiny", "base_lm_tiny"]
 
@@ -130,7 +128,7 @@ def write_markdown(path: Path, result: dict) -> None:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.throughput_baselines", description=__doc__.split("\n\n")[0])
     parser.add_argument("--archs", nargs="+", default=ARCHS)
     parser.add_argument("--vocab", type=int, default=8000, help="vocabulary size (a small BPE vocabulary, as in CPU runs)")
     parser.add_argument("--tokens-per-sample", type=int, default=128)

@@ -27,7 +27,8 @@ if [ "${DRY_RUN:-0}" = 1 ]; then
   PRECISION=${USER_PRECISION:-fp32}  # bf16's first steps set up its kernels: longer than a dry run's budget
   OUT=$(mktemp -d)/compare
 fi
-cmd=(python "$REPO/benchmarks/compare.py" --minutes "$MINUTES" --points "$POINTS" --threads "$THREADS"
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"  # python -m benchmarks.NAME from any folder
+cmd=(python -m benchmarks.compare --minutes "$MINUTES" --points "$POINTS" --threads "$THREADS"
      --models "${MODEL_LIST[@]}" --corpus "$CORPUS" --precision "$PRECISION" --experts "$EXPERTS"
      --max-epochs "$MAX_EPOCHS" --valid-blocks "$VALID_BLOCKS" --out "$OUT")
 [ "$VALID_SPREAD" = 1 ] && cmd+=(--valid-spread)

@@ -1,4 +1,4 @@
-"""The MoE hot paths as they were before the speed work of issue 13: plain, obviously-right
+"""The MoE hot paths as they were before the speed work: plain, obviously-right
 compositions of torch ops, kept as the reference that the fast paths in fairseq_smlp.moe and
 fairseq_smlp.modules must equal (outputs, gradients and routing decisions).
 """

@@ -1,4 +1,4 @@
-"""fairseq's BaseLayer with several workers (issue 14, item 2): one expert per worker, so every
+"""fairseq's BaseLayer with several workers: one expert per worker, so every
 rank's checkpoint holds another expert. They are marked like sharded experts (rank files with
 the expert_parallel metadata); `reshard --to-world-size 1` turns the W rank files into one
 layer holding all W experts (moe/base_experts.py's layout) and W -> W is the identity.
@@ -12,6 +12,8 @@ import torch
 
 from conftest import REPO
 from fairseq_smlp.checkpoints.safe_load import load_checkpoint_file
+
+pytestmark = pytest.mark.slow
 
 WORKERS = 2
 ARGS = [

@@ -11,6 +11,8 @@ import torch
 
 from conftest import REPO
 
+pytestmark = pytest.mark.slow
+
 SMALL = [
     "--decoder-embed-dim", "32", "--decoder-ffn-embed-dim", "64", "--tmoe-ffn-embed-dim", "32",
     "--smoe-experts", "4", "--tmoe-experts", "2", "--tokens-per-sample", "32",

@@ -4,14 +4,11 @@ import json
 import math
 import os
 import subprocess
-import sys
 
 import pytest
 
+from benchmarks import compare
 from conftest import REPO
-
-sys.path.insert(0, str(REPO / "benchmarks"))
-import compare  # noqa: E402
 
 
 def curve(*pairs):
@@ -36,7 +33,7 @@ def fake_result():
         points[-1]["ppl_all_positions"] = points[-1]["ppl"] * 1.01
     return {
         "meta": {
-            "command": "python benchmarks/compare.py", "machine": "x", "torch": "t", "threads": 1, "load_before": 0,
+            "command": "python -m benchmarks.compare", "machine": "x", "torch": "t", "threads": 1, "load_before": 0,
             "load_after": 0, "data": "d", "minutes": 2, "points": 2, "prefix": 25, "tokens_per_update": 2048,
             "valid_blocks": 8, "out": "/tmp/compare",
         },
@@ -91,6 +88,7 @@ def test_render_writes_json_table_and_plots_from_a_result(tmp_path):
         assert (tmp_path / f"compare_ppl_vs_{suffix}.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_cpu_compare_recipe_dry_run_trains_every_model_round_robin(data_bin, tmp_path):
     env = {**os.environ, "DRY_RUN": "1", "DATA_BIN": str(data_bin), "TMPDIR": str(tmp_path)}
     out = subprocess.run(["bash", str(REPO / "recipes" / "cpu_compare.sh")], env=env, capture_output=True, text=True, timeout=600)

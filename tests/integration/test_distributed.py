@@ -20,6 +20,8 @@ import torch.multiprocessing as mp
 from conftest import REPO
 from fairseq_smlp.checkpoints.safe_load import load_checkpoint_file
 
+pytestmark = pytest.mark.slow
+
 H, F, E, V = 8, 16, 4, 50
 KINDS = ["tmoe", "switch", "gshard", "hash"]
 

@@ -502,6 +502,7 @@ def ptb_bin(tmp_path_factory):
     return root / "data-bin"
 
 
+@pytest.mark.slow
 def test_two_worker_checkpoint_exports_like_its_resharded_file(ptb_bin, tmp_path):
     """fairseq-train on 2 gloo workers (experts sharded) writes rank files; exporting them equals
     exporting the file `checkpoints reshard` makes from them, and both reproduce fairseq."""
@@ -557,7 +558,7 @@ def test_bad_input_is_named(tmp_path, exported):
     assert result.returncode != 0 and "none.pt does not exist" in result.stdout + result.stderr
 
 
-# ------------------------------------------------------------------ --overwrite (issue 26, item 3)
+# ------------------------------------------------------------------ --overwrite
 def earlier_export(folder):
     from fairseq_smlp.export_hf.export import MARKER
 

@@ -1,7 +1,7 @@
-"""The CPU launcher and its workers live and die together (issue 14, item 5): a launcher
+"""The CPU launcher and its workers live and die together: a launcher
 killed with -9 or stopped with SIGTERM takes its workers with it, and the worker that failed
 first is named by rank (the others only report gloo's 'Connection closed'). Nothing they
-open listens beyond loopback (issue 26, item 4)."""
+open listens beyond loopback."""
 import glob
 import ipaddress
 import os
@@ -13,6 +13,8 @@ import time
 import pytest
 
 from conftest import REPO
+
+pytestmark = pytest.mark.slow
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
 SLEEPER = ["python", "-c", "import time; time.sleep(300)"]  # a worker that would outlive the test
@@ -75,7 +77,7 @@ def test_sigterm_to_the_launcher_stops_the_workers():
 
 
 def test_sigterm_while_the_workers_start_stops_those_started():
-    """The handlers are installed before the first worker starts (issue 23: a SIGTERM that came
+    """The handlers are installed before the first worker starts (a SIGTERM that came
     between the start and the handler killed the launcher alone, exit -15, workers orphaned)."""
     launcher = start(*SLEEPER, nprocs=8)
     first = ""

@@ -17,6 +17,8 @@ import torch
 
 from conftest import REPO
 
+pytestmark = pytest.mark.slow
+
 TRAIN = [
     "--user-dir", "fairseq_smlp", "--task", "smlp_language_modeling", "--arch", "smlp_lm_tiny",
     "--decoder-embed-dim", "64", "--decoder-ffn-embed-dim", "128", "--tmoe-ffn-embed-dim", "64",

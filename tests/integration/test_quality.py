@@ -5,8 +5,8 @@ within 15%, and not beat it by more than 15% either (a model that suddenly score
 than it did is as suspicious as one that scores worse: a causality leak lowers perplexity).
 
 Refresh the reference after a deliberate change of a model or of the training recipe:
-    python tests/test_quality.py --write              (every family; the file records the machine)
-    python tests/test_quality.py --write-quickstart   (test_quickstart.py's fixed-update quickstart)
+    python tests/integration/test_quality.py --write              (every family; the file records the machine)
+    python tests/integration/test_quality.py --write-quickstart   (test_quickstart.py's fixed-update quickstart)
 """
 import json
 import sys
@@ -15,10 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import fairseq_trainer
+TESTS = Path(__file__).resolve().parents[1]  # conftest.py and quality_reference.json
+if __name__ == "__main__":  # run as a script (the commands above): conftest.py is one folder up
+    sys.path.insert(0, str(TESTS))
 
-HERE = Path(__file__).resolve().parent
-REFERENCE = HERE / "quality_reference.json"
+from conftest import fairseq_trainer  # noqa: E402
+
+REFERENCE = TESTS / "quality_reference.json"
+pytestmark = pytest.mark.slow
 FAMILIES = {
     "smlp": ["--arch", "smlp_lm_tiny"],  # the paper's: Base-routed tMoE
     "smlp_top1": ["--arch", "smlp_lm_tiny", "--tmoe-router", "top1"],
@@ -117,7 +121,7 @@ def write_reference() -> None:
         for family in FAMILIES:
             table[family] = {p: round(train_and_validate(data_bin, family, p), 2) for p in PRECISIONS}
             print(family, table[family], flush=True)
-    update_reference({"valid_ppl": table, "updates": UPDATES, "command": "python tests/test_quality.py --write"})
+    update_reference({"valid_ppl": table, "updates": UPDATES, "command": "python tests/integration/test_quality.py --write"})
 
 
 def write_quickstart_reference() -> None:
@@ -135,7 +139,7 @@ def write_quickstart_reference() -> None:
         table[precision] = {key: results[key] for key in ("valid_ppl", "test_ppl")}
         print(precision, table[precision], flush=True)
     update_reference({"quickstart": table, "quickstart_updates": QUICK_UPDATES,
-                      "quickstart_command": "python tests/test_quality.py --write-quickstart"})
+                      "quickstart_command": "python tests/integration/test_quality.py --write-quickstart"})
 
 
 def update_reference(entries: dict) -> None:
@@ -152,5 +156,4 @@ def update_reference(entries: dict) -> None:
 
 
 if __name__ == "__main__" and sys.argv[1:] in (["--write"], ["--write-quickstart"]):
-    sys.path.insert(0, str(HERE))
     write_reference() if sys.argv[1] == "--write" else write_quickstart_reference()

@@ -9,7 +9,7 @@ import pytest
 from conftest import REPO
 
 
-QUICK_UPDATES = 30  # the reference: tests/quality_reference.json "quickstart" (python tests/test_quality.py --write-quickstart)
+QUICK_UPDATES = 30  # the reference: tests/quality_reference.json "quickstart" (python tests/integration/test_quality.py --write-quickstart)
 
 
 def quickstart(out_dir, precision):
@@ -17,6 +17,7 @@ def quickstart(out_dir, precision):
                            "--", "--max-update", str(QUICK_UPDATES)], cwd=REPO, capture_output=True, text=True, timeout=1200)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("choice", ["auto", "the other"])
 def test_quickstart_trains_a_model_as_good_as_a_measured_run(tmp_path, choice):
     """README's main command at a tiny fixed number of updates, in the precision auto picks on
@@ -44,10 +45,9 @@ def test_quickstart_trains_a_model_as_good_as_a_measured_run(tmp_path, choice):
 
 
 def test_readme_shows_the_committed_quickstart_results():
-    """README's expected output is the committed measurements' (python benchmarks/readme_quickstart.py
+    """README's expected output is the committed measurements' (python -m benchmarks.readme_quickstart
     writes it), never typed by hand."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    import readme_quickstart
+    from benchmarks import readme_quickstart
 
     for precision in ("bf16", "fp32"):
         assert readme_quickstart.results(precision)["precision"] == precision

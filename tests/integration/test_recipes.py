@@ -1,6 +1,6 @@
 """Every recipe passes DRY_RUN=1 (fairseq parses it, experts fit the GPUs, the model builds)
 and refuses clearly, writing nothing, when its data path is missing, a number is not a number,
-a multi-node run lacks its address, or resharding fails (issue 26, items 5 and 8)."""
+a multi-node run lacks its address, or resharding fails."""
 import os
 import subprocess
 from pathlib import Path

@@ -1,4 +1,4 @@
-"""REHEARSE=1 (issue 14): a recipe's own fairseq-train command at reduced width on 2 gloo
+"""REHEARSE=1: a recipe's own fairseq-train command at reduced width on 2 gloo
 workers, with its --fp16 (fairseq's fp16 path on the CPU), killed with SIGKILL mid-run and
 restarted (it must reproduce the uninterrupted run), resharded, evaluated by eval_ppl.sh (==
 the last validation perplexity) and eval_zeroshot.sh. CI rehearses sMLP and Base Layers at
@@ -11,6 +11,8 @@ import pytest
 
 from conftest import REPO
 from fairseq_smlp import rehearse
+
+pytestmark = pytest.mark.slow
 
 RECIPE_ARGS = [  # what recipes/train_lm.sh hands over (train_gpu64.sh), _common.sh's COMMON_ARGS included
     "--arch", "smlp_lm_9b", "--user-dir", str(REPO / "fairseq_smlp"), "--task", "smlp_language_modeling",

@@ -18,6 +18,8 @@ from conftest import REPO
 from fairseq_smlp.rehearse import train_losses
 from fairseq_smlp.checkpoints.safe_load import load_checkpoint_file
 
+pytestmark = pytest.mark.slow
+
 COMMON = [
     "--user-dir", "fairseq_smlp", "--task", "smlp_language_modeling", "--criterion", "moe_cross_entropy",
     "--tokens-per-sample", "32", "--max-tokens", "256", "--required-batch-size-multiple", "1",

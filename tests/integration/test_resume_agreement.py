@@ -1,4 +1,4 @@
-"""Resume of expert-parallel runs (issue 14, items 3 and 4): the ranks agree at load on the
+"""Resume of expert-parallel runs: the ranks agree at load on the
 newest update every rank saved, or all stop at once with an error naming each rank's files;
 an explicit --restore-file that does not exist is an error naming it; a rank file's name on
 disk is accepted. Two gloo workers (fairseq_smlp.distributed.launch_cpu), tMoE sharded."""
@@ -14,6 +14,8 @@ import torch
 from conftest import REPO
 from fairseq_smlp.checkpoints import rank_files
 from fairseq_smlp.checkpoints.safe_load import load_checkpoint_file
+
+pytestmark = pytest.mark.slow
 
 ARGS = [
     "--user-dir", "fairseq_smlp", "--task", "smlp_language_modeling", "--arch", "smlp_lm_tiny",

@@ -1,4 +1,4 @@
-"""Loading a checkpoint never runs code from it (issue 26, items 1, 2, 9, 11).
+"""Loading a checkpoint never runs code from it.
 
 A checkpoint whose pickle carries a payload (os.system touching a marker file) is given to
 every entry point that loads checkpoints: each refuses it with one line naming the file and

@@ -2,15 +2,11 @@
 real run of two models (skipped again when rerun)."""
 import json
 import math
-import sys
 
 import pytest
 import torch
 
-from conftest import REPO
-
-sys.path.insert(0, str(REPO / "benchmarks"))
-import sparsity  # noqa: E402
+from benchmarks import sparsity
 
 
 def curve(values, key="nll"):
@@ -119,13 +115,15 @@ def test_runs_of_different_lengths_are_compared_at_equal_tokens():
     assert set(sparsity.cut_at(models, until_tokens=500, tokens_per_update=100)) == set()  # nothing trained by then
 
 
+@pytest.mark.slow
 def test_short_run_writes_records_table_and_plots_and_resumes(data_bin, tmp_path):
-    out = tmp_path / "study_lr0.002"  # a dot in the prefix: files are PREFIX.jsonl, not a replaced suffix
+    out = tmp_path / "study_lr0.002"  # a dot in the prefix: files are PREFIX.md, not a replaced suffix
     argv = ["train", "--models", "transformer", "switch_e4", "base_e4", "--data-bin", str(data_bin), "--max-train-tokens", "1536",
             "--tokens-per-update", "512", "--points", "2", "--valid-blocks", "8", "--log-tokens", "512", "--out", str(out),
             "--", "--decoder-embed-dim", "16", "--decoder-ffn-embed-dim", "32", "--decoder-attention-heads", "2"]
     sparsity.main(argv)
-    records = sparsity.read_records(tmp_path / "study_lr0.002.jsonl")
+    assert sparsity.records_file(out) == tmp_path / "raw" / "study_lr0.002.jsonl"  # raw records: raw/ next to the rendered files
+    records = sparsity.read_records(tmp_path / "raw" / "study_lr0.002.jsonl")
     models = sparsity.by_model(records)
     assert set(models) == {"transformer", "switch_e4", "base_e4"}
     switch = models["switch_e4"]
@@ -148,5 +146,5 @@ def test_short_run_writes_records_table_and_plots_and_resumes(data_bin, tmp_path
     # the same paired batches: both models' online losses were measured on the same tokens
     assert [r["tokens"] for r in models["transformer"]["train"]] == logged
     sparsity.main(argv)  # rerun: both done, nothing trained again
-    again = sparsity.read_records(tmp_path / "study_lr0.002.jsonl")
+    again = sparsity.read_records(tmp_path / "raw" / "study_lr0.002.jsonl")
     assert sum(r["kind"] == "start" for r in again) == 3

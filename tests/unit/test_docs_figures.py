@@ -2,11 +2,12 @@
 its links resolve, it stays short and keeps the commands that CI and the quickstart run."""
 import json
 import re
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import REPO
+
+ROOT = REPO
 README = ROOT / "README.md"
 DOCS = sorted((ROOT / "docs").glob("*.md"))
 PAGES = [README] + DOCS + [ROOT / "benchmarks" / "README.md"]

@@ -1,5 +1,8 @@
 """Fair baselines: experts start as each method starts them, Base Layers has E experts in
-one process (and agrees with fairseq's BaseLayer where both apply), expert dropout."""
+one process (and agrees with fairseq's BaseLayer where both apply), expert dropout. Side by side
+with test_baselines.py, which checks the routers, causality and incremental decoding of every
+baseline family; this file checks that the comparison is fair (initialisation, expert count,
+dropout as each paper has them)."""
 from unittest import mock
 
 import pytest
@@ -267,7 +270,7 @@ def test_base_flops_and_params_in_one_process_equal_the_worker_layout():
 def test_base_training_is_causal_given_the_assignment(monkeypatch):
     """Balanced assignment couples the tokens of a batch (as in Base Layers, documented): with
     the assignment held fixed, a later token never changes an earlier output. Evaluation is greedy
-    and strictly causal (tests/test_baselines.py::test_causal)."""
+    and strictly causal (test_baselines.py::test_causal)."""
     saved, replay = [], {"on": False}
     real = routers.balanced_assignment
 

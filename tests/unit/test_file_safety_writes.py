@@ -1,4 +1,4 @@
-"""Results, predictions, tables and checkpoints are written whole or not at all (issue 26, item 6)."""
+"""Results, predictions, tables and checkpoints are written whole or not at all."""
 import json
 import os
 import stat

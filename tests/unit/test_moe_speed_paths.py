@@ -1,4 +1,4 @@
-"""The fast MoE paths (issue 13) equal the plain implementations they replaced
+"""The fast MoE paths equal the plain implementations they replaced
 (tests/moe_reference.py): outputs, gradients and routing decisions, in fp32 to 1e-6."""
 import pytest
 import torch

@@ -1,5 +1,8 @@
 """Numerics: a router that meets NaN/inf stops with its layer's name; half-precision autocast
-keeps routing, auxiliary losses and the loss close to fp32.
+keeps routing, auxiliary losses and the loss close to fp32 (the routing side: which expert,
+which weights, which aux loss). Whole models' losses and gradients in every half-precision mode
+and fairseq's fp16 optimizers: test_half_precision.py, next to this file; the real commands
+with --bf16 / --fp16: integration/test_half_precision_commands.py.
 
 Also covered elsewhere: test_smlp_model.py::test_router_logits_and_moe_weights_stay_fp32_under_bf16_autocast
 (tMoE combine weights), test_baselines.py::test_routing_stays_fp32_under_bf16_autocast (Top1/Top2 alone),

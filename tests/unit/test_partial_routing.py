@@ -1,4 +1,4 @@
-"""Partial-prediction routing (issue 14, item 6): the positions that fed the router are never
+"""Partial-prediction routing: the positions that fed the router are never
 trained on, whatever the criterion, and incremental decoding equals the full forward at
 every scored position wherever the partial-routing block sits."""
 import subprocess

@@ -1,6 +1,6 @@
 """Precision on the CPU (fairseq_smlp/precision.py and its two patches): what --bf16 and --fp16
 mean there, and autocast contexts that never outlive a weight update. End to end through
-every launch path: test_launch_paths.py."""
+every launch path: integration/test_launch_paths.py."""
 import copy
 from types import SimpleNamespace
 

@@ -1,4 +1,4 @@
-"""Routers (issue 25): causality of every capacity-based router, and top1_biased
+"""Routers: causality of every capacity-based router, and top1_biased
 (auxiliary-loss-free balancing, Wang et al. 2024).
 
 Causality: perturbing the tokens at positions > t of ANY sequence of a batch changes no

@@ -1,4 +1,4 @@
-"""Static-shape dispatch (issue 24): the exact-balance path and the capacity-padded path give
+"""Static-shape dispatch: the exact-balance path and the capacity-padded path give
 the previous implementation's outputs and gradients (tests/moe_reference.py and the "grouped"
 path), for every router, forward and backward, fp32 to 1e-5 and under CPU bf16 autocast."""
 import pytest
