@@ -16,10 +16,10 @@
 import argparse
 import copy
 import sys
-from types import SimpleNamespace
 
 import torch
 
+from .models.factory import build_from_config
 from .validation import FlagError, check_args, check_config
 
 EXPERT_FLAGS = {"tmoe_experts": "--tmoe-experts", "moe_experts": "--moe-experts"}
@@ -48,24 +48,6 @@ def check_experts(model_cfg, world_size, experts_per_worker):
     return counts
 
 
-def fake_task(cfg, vocab_size):
-    from fairseq.data import Dictionary
-
-    dictionary = Dictionary()
-    for i in range(vocab_size - len(dictionary)):
-        dictionary.add_symbol(f"w{i}")
-    return SimpleNamespace(
-        source_dictionary=dictionary, target_dictionary=dictionary, scores_partial_prediction=True,
-        cfg=cfg.task, args=cfg.task,
-    )
-
-
-def build(cfg, task):
-    from fairseq import models
-
-    return models.build_model(cfg.model, task)
-
-
 def reduced(cfg, width_divisor, length):
     """The same architecture, narrower and shorter, so that it fits a CPU."""
     small = copy.deepcopy(cfg)
@@ -77,21 +59,6 @@ def reduced(cfg, width_divisor, length):
     small.model.tokens_per_sample = length
     small.task.tokens_per_sample = length
     return small
-
-
-def build_full(cfg, world_size, vocab_size):
-    """The full-size model on the meta device. fairseq's Base layers hold one expert per
-    worker, so they are built as one of `world_size` workers would build them."""
-    from unittest import mock
-
-    from fairseq.distributed import utils as distributed_utils
-
-    patch = mock.patch.object(distributed_utils, "get_data_parallel_world_size", lambda: world_size)
-    with torch.device("meta"):
-        if getattr(cfg.model, "base_layers", 0):
-            with patch:
-                return build(cfg, fake_task(cfg, vocab_size))
-        return build(cfg, fake_task(cfg, vocab_size))
 
 
 def estimate_days(cfg, forward_flops_per_token, world_size, peak_tflops, utilisation):
@@ -125,14 +92,14 @@ def main(argv=None):
     if cfg.model.get("max_target_positions") is None and "max_target_positions" in cfg.model:
         cfg.model.max_target_positions = cfg.task.tokens_per_sample
 
-    full = build_full(cfg, args.world_size, args.vocab_size)
+    full = build_from_config(cfg, args.vocab_size, world_size=args.world_size)  # the full size, on the meta device
     from .flops import count_flops, count_params
 
     params = count_params(full, base_workers=args.world_size)  # Base layers: one expert per worker
     total, expert = params["total"], params["expert"]
 
     small_cfg = reduced(cfg, args.width_divisor, args.length)
-    model = build(small_cfg, fake_task(small_cfg, 1000))
+    model = build_from_config(small_cfg, 1000, device="cpu")
     model.train()
     tokens = torch.randint(4, 1000, (2, args.length))
     out = model(tokens)[0]

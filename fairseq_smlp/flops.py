@@ -28,64 +28,17 @@ embedding (token and learned position embeddings). fairseq's Base layers hold on
 expert per worker: --base-workers W counts a W-worker run (default 1, as built here).
 """
 import argparse
-import contextlib
 import json
 import sys
-import warnings
 from collections import OrderedDict
-from types import SimpleNamespace
-from unittest import mock
 
-import torch
 import torch.nn as nn
 
+from .models.factory import DEFAULT_VOCAB, build_model, default_seq_len  # noqa: F401  (the offline model factory)
+from .models.factory import offline_task as dummy_task  # noqa: F401
 from .validation import FlagError, check_args
 
 CATEGORIES = ["embeddings", "mixing", "projections", "experts", "routing", "output"]
-DEFAULT_VOCAB = 51200
-
-
-def default_seq_len(arch: str) -> int:
-    """The sequence length an arch is compared at: tiny 128, otherwise 1,024 tokens."""
-    return 128 if arch.endswith("_tiny") else 1024
-
-
-def dummy_task(vocab_size: int):
-    """What build_model reads from a task: the dictionaries (token counts all 1)."""
-    from fairseq.data import Dictionary
-
-    dictionary = Dictionary()
-    for i in range(vocab_size - len(dictionary)):
-        dictionary.add_symbol(f"w{i}")
-    if len(dictionary) != vocab_size:
-        raise ValueError(f"--vocab must be >= {len(dictionary)} (the special symbols), got {vocab_size}")
-    return SimpleNamespace(source_dictionary=dictionary, target_dictionary=dictionary, scores_partial_prediction=True)
-
-
-def build_model(arch: str, model_args=(), seq_len: int = None, vocab: int = DEFAULT_VOCAB, base_workers: int = 1, device: str = "meta", task=None):
-    """Parse `--arch ARCH model_args` as fairseq-train does and build the model on `device`
-    (meta: shapes only). Returns (model, seq_len)."""
-    import fairseq_smlp  # noqa: F401  (registers the plugin's models)
-    from fairseq import models, options
-    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
-    from fairseq.distributed import utils as distributed_utils
-
-    if arch not in models.ARCH_MODEL_REGISTRY:
-        raise ValueError(f"--arch {arch} is not a registered architecture")
-    seq_len = seq_len or default_seq_len(arch)
-    argv = ["/nonexistent-data", "--task", "language_modeling", "--arch", arch, "--tokens-per-sample", str(seq_len), *model_args]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # hydra's deprecation notices
-        args = options.parse_args_and_arch(options.get_training_parser(), argv)
-        cfg = convert_namespace_to_omegaconf(args)
-    patch = contextlib.nullcontext()
-    if base_workers != 1:  # a Base layer builds one centroid per worker: pretend to be one of base_workers
-        patch = mock.patch.object(distributed_utils, "get_data_parallel_world_size", lambda: base_workers)
-    with torch.device(device), patch:
-        model = models.build_model(cfg.model, task or dummy_task(vocab))
-    return model, seq_len
-
-
 def _linear_flops(linear: nn.Linear) -> int:
     return 2 * linear.in_features * linear.out_features
 

@@ -120,11 +120,11 @@ def parameter_names(state):
         return meta["param_names"]
     from omegaconf import OmegaConf
 
-    from ..dry_run import build_full
+    from ..models.factory import build_from_config
 
     cfg = OmegaConf.create(state["cfg"])
     vocab = state["model"]["decoder.embed_tokens.weight"].size(0)
-    model = build_full(cfg, 1, vocab)
+    model = build_from_config(cfg, vocab)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     missing = [n for n in names if n not in state["model"]]
     if missing:
