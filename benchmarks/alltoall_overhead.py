@@ -10,7 +10,6 @@ benchmarks/results/alltoall_overhead.json.
 """
 import argparse
 import json
-import os
 import socket
 import time
 from pathlib import Path

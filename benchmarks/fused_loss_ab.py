@@ -15,7 +15,7 @@ import torch
 
 from benchmarks._results import run_metadata, write_results
 from fairseq_smlp.criterions.moe_cross_entropy import MoECrossEntropyCriterion
-from fairseq_smlp.flops import build_model, dummy_task
+from fairseq_smlp.models.factory import build_model, offline_task
 from fairseq_smlp.atomic_write import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,7 +31,7 @@ def step_seconds(model, criterion, optimizer, batches) -> float:
 
 
 def ab(arch: str, args) -> dict:
-    task = dummy_task(args.vocab)
+    task = offline_task(args.vocab)
     torch.manual_seed(0)
     model, seq_len = build_model(arch, [], seq_len=128, vocab=args.vocab, device="cpu", task=task)
     model.train()

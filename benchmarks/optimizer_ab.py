@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from benchmarks._results import run_metadata, write_results
-from fairseq_smlp.flops import build_model
+from fairseq_smlp.models.factory import build_model
 from fairseq_smlp.atomic_write import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]

@@ -17,7 +17,6 @@ Data and training options are benchmarks/compare.py's (WikiText-2, 8k sentencepi
 """
 import argparse
 import os
-import time
 from pathlib import Path
 
 import torch

@@ -23,7 +23,7 @@ import torch.nn as nn
 from torch.autograd.profiler import record_function
 
 from benchmarks._results import run_metadata, write_results
-from fairseq_smlp.flops import build_model, dummy_task
+from fairseq_smlp.models.factory import build_model, offline_task
 from fairseq_smlp.atomic_write import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
@@ -133,7 +133,7 @@ def categorise(events) -> dict:
 def make_step(arch: str, args):
     from fairseq_smlp.criterions.moe_cross_entropy import MoECrossEntropyCriterion
 
-    task = dummy_task(args.vocab)
+    task = offline_task(args.vocab)
     torch.manual_seed(0)
     model, seq_len = build_model(arch, args.model_args, seq_len=args.tokens_per_sample, vocab=args.vocab, device="cpu", task=task)
     model.train()

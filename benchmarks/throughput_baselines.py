@@ -4,7 +4,7 @@
         [--tokens-per-sample 128] [--max-tokens 2048] [--steps 10] [--warmup 3] [--threads N]
         [--device cpu|cuda] [--dtype fp32|bf16] [--moe-compile-rows]
 
-Each arch is built as fairseq-train builds it (fairseq_smlp.flops.build_model), then
+Each arch is built as fairseq-train builds it (fairseq_smlp.models.factory.build_model), then
 trained for warmup + steps updates on random tokens with the moe_cross_entropy criterion
 and Adam, fp32 on CPU by default (--device cuda --dtype bf16: bf16 autocast on a GPU, fp32
 weights and routers); tokens/s = tokens per batch * steps / wall time of the timed steps.
@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from benchmarks._results import run_metadata, write_results
-from fairseq_smlp.flops import build_model, count_flops, count_params, dummy_task
+from fairseq_smlp.flops import count_flops, count_params
+from fairseq_smlp.models.factory import build_model, offline_task
 from fairseq_smlp.atomic_write import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,7 +58,7 @@ def matmul_peak_gflops(n: int = 1024, repeats: int = 10, device: str = "cpu", dt
 def measure(arch: str, args, model_args=()) -> dict:
     from fairseq_smlp.criterions.moe_cross_entropy import MoECrossEntropyCriterion
 
-    task = dummy_task(args.vocab)
+    task = offline_task(args.vocab)
     torch.manual_seed(0)
     model, seq_len = build_model(arch, list(model_args), seq_len=args.tokens_per_sample, vocab=args.vocab, device=args.device, task=task)
     model.train()

@@ -2,7 +2,7 @@
 
 Each fairseq target is wrapped once, by one function below, which says why for each thing it
 adds; the logic lives in the module it belongs to (precision.py, checkpoints/, models/
-vocabulary.py, optim/, distributed/). tests/test_fairseq_patches.py tests each wrapper.
+vocabulary.py, optim/, distributed/). tests/unit/test_fairseq_patches.py tests each wrapper.
 Importing this module applies the numpy alias that fairseq's import needs; `install()` (called
 once by the plugin's __init__) applies the rest. What only concerns expert-parallel runs
 changes nothing unless the model holds sharded experts.

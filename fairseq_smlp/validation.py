@@ -88,7 +88,7 @@ UNLIMITED = (-1, "no limit")
 
 # Every numeric flag of the plugin's dataclasses (SmlpConfig, MoETransformerLanguageModelConfig
 # with what it inherits from fairseq's transformer_lm, MoECrossEntropyConfig), the fairseq flags
-# our runs depend on, and our commands' own options. tests/test_bad_input.py checks that no
+# our runs depend on, and our commands' own options. tests/integration/test_bad_input.py checks that no
 # numeric dataclass field is missing here.
 FLAGS: Dict[str, Range] = {
     # ---- data and batches (fairseq task / dataset / eval-lm)

@@ -27,12 +27,9 @@ def one_thread():
 
 
 def tiny_dictionary(size: int = 40):
-    from fairseq.data import Dictionary
+    from fairseq_smlp.models.factory import offline_dictionary
 
-    d = Dictionary()
-    for i in range(size - len(d)):
-        d.add_symbol(f"w{i}")
-    return d
+    return offline_dictionary(size)
 
 
 def build_tiny_smlp(seed: int = 0, vocab: int = 40, **overrides):

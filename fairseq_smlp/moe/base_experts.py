@@ -12,7 +12,7 @@ dense layer. This is the same layer with all E experts in the process:
 The experts are S stacked ExpertFFNs (E experts each) and run on the shared dispatch path
 (dispatch.dispatch_to_experts); the mixing is written as x + alpha (expert_e(x) - x), the
 same value. fairseq's BaseLayer is kept for multi-worker runs (moe/fairseq_base_layer.py);
-with one expert the two compute the same function (tests/test_fair_baselines.py).
+with one expert the two compute the same function (tests/unit/test_fair_baselines.py).
 """
 from typing import Optional
 

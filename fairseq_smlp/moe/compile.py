@@ -4,7 +4,7 @@ Compiled: the experts' batched forward (ExpertFFN.forward: expert LayerNorm, two
 matmuls, activation) and the partial-prediction sMoE's routed mixing (channel gather, causal
 mixing, router weights, scatter back). Routers and token dispatch stay eager: their shapes
 depend on the data (sorts, bincounts, capacities), which would recompile or break graphs.
-Numbers equal eager to float rounding (tests/test_moe_speed_paths.py). On a CPU, inductor
+Numbers equal eager to float rounding (tests/unit/test_moe_speed_paths.py). On a CPU, inductor
 needs a C++ compiler: without one (or if compiling fails) the model runs eager, with one
 log line. Measured gains and costs: README, Benchmarks.
 """

@@ -144,7 +144,6 @@ def write_quickstart_reference() -> None:
 
 def update_reference(entries: dict) -> None:
     """Merge entries into the reference file, with where and from which code they came."""
-    import subprocess
 
     from fairseq_smlp.atomic_write import atomic_write_text
     from fairseq_smlp.quickstart import provenance

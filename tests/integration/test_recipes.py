@@ -3,7 +3,6 @@ and refuses clearly, writing nothing, when its data path is missing, a number is
 a multi-node run lacks its address, or resharding fails."""
 import os
 import subprocess
-from pathlib import Path
 
 import pytest
 

@@ -11,7 +11,7 @@ import torch
 
 from conftest import tiny_dictionary
 
-from fairseq_smlp.flops import build_model
+from fairseq_smlp.models.factory import build_model
 from fairseq_smlp.moe.dispatch import dispatch_to_experts
 from fairseq_smlp.moe.experts import ExpertFFN
 from fairseq_smlp.moe.router import (

@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fairseq_smlp.flops import build_model, count_flops, count_params, dummy_task
+from fairseq_smlp.flops import count_flops, count_params
+from fairseq_smlp.models.factory import build_model, offline_task
 from fairseq_smlp.moe.fairseq_base_layer import FairseqBaseLayer
 from fairseq_smlp.moe import router as routers
 from fairseq_smlp.moe.base_experts import BaseExpertsLayer
@@ -25,7 +26,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def build(arch, args=(), seed=0):
     torch.manual_seed(seed)
-    return build_model(arch, list(args), seq_len=SEQ, vocab=VOCAB, device="cpu", task=dummy_task(VOCAB))[0]
+    return build_model(arch, list(args), seq_len=SEQ, vocab=VOCAB, device="cpu", task=offline_task(VOCAB))[0]
 
 
 def tokens(seed=0, batch=2):

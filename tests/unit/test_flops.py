@@ -8,7 +8,8 @@ import pytest
 
 from conftest import REPO
 
-from fairseq_smlp.flops import build_model, count_params, report
+from fairseq_smlp.flops import count_params, report
+from fairseq_smlp.models.factory import build_model
 
 SIZES = ["tiny", "base", "large"]
 FAMILIES = ["gmlp_lm", "transformer_lm", "switch_lm", "gshard_lm", "hash_lm", "base_lm"]

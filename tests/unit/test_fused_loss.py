@@ -6,7 +6,7 @@ import torch
 
 from fairseq_smlp.criterions.fused_output_loss import LinearCrossEntropy
 from fairseq_smlp.criterions.moe_cross_entropy import MoECrossEntropyCriterion
-from fairseq_smlp.flops import build_model, dummy_task
+from fairseq_smlp.models.factory import build_model, offline_task
 
 VOCAB, T, B = 60, 16, 3
 MODELS = {
@@ -37,7 +37,7 @@ def loss_and_grads(model, criterion, s):
 @pytest.mark.parametrize("name", list(MODELS))
 def test_fused_equals_unfused(name):
     arch, args = MODELS[name]
-    task = dummy_task(VOCAB)
+    task = offline_task(VOCAB)
     torch.manual_seed(0)
     model, _ = build_model(arch, args, seq_len=T, vocab=VOCAB, device="cpu", task=task)
     with torch.no_grad():  # the output weights are tied to the embeddings: give the logits some spread

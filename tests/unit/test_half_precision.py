@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import build_tiny_smlp
-from fairseq_smlp.flops import build_model, dummy_task
+from fairseq_smlp.models.factory import build_model, offline_task
 
 VOCAB, SEQ = 40, 16
 TRANSFORMER = ["--decoder-embed-dim", "16", "--decoder-ffn-embed-dim", "32", "--decoder-attention-heads", "2",
@@ -54,7 +54,7 @@ GRAD_TOL = {torch.float16: 3e-2, torch.bfloat16: 1.5e-1}
 
 
 def _baseline(arch, *extra):
-    model, _ = build_model(arch, [*TRANSFORMER, *extra], seq_len=SEQ, vocab=VOCAB, device="cpu", task=dummy_task(VOCAB))
+    model, _ = build_model(arch, [*TRANSFORMER, *extra], seq_len=SEQ, vocab=VOCAB, device="cpu", task=offline_task(VOCAB))
     with torch.no_grad():  # Base layers' and experts' output weights start at 0: give them size
         for name, p in model.named_parameters():
             if name.endswith(("fc2_weight", "ff2.weight")):

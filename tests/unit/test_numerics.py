@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import build_tiny_smlp
-from fairseq_smlp.flops import build_model, dummy_task
+from fairseq_smlp.models.factory import build_model, offline_task
 from fairseq_smlp.moe import fairseq_base_layer
 from fairseq_smlp.moe import router as routers
 from fairseq_smlp.moe.router import Router, Top1Router, Top2Router, switch_aux_loss
@@ -38,7 +38,7 @@ def test_nan_reaching_a_router_is_reported_with_its_layer(routing):
 @pytest.mark.parametrize("arch", ["switch_lm_tiny", "gshard_lm_tiny"])
 def test_nan_in_a_baseline_router_is_reported_with_its_layer(arch):
     args = ["--decoder-embed-dim", "16", "--decoder-ffn-embed-dim", "32", "--decoder-attention-heads", "2", "--dropout", "0"]
-    model, _ = build_model(arch, args, seq_len=24, vocab=VOCAB, device="cpu", task=dummy_task(VOCAB))
+    model, _ = build_model(arch, args, seq_len=24, vocab=VOCAB, device="cpu", task=offline_task(VOCAB))
     with torch.no_grad():
         model.decoder.embed_tokens.weight[5] = float("inf")
     x = tokens()
@@ -65,7 +65,7 @@ BASELINE_ARGS = ["--decoder-embed-dim", "16", "--decoder-ffn-embed-dim", "32", "
 
 
 def baseline(arch):
-    return build_model(arch, BASELINE_ARGS, seq_len=24, vocab=VOCAB, device="cpu", task=dummy_task(VOCAB))[0]
+    return build_model(arch, BASELINE_ARGS, seq_len=24, vocab=VOCAB, device="cpu", task=offline_task(VOCAB))[0]
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import build_tiny_smlp
-from fairseq_smlp.flops import build_model, dummy_task
+from fairseq_smlp.models.factory import build_model, offline_task
 from fairseq_smlp.moe.router import LearnedGateRouter, Top1BiasedRouter
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -23,7 +23,7 @@ TRANSFORMER = ["--decoder-embed-dim", "16", "--decoder-ffn-embed-dim", "32", "--
 
 
 def _baseline(arch, *extra):
-    model, _ = build_model(arch, [*TRANSFORMER, *extra], seq_len=SEQ, vocab=VOCAB, device="cpu", task=dummy_task(VOCAB))
+    model, _ = build_model(arch, [*TRANSFORMER, *extra], seq_len=SEQ, vocab=VOCAB, device="cpu", task=offline_task(VOCAB))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith(("fc2_weight", "ff2.weight")):
