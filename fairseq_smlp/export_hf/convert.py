@@ -170,6 +170,8 @@ def check_transformer_options(m) -> None:
             raise ExportError(f"the checkpoint uses {what} (--{option.replace('_', '-')}), which the export does not support")
     if m.get("decoder_layers_to_keep"):
         raise ExportError("--decoder-layers-to-keep: prune the layers before exporting")
+    if m.get("moe_router") == "top1_biased":
+        raise ExportError("--moe-router top1_biased: the export supports top1, top2 and hash routing")
 
 
 def transformer_blocks(m, state) -> List[str]:
@@ -246,6 +248,7 @@ def transformer_config(m, vocab_size: int, state):
         moe_router=m.get("moe_router", "none"),
         moe_experts=m.get("moe_experts", 1), moe_expert_ffn_dim=m.get("moe_expert_ffn_dim", 0) or m.decoder_ffn_embed_dim,
         moe_eval_capacity_factor=m.get("moe_eval_capacity_factor", 0.0),
+        moe_second_expert_queue=m.get("moe_second_expert_queue", "causal"),  # fairseq's default when not recorded
         base_experts=base_experts(state, blocks), base_sublayers=m.get("base_sublayers", 1),
         tie_word_embeddings=m.share_decoder_input_output_embed,
     )

@@ -639,3 +639,12 @@ def test_an_earlier_export_is_replaced_whole(tmp_path, monkeypatch):
     move_into_place(str(new), str(out))
     assert (out / "config.json").read_text() == '{"model_type": "fairseq_smlp"}'
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+
+
+def test_routers_the_export_cannot_reproduce_are_refused_by_name():
+    from omegaconf import OmegaConf
+
+    from fairseq_smlp.export_hf.convert import ExportError, check_transformer_options
+
+    with pytest.raises(ExportError, match="--moe-router top1_biased"):
+        check_transformer_options(OmegaConf.create({"moe_router": "top1_biased"}))

@@ -79,6 +79,7 @@ class FairseqSmlpConfig(PretrainedConfig):
         moe_experts: int = 1,
         moe_expert_ffn_dim: int = 2048,
         moe_eval_capacity_factor: float = 0.0,  # <= 0: no capacity limit
+        moe_second_expert_queue: str = "causal",  # top2 capacity queue: "causal" | "gshard"
         base_experts: int = 1,
         base_sublayers: int = 1,
         # loss
@@ -105,7 +106,7 @@ class FairseqSmlpConfig(PretrainedConfig):
         self.tmoe_experts, self.tmoe_ffn_dim = tmoe_experts, tmoe_ffn_dim
         self.num_attention_heads, self.activation_function = num_attention_heads, activation_function
         self.moe_router, self.moe_experts, self.moe_expert_ffn_dim = moe_router, moe_experts, moe_expert_ffn_dim
-        self.moe_eval_capacity_factor = moe_eval_capacity_factor
+        self.moe_eval_capacity_factor, self.moe_second_expert_queue = moe_eval_capacity_factor, moe_second_expert_queue
         self.base_experts, self.base_sublayers = base_experts, base_sublayers
         self.score_from = score_from
         self.unk_token_id = unk_token_id
@@ -245,8 +246,14 @@ class Top1Router(nn.Module):
 
 
 class Top2Router(Top1Router):
-    """GShard routing at evaluation: the two most probable experts, all first choices queued
-    before any second choice; weights renormalised over the kept experts."""
+    """GShard routing at evaluation: the two most probable experts; weights renormalised over
+    the kept experts. Capacity queue (config.moe_second_expert_queue): "causal", tokens in
+    order, each one's first choice just before its second; "gshard", all first choices
+    before any second choice."""
+
+    def __init__(self, dim: int, num_experts: int, capacity_factor: float, queue: str = "causal"):
+        super().__init__(dim, num_experts, capacity_factor)
+        self.queue = queue
 
     def forward(self, x: torch.Tensor, token_ids=None):
         """x: (N, H) -> expert_index (N, 2) (-1 = dropped), weight (N, 2)."""
@@ -255,10 +262,13 @@ class Top2Router(Top1Router):
         first = probs.argmax(dim=-1)
         second = logits.scatter(1, first.unsqueeze(1), float("-inf")).argmax(dim=-1)
         capacity = expert_capacity(x.size(0), self.num_experts, self.capacity_factor)
-        keep1 = within_capacity(first, capacity, self.num_experts)
-        keep2 = within_capacity(second, capacity, self.num_experts, offset=torch.bincount(first, minlength=self.num_experts))
-        kept = torch.stack([keep1, keep2], dim=1)
         experts = torch.stack([first, second], dim=1)
+        if self.queue == "causal":
+            kept = within_capacity(experts.reshape(-1), capacity, self.num_experts).view_as(experts)
+        else:
+            keep1 = within_capacity(first, capacity, self.num_experts)
+            keep2 = within_capacity(second, capacity, self.num_experts, offset=torch.bincount(first, minlength=self.num_experts))
+            kept = torch.stack([keep1, keep2], dim=1)
         gates = torch.stack([probs.gather(1, first[:, None])[:, 0], probs.gather(1, second[:, None])[:, 0]], dim=1) * kept
         weight = gates / gates.sum(dim=1, keepdim=True).clamp(min=torch.finfo(gates.dtype).tiny)
         return torch.where(kept, experts, -1), weight
@@ -478,7 +488,8 @@ def build_token_router(config: FairseqSmlpConfig) -> nn.Module:
     if config.moe_router == "top1":
         return Top1Router(config.hidden_size, config.moe_experts, config.moe_eval_capacity_factor)
     if config.moe_router == "top2":
-        return Top2Router(config.hidden_size, config.moe_experts, config.moe_eval_capacity_factor)
+        return Top2Router(config.hidden_size, config.moe_experts, config.moe_eval_capacity_factor,
+                          getattr(config, "moe_second_expert_queue", "causal"))
     if config.moe_router == "hash":
         return HashRouter(config.vocab_size)
     raise ValueError(f"config.moe_router must be top1, top2 or hash, got {config.moe_router!r}")
