@@ -83,8 +83,9 @@ def measured(data_bin):
         torch.set_num_threads(threads)
 
 
-def reference() -> dict:
-    return json.loads(REFERENCE.read_text())["valid_ppl"]
+def reference(section: str = "valid_ppl") -> dict:
+    """A section of the measured reference: "valid_ppl" (the families) or "quickstart"."""
+    return json.loads(REFERENCE.read_text())[section]
 
 
 @pytest.mark.parametrize("family", FAMILIES)

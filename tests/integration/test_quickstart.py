@@ -37,7 +37,7 @@ def test_quickstart_trains_a_model_as_good_as_a_measured_run(tmp_path, choice):
     assert results["precision"] == precision
     if choice == "auto":
         assert f"precision: {precision} (" in out.stdout  # said why
-    good = reference()["quickstart"][precision]
+    good = reference("quickstart")[precision]
     for key in ("valid_ppl", "test_ppl"):
         assert good[key] * (1 - TOLERANCE) <= results[key] <= good[key] * (1 + TOLERANCE), (key, results[key], good[key])
     assert abs(results["valid_ppl"] - results["best_training_valid_ppl"]) < 0.005 * results["valid_ppl"]
