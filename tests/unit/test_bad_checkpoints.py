@@ -102,9 +102,9 @@ def test_parameter_order_of_a_tied_model_counts_the_tied_weight_once():
                               "--decoder-embed-dim", "16", "--decoder-ffn-embed-dim", "32", "--tmoe-ffn-embed-dim", "16"])
     from omegaconf import OmegaConf
 
-    from fairseq_smlp.dry_run import build_full
+    from fairseq_smlp.models.factory import build_from_config
 
-    model = build_full(cfg, 1, 40)
+    model = build_from_config(cfg, 40)
     state = {"cfg": OmegaConf.to_container(cfg, resolve=True), "model": model.state_dict()}
     names = reshard.parameter_names(state)
     assert names == [n for n, _ in model.named_parameters()]

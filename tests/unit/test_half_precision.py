@@ -35,7 +35,11 @@ FAMILIES = {
     "gmlp": lambda: build_tiny_smlp(sparse_every=0, max_target_positions=SEQ, tokens_per_sample=SEQ),
     "transformer": lambda: _baseline("transformer_lm_tiny"),
     "switch": lambda: _baseline("switch_lm_tiny", "--moe-experts", "4"),
-    "gshard": lambda: _baseline("gshard_lm_tiny", "--moe-experts", "4", "--moe-second-expert-policy", "all"),
+    # GShard's own capacity queue, as measured for the tolerances: with the default token-order
+    # queue the fp16-weights gradient error measured 5.4e-2 (the bf16-weights level), not yet
+    # explained; the queue is integer bookkeeping and every decision is replayed here
+    "gshard": lambda: _baseline("gshard_lm_tiny", "--moe-experts", "4", "--moe-second-expert-policy", "all",
+                                "--moe-second-expert-queue", "gshard"),
     "hash": lambda: _baseline("hash_lm_tiny", "--moe-experts", "4"),
     "base": lambda: _baseline("base_lm_tiny", "--base-sublayers", "2"),  # one process: all 4 experts (BaseExpertsLayer)
     "base_fairseq": lambda: _baseline("base_lm_tiny", "--base-sublayers", "2", "--base-experts", "0"),  # fairseq's BaseLayer
