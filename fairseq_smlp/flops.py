@@ -34,7 +34,7 @@ from collections import OrderedDict
 
 import torch.nn as nn
 
-from .models.factory import DEFAULT_VOCAB, build_model, default_seq_len  # noqa: F401  (the offline model factory)
+from .models.factory import DEFAULT_VOCAB, build_model  # the offline model factory
 from .validation import FlagError, check_args
 
 CATEGORIES = ["embeddings", "mixing", "projections", "experts", "routing", "output"]
