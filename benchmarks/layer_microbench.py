@@ -47,7 +47,7 @@ from fairseq_smlp.modules.spatial_gating import SpatialGateArgs, SpatialGatingUn
 from fairseq_smlp.moe.dispatch import PATHS, dispatch_path, set_dispatch_path
 from fairseq_smlp.moe.experts import ExpertFFN
 from fairseq_smlp.moe.router import random_hash_table
-from fairseq_smlp.moe.token_moe import MoEArgs, TokenMoE
+from fairseq_smlp.moe.feed_forward_moe import FeedForwardMoE, MoEArgs
 from fairseq_smlp.atomic_write import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,22 +101,22 @@ def build_layers(num_experts: int, args) -> dict:
     channels = F  # the gMLP gate half of a width-2F block
     torch.manual_seed(0)
     relu = dict(expert_norm=False, activation="relu")  # the Transformer baselines' experts
-    hash_moe = TokenMoE(MoEArgs("hash", num_experts, H, F, hash_table=random_hash_table(VOCAB, num_experts), **relu))
+    hash_moe = FeedForwardMoE(MoEArgs("hash", num_experts, H, F, hash_table=random_hash_table(VOCAB, num_experts), **relu))
     layers = {
         "dense FFN (LN, gelu)": (DenseFFN(H, F, True, "gelu"), "tokens", None),
         "dense FFN (relu)": (DenseFFN(H, F, False, "relu"), "tokens", None),
         "dense SGU": (SpatialGatingUnit(SpatialGateArgs(channels, T)), "channels", None),
         "experts only": (ExpertsOnly(ExpertFFN(num_experts, H, F)), "tokens", "dense FFN (LN, gelu)"),
-        "tMoE": (TokenMoE(MoEArgs("base", num_experts, H, F)), "tokens", "dense FFN (LN, gelu)"),
-        "tMoE-libbase": (TokenMoE(MoEArgs("base", num_experts, H, F, solver="libbase")), "tokens", "dense FFN (LN, gelu)"),
-        "Switch": (TokenMoE(MoEArgs("top1", num_experts, H, F, train_capacity_factor=1.25, **relu)), "tokens", "dense FFN (relu)"),
+        "tMoE": (FeedForwardMoE(MoEArgs("base", num_experts, H, F)), "tokens", "dense FFN (LN, gelu)"),
+        "tMoE-libbase": (FeedForwardMoE(MoEArgs("base", num_experts, H, F, solver="libbase")), "tokens", "dense FFN (LN, gelu)"),
+        "Switch": (FeedForwardMoE(MoEArgs("top1", num_experts, H, F, train_capacity_factor=1.25, **relu)), "tokens", "dense FFN (relu)"),
         "HASH": (hash_moe, "tokens", "dense FFN (relu)"),
         "sMoE-det": (SpatialGatingUnit(SpatialGateArgs(channels, T, num_experts)), "channels", "dense SGU"),
         "sMoE-partial": (SpatialGatingUnit(SpatialGateArgs(channels, T, num_experts, routing="partial")), "channels", "dense SGU"),
     }
     if num_experts >= 2:
         layers["GShard"] = (
-            TokenMoE(MoEArgs("top2", num_experts, H, F // 2, train_capacity_factor=2.0, **relu)), "tokens", "dense FFN (relu)",
+            FeedForwardMoE(MoEArgs("top2", num_experts, H, F // 2, train_capacity_factor=2.0, **relu)), "tokens", "dense FFN (relu)",
         )
     if getattr(args, "compare_paths", False):
         for name in TOKEN_ROUTED:

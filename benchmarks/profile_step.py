@@ -44,7 +44,7 @@ def module_category(module: nn.Module, name: str, output_projection) -> str:
     from fairseq_smlp.modules.spatial_gating import SpatialGatingUnit
     from fairseq_smlp.moe.experts import ExpertFFN
     from fairseq_smlp.moe.router import Router
-    from fairseq_smlp.moe.token_moe import TokenMoE
+    from fairseq_smlp.moe.feed_forward_moe import FeedForwardMoE
 
     if module is output_projection:
         return "output softmax/CE"
@@ -60,7 +60,7 @@ def module_category(module: nn.Module, name: str, output_projection) -> str:
         return "norms"
     if isinstance(module, Router):
         return "routing"
-    if isinstance(module, (TokenMoE, BaseLayer)):
+    if isinstance(module, (FeedForwardMoE, BaseLayer)):
         return "dispatch"  # what is left in the MoE layer once router and experts are labelled
     if isinstance(module, SpatialGatingUnit) and module.router is not None:
         return "dispatch"  # gather / scatter of the routed channels

@@ -58,7 +58,7 @@ def count_flops(model: nn.Module, seq_len: int) -> "OrderedDict[str, float]":
 
     from .modules.spatial_gating import SpatialGatingUnit
     from .moe.base_experts import BaseExpertsLayer
-    from .moe.token_moe import TokenMoE
+    from .moe.feed_forward_moe import FeedForwardMoE
 
     flops = OrderedDict((c, 0.0) for c in CATEGORIES)
     output = getattr(model.decoder, "output_projection", None)
@@ -77,7 +77,7 @@ def count_flops(model: nn.Module, seq_len: int) -> "OrderedDict[str, float]":
             flops["mixing"] += 2 * seq_len * channels
             if module.router is not None:  # reads P positions of every channel, once per sequence
                 flops["routing"] += 2 * module.router.weight.numel() * channels / seq_len
-        elif isinstance(module, (TokenMoE, BaseExpertsLayer)):  # a router and its experts
+        elif isinstance(module, (FeedForwardMoE, BaseExpertsLayer)):  # a router and its experts
             flops["experts"] += module.router.top_k * _expert_flops(module.experts)
             flops["routing"] += 2 * sum(p.numel() for p in module.router.parameters())
         elif isinstance(module, BaseLayer):
@@ -100,12 +100,12 @@ def count_params(model: nn.Module, base_workers: int = 1) -> "OrderedDict[str, i
     from fairseq.modules.base_layer import BaseLayer
 
     from .moe.base_experts import BaseExpertsLayer
-    from .moe.token_moe import TokenMoE
+    from .moe.feed_forward_moe import FeedForwardMoE
 
     total = sum(p.numel() for p in model.parameters())
     inactive, extra_workers = 0.0, 0
     for module in model.modules():
-        if isinstance(module, (TokenMoE, BaseExpertsLayer)):
+        if isinstance(module, (FeedForwardMoE, BaseExpertsLayer)):
             expert_params = sum(p.numel() for p in module.experts.parameters())
             k = module.router.top_k
             inactive += expert_params * (1 - k / module.experts.num_experts)

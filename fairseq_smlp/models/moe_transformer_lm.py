@@ -2,7 +2,7 @@
 
 One model, `moe_transformer_lm`, a subclass of fairseq's `transformer_lm`: every
 --moe-freq-th layer (layers k-1, 2k-1, ...) has its FFN replaced by a token-routed MoE
-(TokenMoE: a router + ExpertFFN, the dispatch path shared with sMLP's tMoE):
+(FeedForwardMoE: a router + ExpertFFN, the dispatch path shared with sMLP's tMoE):
 
     --moe-router top1   Switch (Fedus et al. 2021)       archs switch_lm_*
     --moe-router top2   GShard (Lepikhin et al. 2020)    archs gshard_lm_*
@@ -37,7 +37,7 @@ from ..moe.base_experts import BaseExpertsLayer
 from ..moe.fairseq_base_layer import FairseqBaseLayer, build_base_layer, check_base_layer_layout
 from ..moe.router import HashRouter, balanced_hash_table, check_expert_count, name_routers, random_hash_table
 from ..moe.compile import compile_moe
-from ..moe.token_moe import MoEArgs, TokenMoE
+from ..moe.feed_forward_moe import FeedForwardMoE, MoEArgs
 from ..validation import check_config
 from .archs import register_archs
 
@@ -134,8 +134,8 @@ def check_moe_args(args) -> None:
 
 
 # ----------------------------------------------------------------- token MoE layers
-class MoEFeedForward(TokenMoE):
-    """A TokenMoE that fits where fairseq's fc1 goes: returns the output only and keeps
+class MoEFeedForward(FeedForwardMoE):
+    """A FeedForwardMoE that fits where fairseq's fc1 goes: returns the output only and keeps
     its RoutingStats in `last_stats` for the decoder to collect."""
 
     last_stats = None

@@ -26,7 +26,7 @@ from ..modules.blocks import GatedMLPBlock, SparseBlock
 from ..modules.spatial_gating import SpatialGateArgs, SpatialGatingUnit
 from ..moe.compile import compile_moe
 from ..moe.router import check_expert_count, name_routers
-from ..moe.token_moe import MoEArgs, TokenMoE
+from ..moe.feed_forward_moe import FeedForwardMoE, MoEArgs
 from ..validation import check_config
 from .archs import register_archs
 
@@ -238,11 +238,11 @@ def build_sparse_block(cfg) -> SparseBlock:
         bias_update_rate=getattr(cfg, "tmoe_bias_update_rate", 0.001),
     )
     # base: the paper's routing, bit-for-bit (its training assignment sees the whole batch anyway)
-    feature_moe = TokenMoE(tmoe) if router == "base" else PositionMajorMoE(tmoe)
+    feature_moe = FeedForwardMoE(tmoe) if router == "base" else PositionMajorMoE(tmoe)
     return SparseBlock(token_mixing, feature_moe, cfg.dropout)
 
 
-class PositionMajorMoE(TokenMoE):
+class PositionMajorMoE(FeedForwardMoE):
     """The tMoE on sMLP's batch-first (B, T, H) states, routed position-major: the router
     sees all sequences' position t before position t+1, so first-come-first-served capacity
     makes a token compete only with tokens at earlier or equal positions, never with later

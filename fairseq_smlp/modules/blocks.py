@@ -7,7 +7,7 @@ from fairseq.modules import LayerNorm
 from torch import Tensor
 
 from ..moe.router import RoutingStats
-from ..moe.token_moe import TokenMoE
+from ..moe.feed_forward_moe import FeedForwardMoE
 from .spatial_gating import SpatialGatingUnit
 
 
@@ -43,9 +43,9 @@ class GatedMLPBlock(nn.Module):
 
 class SparseBlock(nn.Module):
     """sMLP sparse block: a gMLP block whose gate is an sMoE (token mixing), followed by a
-    tMoE (feature mixing): Y = H + TokenMoE(H) with H = GatedMLPBlock(X)."""
+    tMoE (feature mixing): Y = H + FeedForwardMoE(H) with H = GatedMLPBlock(X)."""
 
-    def __init__(self, token_mixing: GatedMLPBlock, feature_moe: TokenMoE, dropout: float = 0.0):
+    def __init__(self, token_mixing: GatedMLPBlock, feature_moe: FeedForwardMoE, dropout: float = 0.0):
         super().__init__()
         self.token_mixing = token_mixing
         self.feature_moe = feature_moe

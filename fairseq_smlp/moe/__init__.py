@@ -4,7 +4,7 @@
     balanced_assignment.py  the balanced-assignment solvers (torch price search; fairseq's libbase)
     experts.py              E expert FFNs with stacked weights, batched
     dispatch.py             group tokens by expert, run the experts, combine (one process or sharded)
-    token_moe.py            MoEArgs -> TokenMoE (a router and its experts)
+    feed_forward_moe.py     MoEArgs -> FeedForwardMoE (a router and its experts)
     base_experts.py         a Base layer with all E experts in one process (Base Layers' baseline)
     sharding.py             keep this rank's experts (expert parallelism, module side)
 """

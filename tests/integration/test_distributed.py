@@ -64,7 +64,7 @@ def init(rank, port, world=2):
 def build(kind):
     import fairseq_smlp  # noqa: F401
     from fairseq_smlp.moe.router import random_hash_table
-    from fairseq_smlp.moe.token_moe import MoEArgs, TokenMoE
+    from fairseq_smlp.moe.feed_forward_moe import FeedForwardMoE, MoEArgs
 
     torch.manual_seed(0)
     args = dict(
@@ -74,7 +74,7 @@ def build(kind):
         gshard=MoEArgs("top2", E, H, F, expert_norm=False, train_capacity_factor=2.0, eval_capacity_factor=2.0, second_expert_policy="all"),
         hash=MoEArgs("hash", E, H, F, expert_norm=False, hash_table=random_hash_table(V, E)),
     )[kind]
-    moe = TokenMoE(args)
+    moe = FeedForwardMoE(args)
     with torch.no_grad():  # fc2 starts at zero; give it size so the experts matter
         moe.experts.fc2_weight.copy_(torch.randn(E, F, H)[_local(moe.experts)] * 0.3)
     return moe

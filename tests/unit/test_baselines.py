@@ -23,7 +23,7 @@ from fairseq_smlp.moe.router import (
     random_hash_table,
     switch_aux_loss,
 )
-from fairseq_smlp.moe.token_moe import MoEArgs, TokenMoE
+from fairseq_smlp.moe.feed_forward_moe import FeedForwardMoE, MoEArgs
 
 VOCAB = 40
 SEQ = 16
@@ -211,7 +211,7 @@ def test_hash_router_routes_by_token_id_and_needs_the_ids():
 
 def test_dropped_tokens_get_nothing_from_the_moe():
     torch.manual_seed(0)
-    moe = TokenMoE(MoEArgs("top1", 2, 8, 16, expert_norm=False, train_capacity_factor=0.5, eval_capacity_factor=0)).train()
+    moe = FeedForwardMoE(MoEArgs("top1", 2, 8, 16, expert_norm=False, train_capacity_factor=0.5, eval_capacity_factor=0)).train()
     router = moe.router
     torch.nn.init.normal_(moe.experts.fc2_weight)
     x = torch.randn(1, 12, 8)

@@ -57,7 +57,7 @@ def test_zero_output_init_is_fairseqs_base_sublayer():
 
 
 @pytest.mark.parametrize("arch", ["switch_lm_tiny", "gshard_lm_tiny", "hash_lm_tiny"])
-def test_token_moe_experts_start_like_the_dense_ffn_they_replace(arch):
+def test_feed_forward_moe_experts_start_like_the_dense_ffn_they_replace(arch):
     """Expert W2 has the scale of a dense layer's fc2 (not zero), so the MoE layer adds to the
     residual stream from the first step and its W1 gets a gradient at once."""
     model = build(arch, SMALL + ["--moe-experts", "4"])

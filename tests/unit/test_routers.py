@@ -112,14 +112,14 @@ def test_gshard_queue_looks_ahead_in_training():
 def test_sequence_major_capacity_would_leak():
     """The check above has teeth: sMLP's top1 tMoE filling its capacity sequence by sequence
     (the order it had before) lets an early position see later positions of earlier sequences."""
-    from fairseq_smlp.moe.token_moe import TokenMoE
+    from fairseq_smlp.moe.feed_forward_moe import FeedForwardMoE
 
     torch.manual_seed(0)
     model = _smlp("top1")
     _tight_capacity(model)
     for module in model.modules():
-        if isinstance(module, TokenMoE):
-            module.forward = TokenMoE.forward.__get__(module)  # flatten (B, T) as it comes: sequence-major
+        if isinstance(module, FeedForwardMoE):
+            module.forward = FeedForwardMoE.forward.__get__(module)  # flatten (B, T) as it comes: sequence-major
     assert _max_leak(model, training=True) > 0.1
 
 

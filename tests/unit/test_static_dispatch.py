@@ -10,7 +10,7 @@ from fairseq_smlp.moe.base_experts import BaseExpertsLayer
 from fairseq_smlp.moe.dispatch import dispatch_path, dispatch_to_experts
 from fairseq_smlp.moe.experts import ExpertFFN
 from fairseq_smlp.moe.router import random_hash_table
-from fairseq_smlp.moe.token_moe import MoEArgs, TokenMoE
+from fairseq_smlp.moe.feed_forward_moe import FeedForwardMoE, MoEArgs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -155,7 +155,7 @@ def build_moe(router, num_experts, hidden=16, ffn=32, seed=0):
         kwargs["hash_table"] = random_hash_table(50, num_experts)
     if router in ("top1", "top2"):
         kwargs.update(expert_norm=False, activation="relu", train_capacity_factor=1.0, eval_capacity_factor=1.0)
-    moe = TokenMoE(MoEArgs(router.split("_")[0], num_experts, hidden, ffn, **kwargs))
+    moe = FeedForwardMoE(MoEArgs(router.split("_")[0], num_experts, hidden, ffn, **kwargs))
     with torch.no_grad():
         for p in moe.experts.parameters():
             p.normal_().mul_(0.3)

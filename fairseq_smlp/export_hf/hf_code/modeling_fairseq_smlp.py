@@ -286,7 +286,7 @@ class HashRouter(nn.Module):
         return self.table[token_ids].unsqueeze(1), torch.ones(x.size(0), 1, device=x.device)
 
 
-class TokenMoE(nn.Module):
+class FeedForwardMoE(nn.Module):
     """A router and its experts: x -> sum_k w_k expert_{e_k}(x) (the caller adds the residual)."""
 
     def __init__(self, router: nn.Module, experts: ExpertFFN):
@@ -412,7 +412,7 @@ class SparseBlock(nn.Module):
         gate = SpatialGatingUnit(channels, config.max_position_embeddings, config.smoe_experts, router)
         self.token_mixing = GatedMLPBlock(config, gate, split_gate)
         experts = ExpertFFN(config.tmoe_experts, config.hidden_size, config.tmoe_ffn_dim, pre_norm=True, activation="gelu")
-        self.feature_moe = TokenMoE(BaseRouter(config.hidden_size, config.tmoe_experts), experts)
+        self.feature_moe = FeedForwardMoE(BaseRouter(config.hidden_size, config.tmoe_experts), experts)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, cache=None, **unused) -> torch.Tensor:
@@ -467,7 +467,7 @@ class TransformerLayer(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.activation_dropout = nn.Dropout(config.activation_dropout)
         if moe:
-            self.moe = TokenMoE(build_token_router(config), ExpertFFN(
+            self.moe = FeedForwardMoE(build_token_router(config), ExpertFFN(
                 config.moe_experts, dim, config.moe_expert_ffn_dim, pre_norm=False, activation=config.activation_function,
             ))
         else:

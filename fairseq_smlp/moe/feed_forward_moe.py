@@ -1,4 +1,5 @@
-"""A token-routed MoE layer: a router and its experts, built from one MoEArgs.
+"""A feed-forward MoE layer: a router sends each token (a feature vector) to feed-forward
+experts; built from one MoEArgs.
 
 sMLP's tMoE (Base routing, an expert LayerNorm each) and the Transformer baselines' MoE
 FFNs (Switch, GShard, HASH) are all this layer with other arguments.
@@ -36,7 +37,7 @@ class MoEArgs:
     bias_update_rate: float = 1e-3  # top1_biased: step of the selection bias after each update
 
 
-class TokenMoE(nn.Module):
+class FeedForwardMoE(nn.Module):
     """x -> sum_k w_k expert_{e_k}(x) over the experts the router picked (the caller adds
     the residual). x: (..., H) -> (..., H), RoutingStats."""
 
