@@ -105,7 +105,7 @@ class Run:
 
     def __init__(self, name: str, data_bin: Path, user_args, spec=None, train_args=TRAIN_ARGS):
         """spec: (arch, extra fairseq args) of the model (default MODELS[name]); train_args:
-        the fairseq-train options shared by every model (benchmarks/sparsity.py passes its own)."""
+        the fairseq-train options shared by every model (the sparsity study, benchmarks/sparsity, passes its own)."""
         from fairseq import options, tasks
         from fairseq.dataclass.utils import convert_namespace_to_omegaconf
         from fairseq.trainer import Trainer
@@ -135,6 +135,11 @@ class Run:
         self.trainer.begin_epoch(self.epoch_itr.epoch)
         return iter(self.epoch_itr.next_epoch_itr(shuffle=True))
 
+    def next_epoch(self) -> None:
+        """Start the next pass over the training data (fairseq's own epoch bookkeeping)."""
+        self.epoch_itr = self.trainer.get_train_iterator(self.epoch_itr.epoch + 1, load_dataset=False)
+        self.batches = self._epoch()
+
     def train_until(self, stop: float) -> None:
         """Train until this model's clock reaches `stop` seconds (an absolute target, so that
         the overshoot of one slice does not carry into the next validation point)."""
@@ -145,8 +150,7 @@ class Run:
                 if self.max_epochs and self.epoch_itr.epoch >= self.max_epochs:
                     self.exhausted = True  # one pass at most: the model stops where its data ends
                     break
-                self.epoch_itr = self.trainer.get_train_iterator(self.epoch_itr.epoch + 1, load_dataset=False)
-                self.batches = self._epoch()
+                self.next_epoch()
                 sample = next(self.batches)
             self.trainer.train_step([sample])
             step = time.perf_counter() - start

@@ -3,7 +3,7 @@
 # Switch: smlp_top1) and every baseline family at
 # the tiny, FLOP-matched size, trained for the same wall-clock each, round-robin in one process;
 # writes the table, JSON and plots (benchmarks/compare.py).
-# Default: the unrepeated regime of benchmarks/sparsity.py — WikiText-2 + books-mix (one 8k
+# Default: the unrepeated regime of the sparsity study (benchmarks/sparsity) — WikiText-2 + books-mix (one 8k
 # sentencepiece BPE), at most one pass (no token seen twice), 16 experts in every MoE layer, bf16
 # autocast (fairseq --cpu --bf16), lr 0.008 and dropout 0 for every model, validation on 768 blocks
 # spread over WikiText-2 + books-mix valid.

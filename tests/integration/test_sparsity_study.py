@@ -1,4 +1,4 @@
-"""benchmarks/sparsity.py: crossover arithmetic, router health, resumable records, and one short
+"""The sparsity study (benchmarks/sparsity): crossover arithmetic, router health, resumable records, and one short
 real run of two models (skipped again when rerun)."""
 import json
 import math
@@ -6,7 +6,10 @@ import math
 import pytest
 import torch
 
-from benchmarks import sparsity
+from benchmarks.sparsity import analysis, train
+from benchmarks.sparsity import models as study_models
+from benchmarks.sparsity import records as raw
+from benchmarks.sparsity.cli import main as study
 
 
 def curve(values, key="nll"):
@@ -15,21 +18,21 @@ def curve(values, key="nll"):
 
 def test_crossover_is_where_the_sparse_curve_stays_below_to_the_end():
     dense = curve([5.0, 4.0, 3.5, 3.2, 3.0])
-    assert sparsity.paired_crossover(curve([5.5, 3.9, 3.6, 3.1, 2.9]), dense) == 4000  # dips below at 2000, back above, below from 4000
-    assert sparsity.paired_crossover(curve([4.9, 3.9, 3.4, 3.1, 2.9]), dense) == 1000  # below all along
-    assert sparsity.paired_crossover(curve([4.9, 3.9, 3.4, 3.1, 3.0]), dense) is None  # tied at the end: does not pass
-    assert sparsity.paired_crossover(curve([4.9, 3.9], "valid_nll"), curve([5.0, 4.0, 3.0], "valid_nll"), "valid_nll") == 1000
+    assert analysis.paired_crossover(curve([5.5, 3.9, 3.6, 3.1, 2.9]), dense) == 4000  # dips below at 2000, back above, below from 4000
+    assert analysis.paired_crossover(curve([4.9, 3.9, 3.4, 3.1, 2.9]), dense) == 1000  # below all along
+    assert analysis.paired_crossover(curve([4.9, 3.9, 3.4, 3.1, 3.0]), dense) is None  # tied at the end: does not pass
+    assert analysis.paired_crossover(curve([4.9, 3.9], "valid_nll"), curve([5.0, 4.0, 3.0], "valid_nll"), "valid_nll") == 1000
 
 
 def test_validation_blocks_are_spread_over_the_whole_set():
-    assert sparsity.valid_indices(10, 0) == list(range(10))
-    assert sparsity.valid_indices(100, 4) == [0, 25, 50, 75]
-    assert sparsity.eval_schedule(1000, 4) == [250, 500, 750, 1000]
+    assert train.valid_indices(10, 0) == list(range(10))
+    assert train.valid_indices(100, 4) == [0, 25, 50, 75]
+    assert train.eval_schedule(1000, 4) == [250, 500, 750, 1000]
 
 
 def test_every_sparse_model_names_its_dense_counterpart():
-    for name, (arch, extra, dense, family, experts) in sparsity.MODELS.items():
-        assert (dense is None) == (name in sparsity.DENSE)
+    for name, (arch, extra, dense, family, experts) in study_models.MODELS.items():
+        assert (dense is None) == (name in study_models.DENSE)
         if dense:
             assert dense == ("gmlp" if arch.startswith("smlp") else "transformer")
             assert str(experts) in extra
@@ -51,7 +54,7 @@ FakeRouter.__name__ = "Top1Router"
 
 def test_router_health_entropy_unused_and_changed_share():
     router = FakeRouter(torch.tensor([0, 0, 1, 1]), 4)
-    probe = sparsity.RouterProbe(torch.nn.Sequential(router))
+    probe = train.RouterProbe(torch.nn.Sequential(router))
     with probe:
         router(torch.zeros(4, 2))
     first = probe.health()["layers.1.fc1.router"]
@@ -70,10 +73,10 @@ def test_unfinished_models_are_forgotten_and_finished_ones_kept(tmp_path):
     records = [{"kind": "meta"}, {"kind": "start", "model": "a"}, {"kind": "done", "model": "a"},
                {"kind": "start", "model": "b"}, {"kind": "train", "model": "b"}]
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    sparsity.drop_unfinished(path)
-    kept = sparsity.read_records(path)
+    raw.drop_unfinished(path)
+    kept = raw.read_records(path)
     assert [r.get("model") for r in kept] == [None, "a", "a"]
-    assert sparsity.finished_models(kept) == {"a"}
+    assert raw.finished_models(kept) == {"a"}
 
 
 def test_a_stopped_model_is_compared_with_its_dense_counterpart_at_the_same_tokens():
@@ -90,8 +93,8 @@ def test_a_stopped_model_is_compared_with_its_dense_counterpart_at_the_same_toke
 
     records = [start("dense", None), *points("dense", [5.0, 4.0, 3.0, 2.0]), {"kind": "done", "model": "dense", "tokens": 4000, "seconds": 4.0},
                start("sparse", "dense"), *points("sparse", [4.9, 3.9])]
-    assert set(sparsity.by_model(records)) == {"dense"}
-    rows = sparsity.summarize(sparsity.with_unfinished(records))
+    assert set(raw.by_model(records)) == {"dense"}
+    rows = analysis.summarize(raw.with_unfinished(records))
     assert rows["sparse"]["partial"] and rows["sparse"]["tokens"] == 2000
     assert rows["sparse"]["valid_ppl_gap_pct"] == pytest.approx(100 * (math.exp(3.9 - 4.0) - 1))
     assert rows["sparse"]["valid_crossover_tokens"] == 1000
@@ -108,11 +111,11 @@ def test_runs_of_different_lengths_are_compared_at_equal_tokens():
                         {"kind": "eval", "model": model, "tokens": 1000 * (i + 1), "valid_nll": v, "train_nll_epoch": v, "router": {}}]
         return records + [{"kind": "done", "model": model, "tokens": 1000 * len(nlls), "seconds": float(len(nlls))}]
 
-    models = sparsity.by_model(run("dense", None, [5.0, 4.0, 3.0, 2.0]) + run("sparse", "dense", [4.9, 3.9]))
-    rows = sparsity.summarize(sparsity.cut_at(models, until_tokens=1900, tokens_per_update=100))
+    models = raw.by_model(run("dense", None, [5.0, 4.0, 3.0, 2.0]) + run("sparse", "dense", [4.9, 3.9]))
+    rows = analysis.summarize(raw.cut_at(models, until_tokens=1900, tokens_per_update=100))
     assert rows["dense"]["tokens"] == 2000 and rows["dense"]["final_valid_nll"] == 4.0
     assert rows["sparse"]["valid_ppl_gap_pct"] == pytest.approx(100 * (math.exp(3.9 - 4.0) - 1))
-    assert set(sparsity.cut_at(models, until_tokens=500, tokens_per_update=100)) == set()  # nothing trained by then
+    assert set(raw.cut_at(models, until_tokens=500, tokens_per_update=100)) == set()  # nothing trained by then
 
 
 @pytest.mark.slow
@@ -121,10 +124,10 @@ def test_short_run_writes_records_table_and_plots_and_resumes(data_bin, tmp_path
     argv = ["train", "--models", "transformer", "switch_e4", "base_e4", "--data-bin", str(data_bin), "--max-train-tokens", "1536",
             "--tokens-per-update", "512", "--points", "2", "--valid-blocks", "8", "--log-tokens", "512", "--out", str(out),
             "--", "--decoder-embed-dim", "16", "--decoder-ffn-embed-dim", "32", "--decoder-attention-heads", "2"]
-    sparsity.main(argv)
-    assert sparsity.records_file(out) == tmp_path / "raw" / "study_lr0.002.jsonl"  # raw records: raw/ next to the rendered files
-    records = sparsity.read_records(tmp_path / "raw" / "study_lr0.002.jsonl")
-    models = sparsity.by_model(records)
+    study(argv)
+    assert raw.records_file(out) == tmp_path / "raw" / "study_lr0.002.jsonl"  # raw records: raw/ next to the rendered files
+    records = raw.read_records(tmp_path / "raw" / "study_lr0.002.jsonl")
+    models = raw.by_model(records)
     assert set(models) == {"transformer", "switch_e4", "base_e4"}
     switch = models["switch_e4"]
     logged = [r["tokens"] for r in switch["train"]]
@@ -145,6 +148,6 @@ def test_short_run_writes_records_table_and_plots_and_resumes(data_bin, tmp_path
     assert summary["switch_e4"]["dense"] == "transformer" and "valid_ppl_gap_pct" in summary["switch_e4"]
     # the same paired batches: both models' online losses were measured on the same tokens
     assert [r["tokens"] for r in models["transformer"]["train"]] == logged
-    sparsity.main(argv)  # rerun: both done, nothing trained again
-    again = sparsity.read_records(tmp_path / "raw" / "study_lr0.002.jsonl")
+    study(argv)  # rerun: both done, nothing trained again
+    again = raw.read_records(tmp_path / "raw" / "study_lr0.002.jsonl")
     assert sum(r["kind"] == "start" for r in again) == 3

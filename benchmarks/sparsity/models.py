@@ -1,0 +1,38 @@
+"""The study's models and regimes: each sparse family against its dense counterpart, by expert count."""
+
+EXPERTS = (1, 4, 16, 64)
+EXPERT_DROPOUT = 0.4
+DENSE = {"gmlp": ("gmlp_lm_tiny", []), "transformer": ("transformer_lm_tiny", [])}
+
+
+def sparse_models():
+    """name -> (arch, extra fairseq args, dense counterpart, family, E)."""
+    models = {}
+    for e in EXPERTS:
+        models[f"smlp_e{e}"] = ("smlp_lm_tiny", ["--smoe-experts", str(e), "--tmoe-experts", str(e)], "gmlp", "smlp", e)
+        if e > 1:
+            models[f"smlp_tmoe_e{e}"] = ("smlp_lm_tiny", ["--smoe-experts", "1", "--tmoe-experts", str(e)], "gmlp", "smlp_tmoe", e)
+            models[f"smlp_smoe_e{e}"] = ("smlp_lm_tiny", ["--smoe-experts", str(e), "--tmoe-experts", "1"], "gmlp", "smlp_smoe", e)
+            # diagnosis: the tMoE routed like Switch instead of the paper's Base-layer routing
+            models[f"smlp_top1_e{e}"] = ("smlp_lm_tiny", ["--smoe-experts", str(e), "--tmoe-experts", str(e), "--tmoe-router", "top1"], "gmlp", "smlp_top1", e)
+            models[f"switch_e{e}"] = ("switch_lm_tiny", ["--moe-experts", str(e)], "transformer", "switch", e)
+            models[f"gshard_e{e}"] = ("gshard_lm_tiny", ["--moe-experts", str(e)], "transformer", "gshard", e)
+            models[f"hash_e{e}"] = ("hash_lm_tiny", ["--moe-experts", str(e)], "transformer", "hash", e)
+        models[f"base_e{e}"] = ("base_lm_tiny", ["--base-experts", str(e)], "transformer", "base", e)
+    # the MoE literature's regularisation for repeated data: dropout inside the experts
+    # (Switch Transformers: 0.4 in the experts, 0.1 elsewhere)
+    for name in [n for n in models if models[n][4] > 1]:
+        arch, extra, dense, family, e = models[name]
+        models[f"{name}_xd"] = (arch, extra + ["--expert-dropout", str(EXPERT_DROPOUT)], dense, f"{family}_xd", e)
+    return models
+
+
+MODELS = {**{k: (*v, None, k, 0) for k, v in DENSE.items()}, **sparse_models()}
+DEFAULT_MODELS = [m for m, spec in MODELS.items() if spec[4] in (0, 1, 4, 16) and not m.endswith("_xd") and spec[3] != "smlp_top1"]
+
+REGIMES = {
+    "single-pass": dict(corpus="wikitext-2+books-mix", epochs=1, dropout=0.0),
+    "repeated": dict(corpus="wikitext-2", epochs=4, dropout=0.1),
+}
+
+
