@@ -92,10 +92,13 @@ def main(argv=None):
     if cfg.model.get("max_target_positions") is None and "max_target_positions" in cfg.model:
         cfg.model.max_target_positions = cfg.task.tokens_per_sample
 
-    full = build_from_config(cfg, args.vocab_size, world_size=args.world_size)  # the full size, on the meta device
+    try:  # rank 0's model of the W-worker run, on the meta device
+        full = build_from_config(cfg, args.vocab_size, world_size=args.world_size)
+    except ValueError as e:  # e.g. an expert count the world size does not divide
+        raise SystemExit(f"dry run: {e}")
     from .flops import count_flops, count_params
 
-    params = count_params(full, base_workers=args.world_size)  # Base layers: one expert per worker
+    params = count_params(full, world_size=args.world_size)  # every worker's experts
     total, expert = params["total"], params["expert"]
 
     small_cfg = reduced(cfg, args.width_divisor, args.length)

@@ -95,47 +95,52 @@ def count_flops(model: nn.Module, seq_len: int) -> "OrderedDict[str, float]":
     return flops
 
 
-def count_params(model: nn.Module, base_workers: int = 1) -> "OrderedDict[str, int]":
-    """total, active per token, embedding and expert parameter counts."""
+def count_params(model: nn.Module, world_size: int = 1) -> "OrderedDict[str, int]":
+    """total, active per token, embedding and expert parameter counts of a `world_size`-worker run,
+    from the model of one of its workers (parameters marked `expert_sharded` differ from worker
+    to worker: W of each; every other parameter is the same on every worker)."""
     from fairseq.modules.base_layer import BaseLayer
 
     from .moe.base_experts import BaseExpertsLayer
     from .moe.feed_forward_moe import FeedForwardMoE
 
-    total = sum(p.numel() for p in model.parameters())
-    inactive, extra_workers = 0.0, 0
+    def workers_holding(p) -> int:  # distinct copies of p in the whole run
+        return world_size if getattr(p, "expert_sharded", False) else 1
+
+    total = sum(p.numel() * workers_holding(p) for p in model.parameters())
+    inactive = 0.0
     for module in model.modules():
-        if isinstance(module, (FeedForwardMoE, BaseExpertsLayer)):
-            expert_params = sum(p.numel() for p in module.experts.parameters())
+        if isinstance(module, (FeedForwardMoE, BaseExpertsLayer)):  # k of E experts run for a token
+            expert_params = sum(p.numel() * workers_holding(p) for p in module.experts.parameters())
             k = module.router.top_k
             inactive += expert_params * (1 - k / module.experts.num_experts)
-        elif isinstance(module, BaseLayer):  # built with this worker's expert only
-            extra_workers += (base_workers - 1) * sum(p.numel() for p in module.expert_network.parameters())
+        elif isinstance(module, BaseLayer):  # one expert per worker: one of W runs for a token
+            inactive += sum(p.numel() * (workers_holding(p) - 1) for p in module.expert_network.parameters())
     decoder = model.decoder
     embedding = decoder.embed_tokens.weight.numel()
     positions = getattr(decoder, "embed_positions", None)
     if positions is not None:
         embedding += sum(p.numel() for p in positions.parameters())
-    expert = sum(p.numel() for p in model.parameters() if getattr(p, "expert", False))
+    expert = sum(p.numel() * workers_holding(p) for p in model.parameters() if getattr(p, "expert", False))
     return OrderedDict(
-        total=total + extra_workers,
+        total=total,
         active=int(round(total - inactive)),
         embedding=embedding,
-        non_embedding=total + extra_workers - embedding,
-        expert=expert + extra_workers,
+        non_embedding=total - embedding,
+        expert=expert,
     )
 
 
 def report(arch: str, model_args=(), seq_len: int = None, vocab: int = DEFAULT_VOCAB, base_workers: int = 1) -> dict:
     """Everything `python -m fairseq_smlp.flops` prints, as a dict."""
-    model, seq_len = build_model(arch, model_args, seq_len, vocab, base_workers)
+    model, seq_len = build_model(arch, model_args, seq_len, vocab, world_size=base_workers)
     return {
         "arch": arch,
         "model_args": list(model_args),
         "seq_len": seq_len,
         "vocab": vocab,
         "flops_per_token": count_flops(model, seq_len),
-        "params": count_params(model, base_workers),
+        "params": count_params(model, world_size=base_workers),
     }
 
 

@@ -1,6 +1,13 @@
-"""The token exchange of expert parallelism: experts sharded over the data-parallel workers.
+"""Expert parallelism: experts sharded over the data-parallel workers.
 
-Rank r owns experts [r * E_local, (r + 1) * E_local). Each rank routes its own tokens, then
+Applied to a built model by one function, `parallelize_experts(model, world_size, rank)`:
+models are built with all E experts and without asking the process group; this walks the
+model and lets every module that holds experts keep one rank's share (its `shard_experts`
+method). The caller names the world size and the rank: the models' build_model the real
+ones (`data_parallel_layout`), the offline model factory (models/factory.py) any W for
+rank 0's shapes.
+
+The token exchange: rank r owns experts [r * E_local, (r + 1) * E_local). Each rank routes its own tokens, then
     all-to-all of counts: every rank learns how many rows it will get from every rank, for each
         of its local experts (routing is unbalanced in general: Switch, GShard, HASH, greedy eval);
     all-to-all of rows with those variable split sizes: exactly the routed rows travel, grouped by
@@ -28,6 +35,39 @@ from torch.distributed.nn.functional import all_to_all_single
 # seconds spent in the all-to-alls (counts; rows, forward and backward), read by
 # benchmarks/alltoall_overhead.py
 TIMER = {"enabled": False, "seconds": 0.0}
+
+
+def parallelize_experts(model: torch.nn.Module, world_size: int, rank: int) -> torch.nn.Module:
+    """Shard every expert-holding module of a built `model` over `world_size` workers, keeping
+    rank `rank`'s experts; returns the model (a module whose place another takes is replaced).
+
+    A module opts in with `shard_experts(world_size, rank)`, which slices its stacked experts,
+    marks their parameters (`expert`, `expert_sharded`), scales their gradients and records
+    what its forward needs (moe/sharding.py); it may return a module to take its place
+    (a one-process Base layer becomes fairseq's BaseLayer). The outermost such module handles
+    its own children. One worker changes nothing; call it once per model.
+    """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} of {world_size} workers")
+    return _parallelize(model, world_size, rank)
+
+
+def _parallelize(module: torch.nn.Module, world: int, rank: int) -> torch.nn.Module:
+    shard = getattr(module, "shard_experts", None)
+    if callable(shard):
+        new = shard(world, rank)
+        return module if new is None else new
+    for name, child in list(module.named_children()):
+        new = _parallelize(child, world, rank)
+        if new is not child:
+            setattr(module, name, new)  # same name, same place in the parent: checkpoint keys unchanged
+    return module
+
+
+def data_parallel_layout():
+    """(world size, rank) of this process among the data-parallel workers ((1, 0) without a
+    process group): what the models' build_model hands to parallelize_experts."""
+    return world_size(), rank()
 
 
 def world_size() -> int:

@@ -1,17 +1,18 @@
-"""Models built without data: the one offline factory that flops, dry_run, reshard, the
+"""Models built without data: the one offline model factory that flops, dry_run, reshard, the
 benchmarks and the tests use.
 
 fairseq builds a model from its parsed config and a task, of which build_model reads only the
-dictionaries: `offline_task` supplies those. `as_worker_of(W)` builds a model as one of W
-data-parallel workers would (fairseq's own BaseLayer holds one expert per worker and asks the
-process group for W while it is built); every other model is the same on any worker.
+dictionaries: `offline_task` supplies those. Models are built with all their experts and no
+process group; `world_size=W` then applies expert parallelism explicitly, as rank 0 of W
+workers (distributed/expert_parallel.py, parallelize_experts): rank 0's shapes, fairseq's own
+BaseLayer with its one expert of W.
 """
-import contextlib
 import warnings
 from types import SimpleNamespace
-from unittest import mock
 
 import torch
+
+from ..distributed.expert_parallel import parallelize_experts
 
 DEFAULT_VOCAB = 51200
 
@@ -40,27 +41,15 @@ def offline_task(vocab_size: int, task_cfg=None):
                            cfg=task_cfg, args=task_cfg)
 
 
-@contextlib.contextmanager
-def as_worker_of(world_size: int):
-    """Build as one of `world_size` data-parallel workers would, without a process group."""
-    if world_size == 1:
-        yield
-        return
-    from fairseq.distributed import utils as distributed_utils
-
-    with mock.patch.object(distributed_utils, "get_data_parallel_world_size", lambda: world_size):
-        yield
-
-
 def build_from_config(cfg, vocab_size: int = DEFAULT_VOCAB, world_size: int = 1, device: str = "meta", task=None):
-    """fairseq's models.build_model(cfg.model, task) on `device` (meta: shapes only, no memory);
-    fairseq's Base layers built as one of `world_size` workers."""
+    """fairseq's models.build_model(cfg.model, task) on `device` (meta: shapes only, no memory),
+    then distributed as rank 0 of `world_size` data-parallel workers (no process group)."""
     from fairseq import models
 
     task = task or offline_task(vocab_size, getattr(cfg, "task", None))
-    workers = world_size if getattr(cfg.model, "base_layers", 0) else 1  # only fairseq's BaseLayer asks
-    with torch.device(device), as_worker_of(workers):
-        return models.build_model(cfg.model, task)
+    with torch.device(device):
+        model = models.build_model(cfg.model, task)
+        return parallelize_experts(model, world_size, 0) if world_size > 1 else model
 
 
 def parse_model_config(arch: str, model_args=(), seq_len: int = None):
@@ -78,10 +67,10 @@ def parse_model_config(arch: str, model_args=(), seq_len: int = None):
         return convert_namespace_to_omegaconf(options.parse_args_and_arch(options.get_training_parser(), argv))
 
 
-def build_model(arch: str, model_args=(), seq_len: int = None, vocab: int = DEFAULT_VOCAB, base_workers: int = 1,
+def build_model(arch: str, model_args=(), seq_len: int = None, vocab: int = DEFAULT_VOCAB, world_size: int = 1,
                 device: str = "meta", task=None):
     """Parse `--arch ARCH model_args` as fairseq-train does and build the model on `device`
-    (meta: shapes only). Returns (model, seq_len)."""
+    (meta: shapes only), as rank 0 of `world_size` workers. Returns (model, seq_len)."""
     seq_len = seq_len or default_seq_len(arch)
     cfg = parse_model_config(arch, model_args, seq_len)
-    return build_from_config(cfg, vocab, base_workers, device, task or offline_task(vocab)), seq_len
+    return build_from_config(cfg, vocab, world_size, device, task or offline_task(vocab)), seq_len

@@ -10,8 +10,9 @@ One model, `moe_transformer_lm`, a subclass of fairseq's `transformer_lm`: every
     --moe-router none   no token MoE; with --base-layers N: Base Layers (Lewis et al.
                         2021) with --base-experts E experts   archs base_lm_*
 
-Base layers: in one process, BaseExpertsLayer (moe/base_experts.py) holds all E experts;
-with several data-parallel workers, fairseq's own BaseLayer (one expert per worker, E = W).
+Base layers: built with all E experts in one BaseExpertsLayer (moe/base_experts.py); with
+several data-parallel workers, expert parallelism puts fairseq's own BaseLayer in its place
+(one expert per worker, E = W). --base-experts 0: fairseq's BaseLayer, one expert per worker.
 
 The dense baselines `transformer_lm_*` are fairseq's `transformer_lm` with matched sizes.
 The decoder returns the routing statistics of every MoE layer in extra["moe_stats"] for
@@ -33,13 +34,28 @@ from fairseq.models.transformer_lm import (
 from fairseq.modules.checkpoint_activations import checkpoint_wrapper
 from fairseq.modules.transformer_layer import TransformerDecoderLayerBase
 
+from ..distributed import expert_parallel
 from ..moe.base_experts import BaseExpertsLayer
-from ..moe.fairseq_base_layer import FairseqBaseLayer, build_base_layer, check_base_layer_layout
+from ..moe.fairseq_base_layer import FairseqBaseLayer, check_base_layer_layout
 from ..moe.router import HashRouter, balanced_hash_table, check_expert_count, name_routers, random_hash_table
 from ..moe.compile import compile_moe
 from ..moe.feed_forward_moe import FeedForwardMoE, MoEArgs
 from ..validation import check_config
 from .archs import register_archs
+
+
+def build_base_layer(cfg, args):
+    """One Base layer. cfg: fairseq's TransformerConfig; args: the model's arguments (our own
+    fields). --base-experts E >= 1: all E experts in one BaseExpertsLayer (with W = E workers,
+    parallelize_experts gives rank r fairseq's BaseLayer holding expert r); 0: fairseq's
+    BaseLayer, one expert per worker."""
+    experts = args.base_experts or 0
+    if experts >= 1:
+        return BaseExpertsLayer(
+            cfg.decoder.embed_dim, cfg.decoder.ffn_embed_dim, experts, cfg.base_sublayers,
+            activation=str(cfg.activation_fn), dropout=args.expert_dropout or 0.0, shuffle=bool(cfg.base_shuffle),
+        )
+    return FairseqBaseLayer(cfg)
 
 
 @dataclass
@@ -217,8 +233,13 @@ class MoETransformerDecoder(TransformerDecoder):
                 module.name = f"{name}.base_layer"
             elif isinstance(module, BaseExpertsLayer):  # logged as moe_L<i>_base_layer_*, as fairseq's
                 module.router.name = f"{name}.base_layer"
-        self.moe_modules = [m for m in self.modules() if isinstance(m, (MoEFeedForward, FairseqBaseLayer, BaseExpertsLayer))]
         self.hash_routers = [m for m in self.modules() if isinstance(m, HashRouter)]
+
+    @property
+    def moe_modules(self) -> list:
+        """The layers that report RoutingStats (looked up each time: expert parallelism may
+        put fairseq's BaseLayer in the place of a Base layer after the decoder is built)."""
+        return [m for m in self.modules() if isinstance(m, (MoEFeedForward, FairseqBaseLayer, BaseExpertsLayer))]
 
     def build_decoder_layer(self, cfg, no_encoder_attn=False):
         index, self._layers_built = self._layers_built, self._layers_built + 1
@@ -247,14 +268,15 @@ class MoETransformerDecoder(TransformerDecoder):
         newest = prev_output_tokens[:, -1:] if incremental_state is not None else prev_output_tokens
         for router in self.hash_routers:
             router.set_token_ids(newest.t().reshape(-1))  # (T*B,) time-major, as the layers flatten
-        for module in self.moe_modules:
+        moe_modules = self.moe_modules
+        for module in moe_modules:
             module.last_stats = None  # layerdrop may skip a layer: no stale statistics
         try:
             x, extra = super().extract_features(prev_output_tokens, encoder_out, incremental_state, **kwargs)
         finally:
             for router in self.hash_routers:
                 router.set_token_ids(None)
-        extra["moe_stats"] = [m.last_stats for m in self.moe_modules if m.last_stats is not None]
+        extra["moe_stats"] = [m.last_stats for m in moe_modules if m.last_stats is not None]
         return x, extra
 
 
@@ -270,6 +292,7 @@ class MoETransformerLanguageModel(TransformerLanguageModel):
             args.max_target_positions = args.tokens_per_sample
         embed_tokens = cls.build_embedding(args, task.source_dictionary, args.decoder_input_dim)
         model = cls(MoETransformerDecoder(args, task.target_dictionary, embed_tokens, no_encoder_attn=True))
+        expert_parallel.parallelize_experts(model, *expert_parallel.data_parallel_layout())  # built whole, then distributed
         if getattr(args, "moe_compile", False):
             compile_moe(model)
         return model

@@ -22,6 +22,7 @@ from fairseq.modules import LayerNorm
 from omegaconf import II
 from torch import Tensor
 
+from ..distributed import expert_parallel
 from ..modules.blocks import GatedMLPBlock, SparseBlock
 from ..modules.spatial_gating import SpatialGateArgs, SpatialGatingUnit
 from ..moe.compile import compile_moe
@@ -129,6 +130,7 @@ class SmlpLanguageModel(FairseqLanguageModel):
             )
         embed_tokens = Embedding(len(task.source_dictionary), cfg.decoder_embed_dim, task.source_dictionary.pad())
         model = cls(SmlpDecoder(cfg, task.target_dictionary, embed_tokens))
+        expert_parallel.parallelize_experts(model, *expert_parallel.data_parallel_layout())  # built whole, then distributed
         if cfg.moe_compile:
             compile_moe(model)
         return model

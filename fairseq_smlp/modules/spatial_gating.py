@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ..distributed import expert_parallel
 from ..moe.router import PrefixChannelRouter
-from ..moe.sharding import shard_experts
+from ..moe.sharding import shard_stacked
 from .causal_mixing import CausalTokenMixing
 
 
@@ -63,12 +63,23 @@ class SpatialGatingUnit(nn.Module):
         self.mixing = CausalTokenMixing(args.num_experts, args.max_positions, args.init_eps)
         self.router = router
         # Default: spatial experts are replicated on every worker (not marked `expert`): their
-        # gradients are averaged like any shared parameter. --smoe-expert-parallel shards them.
+        # gradients are averaged like any shared parameter. --smoe-expert-parallel shards them
+        # (shard_experts, once the model is built).
+        if args.expert_parallel and router is not None:
+            raise ValueError("--smoe-expert-parallel needs --smoe-routing deterministic (partial routing is per sequence)")
+        self.expert_parallel = args.expert_parallel
         self.world_size = 1
-        if args.expert_parallel:
-            if router is not None:
-                raise ValueError("--smoe-expert-parallel needs --smoe-routing deterministic (partial routing is per sequence)")
-            self.world_size, self.mixing.num_experts = shard_experts(self.mixing, args.num_experts, "--smoe-experts with --smoe-expert-parallel")
+
+    def shard_experts(self, world_size: int, rank: int) -> None:
+        """--smoe-expert-parallel: keep rank `rank`'s E / W spatial experts (parallelize_experts
+        calls this once, after the model is built); replicated spatial experts stay whole."""
+        if not self.expert_parallel:
+            return
+        if self.world_size > 1:
+            raise RuntimeError(f"the spatial experts are already sharded over {self.world_size} workers")
+        flag = "--smoe-experts with --smoe-expert-parallel"
+        self.mixing.num_experts = shard_stacked(self.mixing, self.num_experts, world_size, rank, flag)
+        self.world_size = world_size
 
     @property
     def prefix_length(self) -> int:

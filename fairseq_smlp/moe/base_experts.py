@@ -11,8 +11,9 @@ dense layer. This is the same layer with all E experts in the process:
 
 The experts are S stacked ExpertFFNs (E experts each) and run on the shared dispatch path
 (dispatch.dispatch_to_experts); the mixing is written as x + alpha (expert_e(x) - x), the
-same value. fairseq's BaseLayer is kept for multi-worker runs (moe/fairseq_base_layer.py);
-with one expert the two compute the same function (tests/unit/test_fair_baselines.py).
+same value. With W workers (E = W) fairseq's BaseLayer takes its place, rank r holding
+expert r (`shard_experts`, moe/fairseq_base_layer.py); with one expert the two compute the
+same function (tests/unit/test_fair_baselines.py).
 """
 from typing import Optional
 
@@ -21,6 +22,7 @@ import torch.nn as nn
 
 from .dispatch import dispatch_to_experts
 from .experts import ExpertFFN
+from .fairseq_base_layer import FairseqBaseLayer
 from .router import BaseRouter
 
 
@@ -72,12 +74,31 @@ class BaseExpertsLayer(nn.Module):
 
     last_stats = None
 
-    def __init__(self, embed_dim: int, ffn_dim: int, num_experts: int, sublayers: int, activation: str = "relu", solver: str = "torch", dropout: float = 0.0):
+    def __init__(
+        self, embed_dim: int, ffn_dim: int, num_experts: int, sublayers: int, activation: str = "relu", solver: str = "torch",
+        dropout: float = 0.0, shuffle: bool = False,
+    ):
         super().__init__()
         if num_experts < 1:
             raise ValueError(f"--base-experts must be >= 1, got {num_experts}")
         self.router = BaseRouter(embed_dim, num_experts, solver)
         self.experts = ResidualExpertStack(num_experts, embed_dim, ffn_dim, sublayers, activation, dropout)
+        self.activation = activation
+        self.shuffle = shuffle  # --base-shuffle: fairseq's BaseLayer shuffles the tokens between workers
+
+    def shard_experts(self, world_size: int, rank: int) -> Optional[nn.Module]:
+        """With W > 1 workers: fairseq's BaseLayer in this layer's place, one expert per worker,
+        rank r holding expert r of this layer (parallelize_experts calls this once, after the
+        model is built). E must be W."""
+        if world_size == 1:
+            return None
+        experts = self.router.num_experts
+        if experts != world_size:
+            raise ValueError(
+                f"--base-experts {experts} with {world_size} data-parallel workers: fairseq's BaseLayer, used when there are "
+                f"several workers, holds one expert per worker; set --base-experts {world_size} (or 0)"
+            )
+        return FairseqBaseLayer.from_experts(self, world_size, rank)
 
     def forward(self, input_features: torch.Tensor, *args, **kwargs):
         x = input_features.reshape(-1, input_features.size(-1))

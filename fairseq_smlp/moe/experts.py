@@ -10,14 +10,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .sharding import shard_experts
+from .sharding import shard_stacked
 
 
 class ExpertFFN(nn.Module):
     """expert_e(x) = W2_e act(W1_e LN_e(x) + b1_e) + b2_e, for E experts at once.
 
-    Weights are stacked (E_local, ...): E_local = E / data-parallel world size (all E in
-    one process; rank r holds experts r*E_local .. (r+1)*E_local - 1, see sharding.py).
+    Weights are stacked (E, ...): built with all E experts; expert parallelism
+    (distributed/expert_parallel.py, parallelize_experts) keeps E_local = E / W of them, rank
+    r holding experts r*E_local .. (r+1)*E_local - 1 (`shard_experts`, sharding.py).
     The per-expert LayerNorm (pre_norm) is Base Layers' (the expert owns its norm).
     `dropout`: expert dropout on the hidden activations (--expert-dropout).
 
@@ -60,9 +61,16 @@ class ExpertFFN(nn.Module):
         self.activation = getattr(F, activation)
         for p in self.parameters():
             p.expert = True  # fairseq's legacy_ddp skips these in the gradient all-reduce
-        # with W > 1 workers keep this rank's E / W experts (initialised for all E above:
-        # a sharded model starts with exactly the experts of the unsharded one)
-        self.world_size, self.num_local_experts = shard_experts(self, num_experts, "--tmoe-experts / --moe-experts")
+        self.world_size, self.num_local_experts = 1, num_experts  # until shard_experts
+
+    def shard_experts(self, world_size: int, rank: int) -> None:
+        """Keep rank `rank`'s E / W experts of `world_size` workers (parallelize_experts calls
+        this once, after the model is built: the experts were initialised for all E, so a
+        sharded model starts with exactly the experts of the unsharded one)."""
+        if self.world_size > 1:
+            raise RuntimeError(f"the experts are already sharded over {self.world_size} workers")
+        self.num_local_experts = shard_stacked(self, self.num_experts, world_size, rank, "--tmoe-experts / --moe-experts")
+        self.world_size = world_size
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         """Refuse, with the fix, a checkpoint whose experts were sharded differently."""

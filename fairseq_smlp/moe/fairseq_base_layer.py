@@ -1,15 +1,17 @@
 """fairseq's own BaseLayer (Base Layers, Lewis et al. 2021) for runs with several workers:
 one expert per worker, E = W. One process holds all E experts in BaseExpertsLayer instead
-(moe/base_experts.py); `build_base_layer` picks between the two.
+(moe/base_experts.py); with W workers expert parallelism (distributed/expert_parallel.py,
+parallelize_experts) puts this layer in its place, rank r holding expert r.
 """
 import contextlib
+from types import SimpleNamespace
 from unittest import mock
 
 import torch
+import torch.nn as nn
 from fairseq.distributed import utils as distributed_utils
 from fairseq.modules import base_layer
 
-from .base_experts import BaseExpertsLayer
 from .router import RoutingStats, check_finite
 
 
@@ -17,22 +19,83 @@ class FairseqBaseLayer(base_layer.BaseLayer):
     """fairseq's BaseLayer (Base Layers, Lewis et al. 2021), one expert per worker, that
     also runs in a single process (then: one expert, the identity all-to-all).
 
-    Its maths are fairseq's; this subclass only (1) supplies rank 0 and the local
-    all-to-all when torch.distributed is not initialised, and (2) records the expert load
-    of each batch for the training log.
+    Its maths are fairseq's; this subclass only (1) is built without a process group, for one
+    worker, and made a W-worker layer by `shard_experts`; (2) supplies the local all-to-all when
+    torch.distributed is not initialised; (3) records the expert load of each batch for the
+    training log.
     """
 
     def __init__(self, args):
-        with base_layer_as_only_worker():
-            super().__init__(args)
+        # fairseq's BaseLayer.__init__, for one worker: fairseq's asks the process group for the
+        # worker count and this worker's rank. Same parameters, same order of initialisation.
+        nn.Module.__init__(self)
+        self.num_workers, self.expert_id = 1, 0
+        expert_centroids = torch.empty(self.num_workers, args.decoder_embed_dim)
+        torch.nn.init.orthogonal_(expert_centroids, gain=0.1)
+        self.register_parameter("expert_centroids", torch.nn.Parameter(expert_centroids))
+        self.expert_network = nn.Sequential(*([base_layer.BaseSublayer(args) for _ in range(args.base_sublayers)]))
+        self.shuffle = args.base_shuffle
+        self.cpp = self.load_assignment()
+        for param in self.expert_network.parameters():
+            param.expert = True  # fairseq's legacy_ddp does not sync their gradients
         self.name = "base_layer"
         self.last_stats = None
+
+    def shard_experts(self, world_size: int, rank: int) -> None:
+        """One expert per worker for `world_size` workers, this one rank `rank`'s (parallelize_experts
+        calls this once, after the model is built). The W centroids are drawn as fairseq draws them,
+        from the random state every worker shares; each worker keeps the expert it was built with."""
+        if world_size == 1:
+            return
         if self.num_workers > 1:
-            # this worker's expert differs from the others': every rank saves its own file
-            # (checkpoints/rank_files.py), as for sharded ExpertFFNs; fairseq made every rank
-            # write the same checkpoint_*.pt, keeping one expert of W
-            for p in self.expert_network.parameters():
-                p.expert_sharded = True
+            raise RuntimeError(f"{self.name} is already spread over {self.num_workers} workers")
+        old = self.expert_centroids
+        centroids = torch.empty(world_size, old.size(1), dtype=old.dtype, device=old.device)
+        torch.nn.init.orthogonal_(centroids, gain=0.1)
+        self.expert_centroids = nn.Parameter(centroids)
+        self.num_workers, self.expert_id = world_size, rank
+        self._mark_own_expert()
+
+    @classmethod
+    def from_experts(cls, layer, world_size: int, rank: int) -> "FairseqBaseLayer":
+        """fairseq's BaseLayer for rank `rank` of `world_size` workers holding expert `rank` of
+        `layer` (a BaseExpertsLayer with E = W experts) and all its centroids: the layout of
+        a W-worker run, whose rank files `reshard --to-world-size 1` merges back into `layer`'s.
+
+            router.centroids (W, H)                      -> expert_centroids (W, H)
+            experts.sublayers.s.norm_{weight,bias}[r] (1, H) -> expert_network.s.norm.{weight,bias} (H)
+            experts.sublayers.s.fc1_weight[r] (H, F)     -> expert_network.s.ff1.weight (F, H)
+            experts.sublayers.s.fc1_bias[r] (1, F)       -> expert_network.s.ff1.bias (F)
+            experts.sublayers.s.fc2_weight[r] (F, H)     -> expert_network.s.ff2.weight (H, F)
+            experts.sublayers.s.fc2_bias[r] (1, H)       -> expert_network.s.ff2.bias (H)
+        """
+        stacks = layer.experts.sublayers
+        embed_dim, ffn_dim = stacks[0].fc1_weight.shape[1:]
+        args = SimpleNamespace(decoder_embed_dim=embed_dim, decoder_ffn_embed_dim=ffn_dim, base_sublayers=len(stacks),
+                               activation_fn=layer.activation, base_shuffle=layer.shuffle)
+        with torch.device("meta"):  # every parameter is replaced below: no memory, no random numbers
+            new = cls(args)
+        new.num_workers, new.expert_id, new.name = world_size, rank, layer.router.name
+
+        def take(tensor):
+            return nn.Parameter(tensor.detach().clone())
+
+        new.expert_centroids = take(layer.router.centroids)
+        for sub, stacked in zip(new.expert_network, stacks):
+            sub.norm.weight, sub.norm.bias = take(stacked.norm_weight[rank, 0]), take(stacked.norm_bias[rank, 0])
+            sub.ff1.weight, sub.ff1.bias = take(stacked.fc1_weight[rank].t()), take(stacked.fc1_bias[rank, 0])
+            sub.ff2.weight, sub.ff2.bias = take(stacked.fc2_weight[rank].t()), take(stacked.fc2_bias[rank, 0])
+        for param in new.expert_network.parameters():
+            param.expert = True
+        new._mark_own_expert()
+        return new
+
+    def _mark_own_expert(self) -> None:
+        # this worker's expert differs from the others': every rank saves its own file
+        # (checkpoints/rank_files.py), as for sharded ExpertFFNs; fairseq made every rank
+        # write the same checkpoint_*.pt, keeping one expert of W
+        for p in self.expert_network.parameters():
+            p.expert_sharded = True
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         """Refuse, with the fix, a checkpoint saved by another number of workers."""
@@ -100,27 +163,6 @@ class FairseqBaseLayer(base_layer.BaseLayer):
         self.last_stats = RoutingStats(layer=self.name, expert_counts=counts)
 
 
-def build_base_layer(cfg, args):
-    """The Base layer for this run: all E experts in this process when it is the only
-    worker, fairseq's BaseLayer (one expert per worker) with several workers.
-    cfg: fairseq's TransformerConfig; args: the model's arguments (our own fields)."""
-    experts = args.base_experts or 0
-    workers = distributed_utils.get_data_parallel_world_size()
-    if workers == 1 and experts >= 1:
-        return BaseExpertsLayer(
-            cfg.decoder.embed_dim, cfg.decoder.ffn_embed_dim, experts, cfg.base_sublayers,
-            activation=str(cfg.activation_fn), dropout=args.expert_dropout or 0.0,
-        )
-    if experts not in (0, workers):
-        raise ValueError(
-            f"--base-experts {experts} with {workers} data-parallel workers: fairseq's BaseLayer, used when there are "
-            f"several workers, holds one expert per worker; set --base-experts {workers} (or 0)"
-        )
-    return FairseqBaseLayer(cfg)
-
-
-
-
 def check_base_layer_layout(model, state_dict) -> None:
     """A checkpoint of fairseq's BaseLayer (W workers, one expert each) loaded where the Base
     layer holds all its experts in one process failed on key names: say why and how to convert it."""
@@ -149,14 +191,11 @@ class _LocalAll2All(torch.autograd.Function):
 
 @contextlib.contextmanager
 def base_layer_as_only_worker():
-    """fairseq's BaseLayer asks torch.distributed for its rank and all-to-all even in one
-    process: give it rank 0 and the identity all-to-all while no process group exists (one
-    process, e.g. tests or --base-experts 0); nothing changes when torch.distributed is set up."""
+    """fairseq's BaseLayer calls torch.distributed's all-to-all even in one process: give it
+    the identity all-to-all while no process group exists (one process, e.g. tests or
+    --base-experts 0); nothing changes when torch.distributed is set up."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         yield
         return
-    from fairseq.distributed import utils as distributed_utils
-    from fairseq.modules import base_layer
-
-    with mock.patch.object(distributed_utils, "get_data_parallel_rank", lambda: 0), mock.patch.object(base_layer, "All2All", _LocalAll2All):
+    with mock.patch.object(base_layer, "All2All", _LocalAll2All):
         yield

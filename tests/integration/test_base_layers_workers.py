@@ -139,12 +139,14 @@ def _uneven_worker(rank, port, out):
     from types import SimpleNamespace
 
     import fairseq_smlp  # noqa: F401
+    from fairseq_smlp.distributed.expert_parallel import parallelize_experts
     from fairseq_smlp.moe.fairseq_base_layer import FairseqBaseLayer
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     layer = FairseqBaseLayer(SimpleNamespace(decoder_embed_dim=8, decoder_ffn_embed_dim=16, base_sublayers=1,
-                                                   base_shuffle=1, activation_fn="relu"))
+                                             base_shuffle=1, activation_fn="relu"))
+    parallelize_experts(layer, 2, rank)
     try:
         layer(torch.randn(6 if rank == 0 else 4, 1, 8, requires_grad=True))
         message = "no error"

@@ -62,22 +62,27 @@ def init(rank, port, world=2):
 
 # ------------------------------------------------------------------ modules
 def build(kind):
+    """The layer with all E experts, distributed over this process's workers (one without a
+    process group), as fairseq's build_model distributes a model."""
     import fairseq_smlp  # noqa: F401
-    from fairseq_smlp.moe.router import random_hash_table
+    from fairseq_smlp.distributed.expert_parallel import data_parallel_layout, parallelize_experts
     from fairseq_smlp.moe.feed_forward_moe import FeedForwardMoE, MoEArgs
+    from fairseq_smlp.moe.router import random_hash_table
 
     torch.manual_seed(0)
+    common = dict(num_experts=E, embed_dim=H, ffn_dim=F)
+    capacity = dict(train_capacity_factor=2.0, eval_capacity_factor=2.0)
     args = dict(
-        tmoe=MoEArgs("base", E, H, F),
-        switch=MoEArgs("top1", E, H, F, expert_norm=False, train_capacity_factor=1.25, eval_capacity_factor=2.0),
+        tmoe=MoEArgs(router="base", **common),
+        switch=MoEArgs(router="top1", **common, expert_norm=False, train_capacity_factor=1.25, eval_capacity_factor=2.0),
         # no sampling: deterministic
-        gshard=MoEArgs("top2", E, H, F, expert_norm=False, train_capacity_factor=2.0, eval_capacity_factor=2.0, second_expert_policy="all"),
-        hash=MoEArgs("hash", E, H, F, expert_norm=False, hash_table=random_hash_table(V, E)),
+        gshard=MoEArgs(router="top2", **common, expert_norm=False, **capacity, second_expert_policy="all"),
+        hash=MoEArgs(router="hash", **common, expert_norm=False, hash_table=random_hash_table(V, E)),
     )[kind]
     moe = FeedForwardMoE(args)
     with torch.no_grad():  # fc2 starts at zero; give it size so the experts matter
-        moe.experts.fc2_weight.copy_(torch.randn(E, F, H)[_local(moe.experts)] * 0.3)
-    return moe
+        moe.experts.fc2_weight.copy_(torch.randn(E, F, H) * 0.3)
+    return parallelize_experts(moe, *data_parallel_layout())
 
 
 def _local(experts):
@@ -305,11 +310,12 @@ def test_a_batch_without_tokens_in_one_process(kind):
 
 
 def _bad_world_worker(rank, port):
+    from fairseq_smlp.distributed.expert_parallel import data_parallel_layout, parallelize_experts
     from fairseq_smlp.moe.experts import ExpertFFN
 
     init(rank, port)
     with pytest.raises(ValueError, match=r"--tmoe-experts / --moe-experts.*multiple of.*--distributed-world-size"):
-        ExpertFFN(3, H, F)
+        parallelize_experts(ExpertFFN(3, H, F), *data_parallel_layout())
 
 
 def test_world_size_must_divide_experts():
@@ -501,10 +507,12 @@ SMOE_SHAPES = [(3, 10), (2, 7)]  # (sequences, length) of rank 0 and rank 1: une
 
 def build_sgu(sharded):
     import fairseq_smlp  # noqa: F401
+    from fairseq_smlp.distributed.expert_parallel import data_parallel_layout, parallelize_experts
     from fairseq_smlp.modules.spatial_gating import SpatialGateArgs, SpatialGatingUnit
 
     torch.manual_seed(0)
-    return SpatialGatingUnit(SpatialGateArgs(8, 12, num_experts=4, init_eps=1.0, expert_parallel=sharded))
+    sgu = SpatialGatingUnit(SpatialGateArgs(channels=8, max_positions=12, num_experts=4, init_eps=1.0, expert_parallel=sharded))
+    return parallelize_experts(sgu, *data_parallel_layout())
 
 
 def smoe_data(step):

@@ -3,8 +3,6 @@ one process (and agrees with fairseq's BaseLayer where both apply), expert dropo
 with test_baselines.py, which checks the routers, causality and incremental decoding of every
 baseline family; this file checks that the comparison is fair (initialisation, expert count,
 dropout as each paper has them)."""
-from unittest import mock
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -248,24 +246,21 @@ def test_base_lm_has_its_arch_expert_count_in_one_process():
 
 
 def test_several_workers_use_fairseqs_base_layer_with_one_expert_each():
-    from fairseq.distributed import utils as distributed_utils
-
-    with mock.patch.object(distributed_utils, "get_data_parallel_world_size", lambda: 4):
-        layer = build_model("base_lm_tiny", SMALL, seq_len=SEQ, vocab=VOCAB, device="meta")[0].decoder.layers[1]
-        assert isinstance(layer, FairseqBaseLayer) and layer.expert_centroids.size(0) == 4
-        with pytest.raises(ValueError, match="--base-experts 8 with 4 data-parallel workers"):
-            build_model("base_lm_tiny", SMALL + ["--base-experts", "8"], seq_len=SEQ, vocab=VOCAB, device="meta")
+    """Expert parallelism over W = E workers puts fairseq's BaseLayer in the Base layer's place,
+    one expert per worker (distributed/expert_parallel.py; no process group needed to build it)."""
+    layer = build_model("base_lm_tiny", SMALL, seq_len=SEQ, vocab=VOCAB, device="meta", world_size=4)[0].decoder.layers[1]
+    assert isinstance(layer, FairseqBaseLayer) and layer.expert_centroids.size(0) == 4 and layer.num_workers == 4
+    with pytest.raises(ValueError, match="--base-experts 8 with 4 data-parallel workers"):
+        build_model("base_lm_tiny", SMALL + ["--base-experts", "8"], seq_len=SEQ, vocab=VOCAB, device="meta", world_size=4)
 
 
 def test_base_flops_and_params_in_one_process_equal_the_worker_layout():
     """FLOP matching holds either way: one process with E experts counts what E workers do."""
     one = build_model("base_lm_tiny", [], seq_len=128, vocab=8000, device="meta")[0]
-    from fairseq.distributed import utils as distributed_utils
-
-    with mock.patch.object(distributed_utils, "get_data_parallel_world_size", lambda: 4):
-        workers = build_model("base_lm_tiny", [], seq_len=128, vocab=8000, device="meta")[0]
+    workers = build_model("base_lm_tiny", [], seq_len=128, vocab=8000, device="meta", world_size=4)[0]
+    assert isinstance(workers.decoder.layers[1], FairseqBaseLayer)
     assert count_flops(one, 128) == count_flops(workers, 128)
-    assert count_params(one) == count_params(workers, base_workers=4)
+    assert count_params(one) == count_params(workers, world_size=4)
 
 
 def test_base_training_is_causal_given_the_assignment(monkeypatch):
