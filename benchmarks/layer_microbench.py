@@ -101,23 +101,24 @@ def build_layers(num_experts: int, args) -> dict:
     channels = F  # the gMLP gate half of a width-2F block
     torch.manual_seed(0)
     relu = dict(expert_norm=False, activation="relu")  # the Transformer baselines' experts
-    hash_moe = FeedForwardMoE(MoEArgs("hash", num_experts, H, F, hash_table=random_hash_table(VOCAB, num_experts), **relu))
+    shape = dict(num_experts=num_experts, embed_dim=H, ffn_dim=F)
+    gate = dict(channels=channels, max_positions=T)
+    hash_moe = FeedForwardMoE(MoEArgs(router="hash", **shape, hash_table=random_hash_table(VOCAB, num_experts), **relu))
     layers = {
         "dense FFN (LN, gelu)": (DenseFFN(H, F, True, "gelu"), "tokens", None),
         "dense FFN (relu)": (DenseFFN(H, F, False, "relu"), "tokens", None),
-        "dense SGU": (SpatialGatingUnit(SpatialGateArgs(channels, T)), "channels", None),
+        "dense SGU": (SpatialGatingUnit(SpatialGateArgs(**gate)), "channels", None),
         "experts only": (ExpertsOnly(ExpertFFN(num_experts, H, F)), "tokens", "dense FFN (LN, gelu)"),
-        "tMoE": (FeedForwardMoE(MoEArgs("base", num_experts, H, F)), "tokens", "dense FFN (LN, gelu)"),
-        "tMoE-libbase": (FeedForwardMoE(MoEArgs("base", num_experts, H, F, solver="libbase")), "tokens", "dense FFN (LN, gelu)"),
-        "Switch": (FeedForwardMoE(MoEArgs("top1", num_experts, H, F, train_capacity_factor=1.25, **relu)), "tokens", "dense FFN (relu)"),
+        "tMoE": (FeedForwardMoE(MoEArgs(router="base", **shape)), "tokens", "dense FFN (LN, gelu)"),
+        "tMoE-libbase": (FeedForwardMoE(MoEArgs(router="base", **shape, solver="libbase")), "tokens", "dense FFN (LN, gelu)"),
+        "Switch": (FeedForwardMoE(MoEArgs(router="top1", **shape, train_capacity_factor=1.25, **relu)), "tokens", "dense FFN (relu)"),
         "HASH": (hash_moe, "tokens", "dense FFN (relu)"),
-        "sMoE-det": (SpatialGatingUnit(SpatialGateArgs(channels, T, num_experts)), "channels", "dense SGU"),
-        "sMoE-partial": (SpatialGatingUnit(SpatialGateArgs(channels, T, num_experts, routing="partial")), "channels", "dense SGU"),
+        "sMoE-det": (SpatialGatingUnit(SpatialGateArgs(**gate, num_experts=num_experts)), "channels", "dense SGU"),
+        "sMoE-partial": (SpatialGatingUnit(SpatialGateArgs(**gate, num_experts=num_experts, routing="partial")), "channels", "dense SGU"),
     }
     if num_experts >= 2:
-        layers["GShard"] = (
-            FeedForwardMoE(MoEArgs("top2", num_experts, H, F // 2, train_capacity_factor=2.0, **relu)), "tokens", "dense FFN (relu)",
-        )
+        gshard = MoEArgs(router="top2", num_experts=num_experts, embed_dim=H, ffn_dim=F // 2, train_capacity_factor=2.0, **relu)
+        layers["GShard"] = (FeedForwardMoE(gshard), "tokens", "dense FFN (relu)")
     if getattr(args, "compare_paths", False):
         for name in TOKEN_ROUTED:
             if name in layers:

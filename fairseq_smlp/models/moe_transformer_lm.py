@@ -173,10 +173,10 @@ def build_moe_ffn(args, dictionary) -> MoEFeedForward:
         table = balanced_hash_table(dictionary.count, num_experts) if balanced else random_hash_table(len(dictionary), num_experts, args.hash_seed)
     return MoEFeedForward(
         MoEArgs(
-            router,
-            num_experts,
-            args.decoder_embed_dim,
-            args.moe_expert_ffn_dim or args.decoder_ffn_embed_dim,
+            router=router,
+            num_experts=num_experts,
+            embed_dim=args.decoder_embed_dim,
+            ffn_dim=args.moe_expert_ffn_dim or args.decoder_ffn_embed_dim,
             expert_norm=False,  # the layer's own final_layer_norm already normalises the FFN input
             activation=activation,
             train_capacity_factor=args.moe_train_capacity_factor,

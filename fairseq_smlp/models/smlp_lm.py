@@ -230,10 +230,10 @@ def build_sparse_block(cfg) -> SparseBlock:
     token_mixing = GatedMLPBlock(cfg.decoder_embed_dim, cfg.decoder_ffn_embed_dim, gate, split_gate, cfg.dropout)
     router = str(getattr(cfg, "tmoe_router", "base"))
     tmoe = MoEArgs(
-        router,
-        cfg.tmoe_experts,
-        cfg.decoder_embed_dim,
-        cfg.tmoe_ffn_embed_dim,
+        router=router,
+        num_experts=cfg.tmoe_experts,
+        embed_dim=cfg.decoder_embed_dim,
+        ffn_dim=cfg.tmoe_ffn_embed_dim,
         solver=str(cfg.balanced_assignment),
         expert_init=str(cfg.expert_init),
         expert_dropout=cfg.expert_dropout,

@@ -6,5 +6,5 @@
     dispatch.py             group tokens by expert, run the experts, combine (one process or sharded)
     feed_forward_moe.py     MoEArgs -> FeedForwardMoE (a router and its experts)
     base_experts.py         a Base layer with all E experts in one process (Base Layers' baseline)
-    sharding.py             keep this rank's experts (expert parallelism, module side)
+    sharding.py             slice a stacked-expert module to one rank's experts (expert parallelism)
 """

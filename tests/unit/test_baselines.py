@@ -211,7 +211,8 @@ def test_hash_router_routes_by_token_id_and_needs_the_ids():
 
 def test_dropped_tokens_get_nothing_from_the_moe():
     torch.manual_seed(0)
-    moe = FeedForwardMoE(MoEArgs("top1", 2, 8, 16, expert_norm=False, train_capacity_factor=0.5, eval_capacity_factor=0)).train()
+    args = MoEArgs(router="top1", num_experts=2, embed_dim=8, ffn_dim=16, expert_norm=False, train_capacity_factor=0.5, eval_capacity_factor=0)
+    moe = FeedForwardMoE(args).train()
     router = moe.router
     torch.nn.init.normal_(moe.experts.fc2_weight)
     x = torch.randn(1, 12, 8)

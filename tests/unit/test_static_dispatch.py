@@ -155,7 +155,7 @@ def build_moe(router, num_experts, hidden=16, ffn=32, seed=0):
         kwargs["hash_table"] = random_hash_table(50, num_experts)
     if router in ("top1", "top2"):
         kwargs.update(expert_norm=False, activation="relu", train_capacity_factor=1.0, eval_capacity_factor=1.0)
-    moe = FeedForwardMoE(MoEArgs(router.split("_")[0], num_experts, hidden, ffn, **kwargs))
+    moe = FeedForwardMoE(MoEArgs(router=router.split("_")[0], num_experts=num_experts, embed_dim=hidden, ffn_dim=ffn, **kwargs))
     with torch.no_grad():
         for p in moe.experts.parameters():
             p.normal_().mul_(0.3)
