@@ -156,3 +156,108 @@ def test_docs_drop_history_and_machine_paths():
         assert "../shared/data" not in text, page
         assert "could not be re-measured" not in text, page
         assert not re.search(r"\bissue \d+", text, re.I), page
+
+
+# ------------------------------------------------ figures in docs/ and benchmarks/README.md
+# A figure: a number with a decimal point, a thousands comma, a percent sign, an `x` ratio, an
+# M / k / G multiplier or an exponent. Counts and settings without them ("4 experts",
+# "--lr 0.008" in code) are not figures; inline code and code blocks are not read.
+FIGURE = re.compile(r"(?<![\w.])[-+]?\d+(?:,\d{3})*(?:\.\d+)?(?:e-\d+)?(?:%|x\b|[MkG]\b)?")
+# what reports a measurement wherever it stands: a decimal percentage or ratio, a rate, or
+# a perplexity / accuracy / "measured" with its number
+MEASURED = re.compile(r"\d\.\d+ ?%|\d\.\d+x\b|\d tokens/s|\bmeasured\b[^.;:]*?\d|\b(ppl|perplexity|accuracy)( is| of)? [\d,.]*\d")
+FIGURE_PAGES = DOCS + [ROOT / "benchmarks" / "README.md"]
+# a table announced by `<!-- computed: COMMAND -->` is what COMMAND prints (counts, not measurements)
+COMPUTED_MARKER = re.compile(r"<!-- computed: .+ -->")
+SCALE = {"M": 1e6, "k": 1e3, "G": 1e9}
+
+
+def _blocks(text):
+    """Paragraphs, list items and tables (code blocks dropped). An indented paragraph continues
+    the list item above it, and a table belongs to the paragraph that introduces it: both carry
+    the links of what they continue."""
+    text = re.sub(r"```.*?```", "", text, flags=re.S)
+    blocks, current = [], []
+    for line in text.splitlines() + [""]:
+        starts_item = re.match(r"[-*] |\d+\. ", line)
+        if not line.strip() or (starts_item and current) or (line.startswith("|") and current and not current[-1].startswith("|")):
+            if current:
+                blocks.append("\n".join(current))
+            current = [line] if line.strip() else []
+        else:
+            current.append(line)
+    linked = []
+    for block in blocks:
+        continues = block.startswith(("  ", "|")) and linked
+        linked.append((block, (linked[-1][1] + " " + linked[-1][0]) if continues else ""))
+    return linked
+
+
+def _results_files(page, text):
+    """The results files (benchmarks/results/..., .md with its .json) that text links."""
+    files = []
+    for target in re.findall(r"\]\(([^)\s#]+)", text):
+        path = (page.parent / target).resolve()
+        if (ROOT / "benchmarks" / "results") in path.parents and path.is_file() and path.suffix in (".md", ".json"):
+            files += [path] + ([path.with_suffix(".json")] if path.suffix == ".md" and path.with_suffix(".json").exists() else [])
+    return files
+
+
+def _value(figure):
+    scale = SCALE.get(figure[-1], 1)
+    return float(figure.rstrip("%xMkG").replace(",", "")) * scale, scale
+
+
+def _file_values(path):
+    """Every number a results file states: in its text, and (JSON) every value, also as a percentage."""
+    text = path.read_text(encoding="utf-8")
+    values = {abs(_value(f)[0]) for f in FIGURE.findall(text)}
+    if path.suffix == ".json":
+        def walk(node):
+            if isinstance(node, (int, float)) and not isinstance(node, bool):
+                values.update({abs(float(node)), abs(100 * float(node))})
+            elif isinstance(node, (dict, list)):
+                for child in node.values() if isinstance(node, dict) else node:
+                    walk(child)
+        walk(json.loads(text))
+    return values
+
+
+def _states(figure, values):
+    """A results file states figure when one of its numbers rounds to it (to the figure's decimals)."""
+    value, scale = _value(figure)
+    mantissa = figure.rstrip("%xMkG").split("e")[0]
+    if "e-" in figure:
+        return any(abs(v - abs(value)) <= 0.05 * abs(value) for v in values)
+    decimals = len(mantissa.split(".")[1]) if "." in mantissa else 0
+    return any(round(v / scale, decimals) == round(abs(value) / scale, decimals) for v in values)
+
+
+def _prose(block):
+    block = re.sub(r"`[^`]*`", "", block)
+    return re.sub(r"\]\([^)]*\)", "]", block)
+
+
+@pytest.mark.parametrize("page", FIGURE_PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_each_figure_is_stated_by_a_results_file_its_paragraph_links(page):
+    """A paragraph (list item, table) that links results files quotes only figures those files
+    state: a figure typed by hand, or left behind by a re-measurement, fails here."""
+    for block, inherited in _blocks(page.read_text(encoding="utf-8")):
+        files = _results_files(page, block + " " + inherited)
+        if not files:
+            continue
+        values = set().union(*map(_file_values, files))
+        figures = [f for f in FIGURE.findall(_prose(block)) if re.search(r"[.,%xMkG]|e-", f)]
+        missing = [f for f in figures if not _states(f, values)]
+        assert not missing, f"{page.relative_to(ROOT)}: {missing} in a paragraph whose results files {[f.name for f in files]} do not state them:\n{block}"
+
+
+@pytest.mark.parametrize("page", FIGURE_PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_a_measurement_comes_with_its_results_file(page):
+    """Outside paragraphs that link results files, no perplexity, accuracy, rate, speed-up or
+    measured figure: each would be a figure nobody can trace or re-check."""
+    for block, inherited in _blocks(page.read_text(encoding="utf-8")):
+        if _results_files(page, block + " " + inherited) or (block.startswith("|") and COMPUTED_MARKER.search(inherited)):
+            continue
+        found = MEASURED.search(_prose(block))
+        assert not found, f"{page.relative_to(ROOT)}: '{found.group(0)}' without a results file:\n{block}"
