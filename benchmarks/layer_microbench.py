@@ -205,7 +205,7 @@ def write_markdown(path: Path, result: dict) -> None:
         lines += [
             "",
             f"Rows without a suffix run the \"{result.get('path', 'static')}\" dispatch path (moe/dispatch.py; static, "
-            "issue 24: exact balance -> one permutation and one bmm per projection; otherwise an (E, C, H) buffer "
+            "exact balance -> one permutation and one bmm per projection; otherwise an (E, C, H) buffer "
             "filled by scatter, one bmm per projection); "
             "\"[grouped]\" rows run the same module on the previous path (rows grouped by expert, grouped_mm in fp32 "
             "or slots padded to the largest load), interleaved in the same run: the before/after pair.",
