@@ -1,9 +1,10 @@
 """--moe-compile: torch.compile for the MoE hot paths (optional, off by default).
 
-Compiled: the experts' batched forward (ExpertFFN.forward: expert LayerNorm, two batched
-matmuls, activation) and the partial-prediction sMoE's routed mixing (channel gather, causal
-mixing, router weights, scatter back). Routers and token dispatch stay eager: their shapes
-depend on the data (sorts, bincounts, capacities), which would recompile or break graphs.
+Compiled: each feed-forward MoE layer whole (FeedForwardMoE.forward: router, static-shape
+dispatch, experts, combine; with expert parallelism only the experts' batched forward) and the
+partial-prediction sMoE's routed mixing (channel gather, causal mixing, router weights, scatter
+back). Data-dependent steps inside a layer (a balanced assignment's sweeps, capacity counts)
+become graph breaks: dynamo compiles the pieces between them.
 Numbers equal eager to float rounding (tests/unit/test_moe_speed_paths.py). On a CPU, inductor
 needs a C++ compiler: without one (or if compiling fails) the model runs eager, with one
 log line. Measured gains and costs: README, Benchmarks.
@@ -60,9 +61,14 @@ def compile_moe(model: nn.Module) -> int:
     if not compiler_available():
         _fall_back("setup", RuntimeError("no torch.compile or no C++ compiler on PATH"))
         return 0
-    wrapped = 0
+    wrapped, compiled_modules = 0, []
     for name, module in model.named_modules():
-        for method in getattr(module, "compile_targets", lambda: [])():
+        if any(name.startswith(f"{outer}.") for outer in compiled_modules):
+            continue  # inside a module compiled whole: its graph already holds this one
+        targets = getattr(module, "compile_targets", lambda: [])()
+        for method in targets:
             setattr(module, method, CompiledOrEager(getattr(module, method), f"{name}.{method}"))
             wrapped += 1
+        if "forward" in targets:
+            compiled_modules.append(name)
     return wrapped

@@ -52,11 +52,19 @@ class FeedForwardMoE(nn.Module):
         )
         self.router, self.experts = build_router(args), experts
 
+    def compile_targets(self) -> list:
+        """What --moe-compile compiles (moe/compile.py): the whole layer (router, dispatch, experts,
+        combine) in one process; with expert parallelism only the experts (rows cross workers)."""
+        return ["forward"] if self.experts.world_size == 1 else []
+
     def forward(self, x: torch.Tensor):
         flat = x.reshape(-1, x.size(-1))  # (N, H)
         expert_index, weight, stats = self.router(flat)
         weight = None if self.router.unit_weight else weight  # HASH: every weight is 1, skip the product
-        return dispatch_to_experts(flat, expert_index, weight, self.experts).view_as(x), stats
+        # compiled: the static path, whose shapes a compiler can trace (grouped_mm's CPU fallback
+        # loops over groups with host syncs and has no fp32 kernel to trace)
+        path = "static" if torch.compiler.is_compiling() else None
+        return dispatch_to_experts(flat, expert_index, weight, self.experts, path=path).view_as(x), stats
 
 
 def build_router(args: MoEArgs):

@@ -220,18 +220,10 @@ def _reset_compile_warning():
 
 @pytest.mark.skipif(not __import__("fairseq_smlp.moe.compile", fromlist=["x"]).compiler_available(), reason="no C++ compiler for torch.compile")
 def test_compiled_hot_paths_equal_eager():
-    """--moe-compile: the experts' batched forward and the partial sMoE mixing give eager's
-    outputs and gradients to fp32 rounding (compiles two tiny graphs: tens of seconds)."""
+    """--moe-compile: the whole feed-forward MoE layer (router, dispatch, experts, combine) and the
+    partial sMoE mixing give eager's outputs and gradients to fp32 rounding (tiny graphs: tens of seconds)."""
     from conftest import build_tiny_smlp
     from fairseq_smlp.moe.compile import CompiledOrEager, compile_moe
-
-    experts = random_experts(2, hidden=8, ffn=16, pre_norm=True)
-    x = torch.randn(2, 6, 8)
-    eager = outputs_and_grads(lambda x, w: experts(x), x, None, experts)
-    compiled_forward = CompiledOrEager(experts.forward, "experts")
-    compiled = outputs_and_grads(lambda x, w: compiled_forward(x), x, None, experts)
-    assert compiled_forward.compiled is not None  # it did not fall back
-    assert_all_close(compiled, eager)
 
     model = build_tiny_smlp(smoe_routing="partial", decoder_layers=2).train()
     tokens = torch.randint(4, 40, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -243,10 +235,11 @@ def test_compiled_hot_paths_equal_eager():
         return [out.detach()] + [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
     eager = logits_and_grads()
-    assert compile_moe(model) == 2  # the tMoE experts and the partial sMoE of block 1
+    assert compile_moe(model) == 2  # the tMoE layer whole (not its experts again) and the partial sMoE of block 1
     assert_all_close(logits_and_grads(), eager)
     block = model.decoder.layers[1]
-    assert block.feature_moe.experts.forward.compiled is not None and block.token_mixing.gate.mix_routed.compiled is not None
+    assert block.feature_moe.forward.compiled is not None and block.token_mixing.gate.mix_routed.compiled is not None
+    assert not isinstance(block.feature_moe.experts.forward, CompiledOrEager)
 
 
 def test_moe_compile_without_compiler_runs_eager_with_one_log_line(monkeypatch, caplog):
