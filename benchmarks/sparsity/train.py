@@ -53,14 +53,14 @@ def prepare_data(regime: str, vocab_size: int) -> Path:
 
 
 # --------------------------------------------------------------------------- router health
-ROUTER_TYPES = ("BaseRouter", "Top1Router", "Top2Router", "HashRouter")
-
-
 class RouterProbe:
-    """Records the first-choice expert of every token at each router during a forward."""
+    """Records the first-choice expert of every token at each token router during a forward;
+    entropy and changed are defined as in the training log (fairseq_smlp/moe/health.py)."""
 
     def __init__(self, model):
-        self.routers = {m.name: m for m in model.modules() if type(m).__name__ in ROUTER_TYPES}
+        from fairseq_smlp.moe.router import Router
+
+        self.routers = {m.name: m for m in model.modules() if isinstance(m, Router) and m.remembers_choices}
         self.choices = {name: [] for name in self.routers}
         self.previous = {}
         self.handles = []
@@ -79,6 +79,8 @@ class RouterProbe:
     def health(self) -> dict:
         """{router: {entropy, unused, changed}} over the tokens of this forward; changed = share
         of tokens whose expert differs from the previous call's (same tokens, same order)."""
+        from fairseq_smlp.moe.health import changed_tokens, load_entropy
+
         out = {}
         for name, parts in self.choices.items():
             expert = torch.cat(parts)
@@ -86,10 +88,11 @@ class RouterProbe:
             num_experts = self.routers[name].num_experts
             load = torch.bincount(kept, minlength=num_experts).float()
             p = load / load.sum().clamp(min=1)
-            entropy = float(-(p[p > 0] * p[p > 0].log()).sum() / math.log(num_experts)) if num_experts > 1 else 1.0
+            entropy = float(load_entropy(load))
             record = {"entropy": round(entropy, 4), "unused": int((load == 0).sum()), "load_max": round(float(p.max() * num_experts), 3)}
             if name in self.previous and self.previous[name].shape == expert.shape:
-                record["changed"] = round(float((self.previous[name] != expert).float().mean()), 4)
+                changed, compared = changed_tokens(self.previous[name], expert)
+                record["changed"] = round(float(changed) / max(int(compared), 1), 4)
             self.previous[name] = expert
             out[name] = record
         return out

@@ -7,8 +7,15 @@ Log fields (loads as shares of a perfectly balanced load: 1.0 = balanced):
     moe_aux        the layers' auxiliary losses, summed       moe_dropped   the largest share of
                                                                             tokens a layer dropped
     moe_bias_range the largest max - min of a top1_biased router's selection bias over layers
-and per layer `moe/L{block}_{feature_moe|spatial_moe|...}_{load_max,load_min,unused,aux,dropped}`,
-which only the JSON log and TensorBoard (--tensorboard-logdir) show (fairseq_patches.py).
+    moe_entropy    the lowest normalised load entropy of any layer (moe/health.py: 1 = every
+                   expert equally loaded, 0 = one expert takes all), a batch's load each,
+                   averaged over batches
+    moe_changed    validation only, from the second validation on: the share of the routed
+                   tokens whose first-choice expert differs from the previous validation's
+                   (all token-routing layers pooled; sums of tokens, exact over the batches)
+and per layer `moe/L{block}_{feature_moe|spatial_moe|...}_{load_max,load_min,unused,aux,dropped,
+entropy,bias_range,changed}`, which only the JSON log and TensorBoard (--tensorboard-logdir)
+show (fairseq_patches.py).
 """
 import math
 from collections import defaultdict
@@ -20,10 +27,12 @@ from fairseq import metrics, utils
 from fairseq.criterions import FairseqCriterion, register_criterion
 from fairseq.dataclass import FairseqDataclass
 
+from ..moe.health import load_entropy
 from ..validation import check_value
 from .fused_output_loss import LinearCrossEntropy, fused_output_weight
 
 PER_LAYER_PREFIX = "moe/"  # per-layer routing figures: JSON log and TensorBoard only (fairseq_patches.py)
+CHANGED, COMPARED = "changed", "compared"  # token counts; logged as the share changed / compared
 
 
 @dataclass
@@ -42,13 +51,18 @@ def layer_statistics(stats) -> dict:
     """Load of one router on one batch, as shares of a perfectly balanced load (1.0)."""
     counts = stats.expert_counts.float()
     share = counts * counts.numel() / counts.sum().clamp(min=1)
-    out = {"load_max": share.max().item(), "load_min": share.min().item(), "unused": (counts == 0).sum().item()}
+    out = {
+        "load_max": share.max().item(), "load_min": share.min().item(), "unused": (counts == 0).sum().item(),
+        "entropy": load_entropy(counts).item(),
+    }
     if stats.aux_loss is not None:
         out["aux"] = stats.aux_loss.item()
     if stats.dropped is not None:
         out["dropped"] = (stats.dropped.float() / stats.total.float().clamp(min=1)).item()
     if getattr(stats, "bias_range", None) is not None:
         out["bias_range"] = stats.bias_range.item()
+    if getattr(stats, "compared", None) is not None:
+        out[CHANGED], out[COMPARED] = stats.changed.item(), stats.compared.item()
     return out
 
 
@@ -118,6 +132,12 @@ class MoECrossEntropyCriterion(FairseqCriterion):
         metrics.log_derived("ppl", lambda meters: utils.get_perplexity(meters["nll_loss"].avg))
         batches = max(sums["moe_batches"], 1)
         for key in sorted(k for k in sums if (k.startswith("moe_") and k != "moe_batches") or k.startswith(PER_LAYER_PREFIX)):
+            if key.endswith(COMPARED):
+                continue
+            if key.endswith(CHANGED):  # token counts: the share of all compared tokens
+                compared = sums[key[: -len(CHANGED)] + COMPARED]
+                metrics.log_scalar(key, sums[key] / max(compared, 1), compared, round=4)
+                continue
             # per-batch values averaged over batches (and workers)
             metrics.log_scalar(key, sums[key] / batches, batches, round=3)
 
@@ -145,6 +165,11 @@ def routing_log(moe_stats) -> dict:
         bias_range = [f["bias_range"] for f in layers if "bias_range" in f]
         if bias_range:
             log["moe_bias_range"] = max(bias_range)
+        log["moe_entropy"] = min(f["entropy"] for f in layers)
+        compared = [f for f in layers if COMPARED in f]
+        if compared:
+            log[f"moe_{CHANGED}"] = sum(f[CHANGED] for f in compared)
+            log[f"moe_{COMPARED}"] = sum(f[COMPARED] for f in compared)
     return log
 
 

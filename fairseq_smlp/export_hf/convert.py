@@ -164,14 +164,19 @@ UNSUPPORTED_TRANSFORMER_OPTIONS = {
 }
 
 
+EXPORTED_ROUTERS = ("top1", "top2", "hash", "none")  # --moe-router values the exported model routes alike
+
+
 def check_transformer_options(m) -> None:
     for option, what in UNSUPPORTED_TRANSFORMER_OPTIONS.items():
         if m.get(option):
             raise ExportError(f"the checkpoint uses {what} (--{option.replace('_', '-')}), which the export does not support")
     if m.get("decoder_layers_to_keep"):
         raise ExportError("--decoder-layers-to-keep: prune the layers before exporting")
-    if m.get("moe_router") == "top1_biased":
-        raise ExportError("--moe-router top1_biased: the export supports top1, top2 and hash routing")
+    router = m.get("moe_router", "none")
+    if router not in EXPORTED_ROUTERS:
+        # top1_biased, sinkhorn, causal_balanced: the exported model's routers cannot reproduce them
+        raise ExportError(f"--moe-router {router}: the export supports top1, top2 and hash routing")
 
 
 def transformer_blocks(m, state) -> List[str]:

@@ -37,7 +37,9 @@ from fairseq.modules.transformer_layer import TransformerDecoderLayerBase
 from ..distributed import expert_parallel
 from ..moe.base_experts import BaseExpertsLayer
 from ..moe.fairseq_base_layer import FairseqBaseLayer, check_base_layer_layout
-from ..moe.router import HashRouter, balanced_hash_table, check_expert_count, name_routers, random_hash_table
+from ..moe.router import (
+    BatchLayout, HashRouter, balanced_hash_table, batch_layout, check_expert_count, layout_routers, name_routers, random_hash_table,
+)
 from ..moe.compile import compile_moe
 from ..moe.feed_forward_moe import FeedForwardMoE, MoEArgs
 from ..validation import check_config
@@ -60,11 +62,20 @@ def build_base_layer(cfg, args):
 
 @dataclass
 class MoETransformerLanguageModelConfig(TransformerLanguageModelConfig):
-    moe_router: ChoiceEnum(["top1", "top2", "hash", "top1_biased", "none"]) = field(
+    moe_router: ChoiceEnum(["top1", "top2", "hash", "top1_biased", "sinkhorn", "causal_balanced", "none"]) = field(
         default="top1",
         metadata={
             "help": "token MoE routing: top1 (Switch), top2 (GShard), hash (HASH Layers), top1_biased "
-            "(auxiliary-loss-free balancing, docs/routers.md), none (dense FFNs; Base Layers come from --base-layers)"
+            "(auxiliary-loss-free balancing), sinkhorn (S-BASE: causal Sinkhorn balancing in training, greedy "
+            "in evaluation), causal_balanced (tokens in position order, each to its best expert with room left; "
+            "same routing in evaluation), none (dense FFNs; Base Layers come from --base-layers); docs/routers.md"
+        },
+    )
+    moe_balance_scope: ChoiceEnum(["micro-batch", "global-batch"]) = field(
+        default="micro-batch",
+        metadata={
+            "help": "top1/top2: the load share f_e of the balance loss counted over this micro-batch, or over every "
+            "micro-batch of the update so far summed over the data-parallel workers (global-batch); docs/routers.md"
         },
     )
     moe_bias_update_rate: float = field(default=0.001, metadata={"help": "--moe-router top1_biased: bias += rate * sign(mean load - load) after each update"})
@@ -188,6 +199,7 @@ def build_moe_ffn(args, dictionary) -> MoEFeedForward:
             expert_init=str(args.expert_init),
             expert_dropout=args.expert_dropout or 0.0,
             bias_update_rate=getattr(args, "moe_bias_update_rate", 0.001),
+            balance_scope=str(getattr(args, "moe_balance_scope", "micro-batch")),
         )
     )
 
@@ -271,8 +283,12 @@ class MoETransformerDecoder(TransformerDecoder):
         moe_modules = self.moe_modules
         for module in moe_modules:
             module.last_stats = None  # layerdrop may skip a layer: no stale statistics
+        # incremental decoding runs the newest position only; the layers flatten (T, B) position-major
+        start = prev_output_tokens.size(1) - 1 if incremental_state is not None else 0
+        layout = BatchLayout(prev_output_tokens.size(0), start, incremental_state)
         try:
-            x, extra = super().extract_features(prev_output_tokens, encoder_out, incremental_state, **kwargs)
+            with batch_layout(layout_routers(self), layout):
+                x, extra = super().extract_features(prev_output_tokens, encoder_out, incremental_state, **kwargs)
         finally:
             for router in self.hash_routers:
                 router.set_token_ids(None)

@@ -26,7 +26,7 @@ from ..distributed import expert_parallel
 from ..modules.blocks import GatedMLPBlock, SparseBlock
 from ..modules.spatial_gating import SpatialGateArgs, SpatialGatingUnit
 from ..moe.compile import compile_moe
-from ..moe.router import check_expert_count, name_routers
+from ..moe.router import BatchLayout, batch_layout, check_expert_count, layout_routers, name_routers
 from ..moe.feed_forward_moe import FeedForwardMoE, MoEArgs
 from ..validation import check_config
 from .archs import register_archs
@@ -51,7 +51,7 @@ class SmlpConfig(FairseqDataclass):
         default="assignment", metadata={"help": "partial prediction: balanced assignment, or first choice + Switch auxiliary loss"}
     )
     tmoe_experts: int = field(default=4, metadata={"help": "feature-mixing (tMoE) experts per sparse block"})
-    tmoe_router: ChoiceEnum(["base", "top1", "top1_biased"]) = field(
+    tmoe_router: ChoiceEnum(["base", "top1", "top1_biased", "sinkhorn", "causal_balanced"]) = field(
         default="base",
         metadata={
             "help": "tMoE routing: base (the paper's: Base Layers' balanced assignment in training, "
@@ -59,7 +59,16 @@ class SmlpConfig(FairseqDataclass):
             "capacity factor 1.25 in training filled position by position, none at evaluation, "
             "auxiliary loss weighted by --moe-aux-loss-weight) or top1_biased (auxiliary-loss-free "
             "balancing: top-1 of sigmoid score + a per-expert bias nudged after each update, same "
-            "routing in training and evaluation, nothing dropped); see docs/routers.md"
+            "routing in training and evaluation, nothing dropped), sinkhorn (S-BASE: causal Sinkhorn "
+            "balancing in training, greedy at evaluation) or causal_balanced (tokens in position order, "
+            "each to its best expert with room left, same routing at evaluation); see docs/routers.md"
+        },
+    )
+    tmoe_balance_scope: ChoiceEnum(["micro-batch", "global-batch"]) = field(
+        default="micro-batch",
+        metadata={
+            "help": "--tmoe-router top1: the load share f_e of the balance loss counted over this micro-batch, or over "
+            "every micro-batch of the update so far summed over the data-parallel workers (global-batch)"
         },
     )
     tmoe_bias_update_rate: float = field(default=0.001, metadata={"help": "--tmoe-router top1_biased: bias += rate * sign(mean load - load) after each update"})
@@ -177,9 +186,12 @@ class SmlpDecoder(FairseqIncrementalDecoder):
             tokens = tokens[:, done:]
         x = self.dropout(self.embed_tokens(tokens))  # (B, T, H)
         moe_stats = []
-        for layer in self.layers:
-            x, stats = layer(x, incremental_state)
-            moe_stats.extend(stats)
+        # routers that balance position by position learn where each position starts
+        layout = BatchLayout(tokens.size(0), start=done if incremental_state is not None else 0, incremental_state=incremental_state)
+        with batch_layout(layout_routers(self), layout):
+            for layer in self.layers:
+                x, stats = layer(x, incremental_state)
+                moe_stats.extend(stats)
         # "attn": None because fairseq's SequenceGenerator reads it from every decoder
         return self.final_norm(x[:, -new:]), {"moe_stats": moe_stats, "score_from": self.score_from, "attn": None}
 
@@ -238,6 +250,7 @@ def build_sparse_block(cfg) -> SparseBlock:
         expert_init=str(cfg.expert_init),
         expert_dropout=cfg.expert_dropout,
         bias_update_rate=getattr(cfg, "tmoe_bias_update_rate", 0.001),
+        balance_scope=str(getattr(cfg, "tmoe_balance_scope", "micro-batch")),
     )
     # base: the paper's routing, bit-for-bit (its training assignment sees the whole batch anyway)
     feature_moe = FeedForwardMoE(tmoe) if router == "base" else PositionMajorMoE(tmoe)

@@ -12,14 +12,15 @@ import torch.nn as nn
 
 from .dispatch import dispatch_to_experts
 from .experts import ExpertFFN
-from .router import BaseRouter, HashRouter, Top1BiasedRouter, Top1Router, Top2Router
+from .router import BaseRouter, CausalBalancedRouter, HashRouter, SinkhornRouter, Top1BiasedRouter, Top1Router, Top2Router
 
-ROUTERS = ("base", "top1", "top2", "hash", "top1_biased")
+ROUTERS = ("base", "top1", "top2", "hash", "top1_biased", "sinkhorn", "causal_balanced")
 
 
 @dataclass
 class MoEArgs:
-    router: str  # one of ROUTERS: base (Base Layers / tMoE), top1 (Switch), top2 (GShard), hash, top1_biased (loss-free)
+    router: str  # one of ROUTERS: base (Base Layers / tMoE), top1 (Switch), top2 (GShard), hash, top1_biased
+    # (loss-free), sinkhorn (S-BASE), causal_balanced (position order, best expert with room)
     num_experts: int  # all workers together
     embed_dim: int  # H
     ffn_dim: int  # hidden width of each expert
@@ -35,6 +36,7 @@ class MoEArgs:
     expert_init: str = "dense"  # ExpertFFN.INITS: dense (as a dense FFN) or zero_output (Base Layers)
     expert_dropout: float = 0.0  # dropout on the experts' hidden activations
     bias_update_rate: float = 1e-3  # top1_biased: step of the selection bias after each update
+    balance_scope: str = "micro-batch"  # top1/top2: the aux loss's load share over micro-batch or global-batch
 
 
 class FeedForwardMoE(nn.Module):
@@ -74,7 +76,12 @@ def build_router(args: MoEArgs):
         return HashRouter(args.hash_table, args.num_experts)
     if args.router == "top1_biased":
         return Top1BiasedRouter(args.embed_dim, args.num_experts, args.bias_update_rate)
+    if args.router == "sinkhorn":
+        return SinkhornRouter(args.embed_dim, args.num_experts)
+    if args.router == "causal_balanced":
+        return CausalBalancedRouter(args.embed_dim, args.num_experts)
     gate = (args.embed_dim, args.num_experts, args.train_capacity_factor, args.eval_capacity_factor, args.z_loss_weight)
     if args.router == "top1":
-        return Top1Router(*gate)
-    return Top2Router(*gate, second_expert_policy=args.second_expert_policy, queue=args.second_expert_queue)
+        return Top1Router(*gate, balance_scope=args.balance_scope)
+    return Top2Router(*gate, second_expert_policy=args.second_expert_policy, queue=args.second_expert_queue,
+                      balance_scope=args.balance_scope)

@@ -7,6 +7,8 @@ Token routers (sMLP's tMoE and the Transformer-MoE baselines), x: (N, H) ->
     Top2Router    GShard (Lepikhin et al. 2020): first and second choice, capacity, loss
     Top1BiasedRouter  auxiliary-loss-free balancing (Wang et al. 2024): top-1 of score + bias
     HashRouter    HASH Layers (Roller et al. 2021): a fixed token-id -> expert table
+    SinkhornRouter  S-BASE (Clark et al. 2022): top-1 of a causal Sinkhorn balancing in training
+    CausalBalancedRouter  tokens in position order, each to its best expert with room left
 The channel router of sMoE's partial prediction, z: (B, n, C) -> channel order and weights:
     PrefixChannelRouter  reads the first P positions only (sMLP paper, section 3.3)
 
@@ -15,11 +17,18 @@ Routers never move data: grouping tokens by expert and running the experts is di
 Causality: capacity is first come, first served in the order of the N items, so callers
 flatten position-major (all sequences' position t before position t+1: fairseq's (T, B)
 layers do; sMLP's (B, T) tMoE transposes first), and a token then only competes with
-tokens at earlier or equal positions. Only BaseRouter's training assignment and
-Top2Router's GShard queue (its default) look ahead.
+tokens at earlier or equal positions. Routers that balance position by position
+(SinkhornRouter, CausalBalancedRouter) also need to know where each position starts: the
+decoder hands them a BatchLayout (`batch_layout`). Only BaseRouter's training assignment and
+Top2Router's GShard queue (--moe-second-expert-queue gshard) look ahead.
+
+Health: every token router remembers its evaluation choices (health.ChoiceMemory) and
+reports in RoutingStats how many tokens changed expert since the previous evaluation pass.
 """
 import heapq
 import math
+import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
 
@@ -28,6 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .balanced_assignment import balanced_assignment
+from .health import ChoiceMemory
 
 
 @dataclass
@@ -40,6 +50,36 @@ class RoutingStats:
     dropped: Optional[torch.Tensor] = None  # scalar: items that no expert processed
     total: Optional[torch.Tensor] = None  # scalar: items routed (for the dropped fraction)
     bias_range: Optional[torch.Tensor] = None  # scalar: max - min of a biased router's selection bias
+    changed: Optional[torch.Tensor] = None  # evaluation: tokens whose first choice changed since the last pass
+    compared: Optional[torch.Tensor] = None  # evaluation: tokens compared with the last pass
+
+
+@dataclass
+class BatchLayout:
+    """Where the positions are among a router's N items, for routers that balance position
+    by position. Items are position-major: [t*B, (t+1)*B) are the B sequences' position
+    start + t."""
+
+    sequences: int  # B
+    start: int = 0  # position of the first item: positions already decoded (incremental decoding)
+    incremental_state: Optional[dict] = None  # fairseq's, during incremental decoding
+
+
+@contextmanager
+def batch_layout(routers, layout: BatchLayout):
+    """Hand `layout` to `routers` (those with uses_layout) for the duration of one forward."""
+    for router in routers:
+        router.layout = layout
+    try:
+        yield
+    finally:
+        for router in routers:
+            router.layout = None
+
+
+def layout_routers(root: nn.Module) -> list:
+    """The routers under `root` that route position by position (and read a BatchLayout)."""
+    return [m for m in root.modules() if getattr(m, "uses_layout", False)]
 
 
 def check_finite(logits: torch.Tensor, layer: str) -> None:
@@ -67,18 +107,44 @@ class Router(nn.Module):
 
     top_k = 1  # experts each item is sent to
     unit_weight = False  # True: every combine weight is 1 (dispatch then skips the product)
+    remembers_choices = True  # token routers: count the tokens that changed expert between evaluations
+    uses_layout = False  # True: routes position by position, reads the BatchLayout the decoder hands over
 
     def __init__(self, num_experts: int):
         super().__init__()
         self.num_experts = num_experts
         self.name = type(self).__name__
+        self.memory = ChoiceMemory()
+        self.layout = None
 
     def forward(self, x: torch.Tensor):
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return self.route(x)
+            routed = self.route(x)
+        if self.remembers_choices:
+            self.remember(routed[0][:, 0], routed[2])
+        return routed
 
     def route(self, x: torch.Tensor):
         raise NotImplementedError
+
+    def remember(self, first: torch.Tensor, stats: RoutingStats) -> None:
+        """first: (N,) first choices (-1 = dropped); evaluation: how many changed since the last pass."""
+        if self.training:
+            self.memory.training_forward()
+            return
+        compared = self.memory.compare(first)
+        if compared is not None:
+            stats.changed, stats.compared = compared
+
+    def positions(self, num_items: int):
+        """-> (B sequences, position of the first item, incremental_state) of this forward's
+        position-major items. Without a layout every item is its own position (one sequence)."""
+        layout = self.layout
+        if layout is None:
+            return 1, 0, None
+        if layout.sequences < 1 or num_items % layout.sequences:
+            raise RuntimeError(f"{self.name}: {num_items} items are not whole positions of {layout.sequences} sequences")
+        return layout.sequences, layout.start, layout.incremental_state
 
     def score(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """x (N, H), weight (E, H) -> (N, E) fp32 logits, checked for NaN/inf."""
@@ -112,16 +178,37 @@ def name_routers(root: nn.Module) -> None:
             module.name = name
 
 
-def switch_aux_loss(probs: torch.Tensor, top1: torch.Tensor) -> torch.Tensor:
+def switch_aux_loss(probs: torch.Tensor, top1: torch.Tensor, counts: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Load-balancing loss of Switch / GShard: E * sum_e f_e * P_e.
 
-    probs: (N, E) router probabilities; top1: (N,) first-choice expert.
-    f_e = fraction of items whose first choice is e, P_e = mean probability of e.
-    Equals 1.0 when routing is uniform, so a weight of 0.01 means what it does in the papers.
+    probs: (N, E) router probabilities; top1: (N,) first-choice expert; counts: (E,)
+    first-choice counts f is taken from instead of top1's (a global-batch statistic).
+    f_e = fraction of items whose first choice is e (no gradient), P_e = mean probability
+    of e over these N items. Equals 1.0 when routing is uniform, so a weight of 0.01 means
+    what it does in the papers.
     """
     num_experts = probs.size(-1)
-    fraction = torch.bincount(top1, minlength=num_experts).float() / top1.numel()
+    if counts is None:
+        counts = torch.bincount(top1, minlength=num_experts)
+    fraction = counts.float() / counts.float().sum().clamp(min=1)
     return num_experts * torch.sum(fraction * probs.float().mean(0))
+
+
+class UpdateWatch:
+    """Notices optimizer updates from inside a forward: a router's weight differs from the
+    one it had at the previous training forward. An fp16 step skipped for overflow changes
+    nothing, so it is no update; nor is a step with learning rate 0 (fairseq's first
+    warm-up update), which then counts with the next."""
+
+    def __init__(self):
+        self.seen = None
+
+    def new_update(self, weight: torch.Tensor) -> bool:
+        """Call at every training forward: True when the weight changed since the last call."""
+        weight = weight.detach()
+        seen, self.seen = self.seen, weight.clone()
+        comparable = seen is not None and seen.shape == weight.shape and seen.device == weight.device and seen.dtype == weight.dtype
+        return comparable and not torch.equal(seen, weight)
 
 
 # ------------------------------------------------------------------- Base Layers (tMoE)
@@ -190,13 +277,28 @@ class LearnedGateRouter(Router):
     aux_loss = E * sum_e f_e * P_e (switch_aux_loss; 1.0 when uniform) + z_loss_weight *
     mean_n logsumexp(logits_n)^2 (router z-loss, ST-MoE; 0 disables it). The criterion
     multiplies the sum by --moe-aux-loss-weight.
+
+    balance_scope, where f_e (the share of first choices, no gradient) is counted:
+      "micro-batch": this forward's tokens (Switch, GShard);
+      "global-batch" (Qiu et al. 2025, arXiv 2501.11873), in training: the first choices of
+        every training forward of the current optimizer update so far (micro-batches 1..m
+        of --update-freq, this one included), summed over the data-parallel workers (one
+        all-reduce of E counts per forward; every worker then has the same f). P_e stays
+        the mean probability over this forward's own tokens, so the gradient is unchanged
+        in form. An update is noticed by UpdateWatch. Evaluation: micro-batch.
     """
 
-    def __init__(self, embed_dim: int, num_experts: int, train_capacity_factor: float, eval_capacity_factor: float, z_loss_weight: float = 0.0):
+    balance_scopes = ("micro-batch", "global-batch")
+
+    def __init__(self, embed_dim: int, num_experts: int, train_capacity_factor: float, eval_capacity_factor: float,
+                 z_loss_weight: float = 0.0, balance_scope: str = "micro-batch"):
         check_expert_count(num_experts, "--moe-experts", per_item=self.top_k)
         super().__init__(num_experts)
+        if balance_scope not in self.balance_scopes:
+            raise ValueError(f"--moe-balance-scope must be one of {self.balance_scopes}, got {balance_scope!r}")
         self.train_capacity_factor, self.eval_capacity_factor = train_capacity_factor, eval_capacity_factor
-        self.z_loss_weight = z_loss_weight
+        self.z_loss_weight, self.balance_scope = z_loss_weight, balance_scope
+        self.update_watch, self._update_counts = UpdateWatch(), None
         # small init: near-uniform probabilities at the start (Switch, section 2.4)
         self.gate = nn.Linear(embed_dim, num_experts, bias=False)
         nn.init.normal_(self.gate.weight, std=0.1 * embed_dim ** -0.5)
@@ -207,10 +309,22 @@ class LearnedGateRouter(Router):
 
     def aux_loss(self, logits_t: torch.Tensor, probs_t: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
         """logits_t, probs_t: (E, N) expert-major; first: (N,) first choices."""
-        loss = switch_aux_loss(probs_t.t(), first)
+        loss = switch_aux_loss(probs_t.t(), first, self.balance_counts(first))
         if self.z_loss_weight > 0:
             loss = loss + self.z_loss_weight * torch.logsumexp(logits_t, dim=0).pow(2).mean()
         return loss
+
+    @torch.no_grad()
+    def balance_counts(self, first: torch.Tensor) -> Optional[torch.Tensor]:
+        """(N,) first choices -> (E,) counts f_e is taken from; None: this forward's own."""
+        if not (self.training and self.balance_scope == "global-batch"):
+            return None
+        counts = all_reduce_counts(torch.bincount(first, minlength=self.num_experts).float())
+        pending = self._update_counts
+        if self.update_watch.new_update(self.gate.weight) or pending is None or pending.device != counts.device:
+            pending = torch.zeros_like(counts)
+        self._update_counts = pending + counts
+        return self._update_counts
 
     def gate_probs(self, x: torch.Tensor):
         """x (N, H) -> logits and softmax probabilities, both expert-major (E, N)."""
@@ -352,12 +466,12 @@ class Top1BiasedRouter(Router):
         nn.init.normal_(self.gate.weight, std=0.1 * embed_dim ** -0.5)
         self.register_buffer("expert_bias", torch.zeros(num_experts))  # persistent: saved in checkpoints
         self._pending = None  # (E,) fp32 loads counted since the last bias update (not saved)
-        self._seen_weight = None  # the gate's weights at the last training forward
+        self.update_watch = UpdateWatch()
 
     def route(self, x: torch.Tensor):
         """x: (N, H) -> expert_index (N, 1), weight (N, 1) fp32, RoutingStats."""
-        if self.training:
-            self._update_after_optimizer_step()
+        if self.training and self.update_watch.new_update(self.gate.weight):
+            self.update_bias()
         logits_t = self.score_by_expert(x, self.gate.weight)  # (E, N)
         scores_t = torch.sigmoid(logits_t) if self.score_function == "sigmoid" else torch.softmax(logits_t, dim=0)
         with torch.no_grad():
@@ -373,14 +487,6 @@ class Top1BiasedRouter(Router):
         )
         return expert.unsqueeze(1), weight, stats
 
-    def _update_after_optimizer_step(self) -> None:
-        weight = self.gate.weight.detach()
-        seen = self._seen_weight
-        if seen is not None and seen.shape == weight.shape and seen.device == weight.device and seen.dtype == weight.dtype:
-            if not torch.equal(seen, weight):
-                self.update_bias()
-        self._seen_weight = weight.clone()
-
     @torch.no_grad()
     def update_bias(self) -> None:
         """bias += rate * sign(mean load - load), from the loads counted since the last update."""
@@ -390,6 +496,156 @@ class Top1BiasedRouter(Router):
         self._pending = None
         if load.sum() > 0:
             self.expert_bias.add_(self.bias_update_rate * torch.sign(load.mean() - load).to(self.expert_bias.dtype))
+
+
+# ------------------------------------------------------------------- S-BASE (Sinkhorn)
+def causal_sinkhorn(logits_t: torch.Tensor, iterations: int) -> torch.Tensor:
+    """logits_t: (E, T, B) fp32, expert-major -> (E, T, 1) log column scales log c_e(t) of an
+    online Sinkhorn balancing: the scales applied at position t balance the tokens of the
+    positions before t, of every sequence.
+
+    Sinkhorn alternates two normalisations of K = exp(logits): every token's row sums to 1
+    (row scale r), every expert's column gets an equal share of the tokens (column scale c).
+    Here c(t) balances the n = t * B tokens of positions < t: c_e(t) = (n / E) /
+    sum_{t' < t, b} r_t'b K_t'be (a cumulative sum over positions), and each token's row
+    scale uses its own position's c. Position 0 has no past: c = 1, greedy. Every quantity
+    at t comes from positions < t and from the token itself. The current position is left
+    out of its own balance on purpose: with it, a lone token (B = 1, t = 0) would be spread
+    exactly evenly over the experts, and its choice a tie that rounding noise decides. In
+    log space, so that fp32 never overflows.
+    """
+    num_experts, num_positions, sequences = logits_t.shape
+    tokens_before = torch.arange(1, num_positions, device=logits_t.device, dtype=torch.float32) * sequences
+    log_share = (tokens_before / num_experts).log().view(1, -1, 1)  # (1, T - 1, 1): log(n / E) for t >= 1
+    log_r = -torch.logsumexp(logits_t, dim=0, keepdim=True)  # (1, T, B): rows normalised, c = 1
+    log_c = torch.zeros(num_experts, num_positions, 1, device=logits_t.device, dtype=logits_t.dtype)
+    for _ in range(iterations):
+        mass = torch.logsumexp(logits_t + log_r, dim=2, keepdim=True)  # (E, T, 1): each position's column mass
+        past = torch.logcumsumexp(mass, dim=1)[:, :-1]  # (E, T - 1, 1): positions < t, for t >= 1
+        log_c = torch.cat([torch.zeros_like(log_c[:, :1]), log_share - past], dim=1)
+        log_r = -torch.logsumexp(logits_t + log_c, dim=0, keepdim=True)
+    return log_c
+
+
+class SinkhornRouter(Router):
+    """S-BASE (Clark et al. 2022, "Unified scaling laws for routed language models"): Base
+    Layers' balanced assignment replaced by a few Sinkhorn iterations.
+
+    Training: each token goes to the top-1 expert of a Sinkhorn-balanced assignment
+    (argmax_e of logit_e + log c_e(t), causal_sinkhorn: an online Sinkhorn whose scales at
+    position t balance the tokens of the positions before t, of all sequences; strictly
+    causal. The paper balances the whole batch, which looks ahead). Evaluation: greedy top-1 of the logits, as S-BASE (and Megatron-LM's
+    sinkhorn router) do: per token, strictly causal, incremental decoding equals the full
+    forward; but training and evaluation route differently. The expert output is weighted
+    by sigmoid(logit_e) of the unbiased logit (Base Layers' gate), which is what trains the
+    router. No auxiliary loss, no capacity, nothing dropped; the balance is soft (top-1 of
+    a balanced soft assignment), not exact.
+    """
+
+    uses_layout = True  # training: needs the positions (BatchLayout) to stay causal
+
+    def __init__(self, embed_dim: int, num_experts: int, iterations: int = 8):
+        check_expert_count(num_experts, "--moe-experts")
+        super().__init__(num_experts)
+        if iterations < 1:
+            raise ValueError(f"Sinkhorn needs at least one iteration, got {iterations}")
+        self.iterations = iterations
+        self.gate = nn.Linear(embed_dim, num_experts, bias=False)
+        nn.init.normal_(self.gate.weight, std=0.1 * embed_dim ** -0.5)
+
+    def route(self, x: torch.Tensor):
+        """x: (N, H) position-major -> expert_index (N, 1), weight (N, 1) fp32, RoutingStats."""
+        logits_t = self.score_by_expert(x, self.gate.weight)  # (E, N)
+        with torch.no_grad():
+            if self.training:
+                sequences = self.positions(x.size(0))[0]
+                by_position = logits_t.view(self.num_experts, -1, sequences)  # (E, T, B)
+                balanced = by_position + causal_sinkhorn(by_position, self.iterations)
+                expert = balanced.argmax(dim=0).reshape(-1)  # (N,) position-major again
+            else:
+                expert = logits_t.argmax(dim=0)
+        weight = torch.sigmoid(logits_t.gather(0, expert.unsqueeze(0))).t()  # (N, 1)
+        expert_index = expert.unsqueeze(1)
+        return expert_index, weight, self.stats(expert_index)
+
+
+# ------------------------------------------------------------------- causal balanced assignment
+class CausalBalancedRouter(Router):
+    """A balanced assignment that never looks ahead: tokens taken in position order (all
+    sequences' position t, in batch order, before position t + 1), each to the best expert
+    (highest logit) that still has room.
+
+    Room: among the n_t tokens at positions <= t, an expert takes at most
+    ceil(capacity_factor * n_t / E). With capacity_factor >= 1 some expert always has room,
+    so no token is dropped, and every prefix of positions is balanced to within that bound.
+    The bound does not depend on how many positions follow: a token's expert depends only
+    on the tokens before it in that order, never on a later position of any sequence.
+    Training and evaluation route by the same rule (the same batch routes identically);
+    the balance couples the sequences of a batch, so a validation result depends on which
+    sequences share a batch. Incremental decoding carries the counts in fairseq's
+    incremental state and equals the full forward (beam search: the counts include every
+    hypothesis the decoder expanded). Weight sigmoid(logit_e) of the chosen expert (Base
+    Layers' gate): no auxiliary loss. The assignment is a Python loop over the tokens
+    (about a microsecond each), with one device-to-host copy per layer.
+    """
+
+    uses_layout = True
+
+    def __init__(self, embed_dim: int, num_experts: int, capacity_factor: float = 1.0):
+        check_expert_count(num_experts, "--moe-experts")
+        super().__init__(num_experts)
+        if capacity_factor < 1.0:
+            raise ValueError(f"the causal balanced assignment needs capacity factor >= 1 (nothing dropped), got {capacity_factor}")
+        self.capacity_factor = capacity_factor
+        self.gate = nn.Linear(embed_dim, num_experts, bias=False)
+        nn.init.normal_(self.gate.weight, std=0.1 * embed_dim ** -0.5)
+        self.state_key = f"{uuid.uuid4()}.causal_balanced"  # its entry in fairseq's incremental state
+
+    def route(self, x: torch.Tensor):
+        """x: (N, H) position-major -> expert_index (N, 1), weight (N, 1) fp32, RoutingStats."""
+        logits = self.score(x, self.gate.weight)  # (N, E)
+        sequences, start, state = self.positions(x.size(0))
+        counts, routed = self.carried(start, state)
+        with torch.no_grad():
+            expert = self.assign(logits.detach(), sequences, counts, routed)
+        if state is not None:
+            state[self.state_key] = {
+                "counts": torch.tensor(counts), "routed": torch.tensor(routed + x.size(0)),
+                "positions": torch.tensor(start + x.size(0) // sequences),
+            }
+        expert_index = expert.unsqueeze(1)
+        weight = torch.sigmoid(logits.gather(1, expert_index))
+        return expert_index, weight, self.stats(expert_index)
+
+    def carried(self, start: int, state: Optional[dict]):
+        """-> (E,) tokens per expert and tokens routed at the positions before `start`."""
+        if start == 0:
+            return [0] * self.num_experts, 0
+        saved = state.get(self.state_key) if state is not None else None
+        if saved is None or int(saved["positions"]) != start:
+            raise RuntimeError(
+                f"{self.name}: decoding position {start} without the counts of positions 0..{start - 1}: "
+                "the causal balanced assignment decodes position by position from the first"
+            )
+        return saved["counts"].tolist(), int(saved["routed"])
+
+    def assign(self, logits: torch.Tensor, sequences: int, counts: list, routed: int) -> torch.Tensor:
+        """logits: (N, E) position-major; counts (E,) and routed: the tokens before them
+        (updated in place) -> (N,) expert of each token."""
+        num_items, num_experts = logits.shape
+        first = logits.argmax(dim=1).tolist()
+        preference = logits.argsort(dim=1, descending=True).cpu().numpy()  # (N, E) best first
+        expert = [0] * num_items
+        room = 0
+        for i in range(num_items):
+            if i % sequences == 0:  # a new position: n_t counts all of its tokens
+                room = math.ceil(self.capacity_factor * (routed + i + sequences) / num_experts)
+            e = first[i]
+            if counts[e] >= room:
+                e = next(int(c) for c in preference[i] if counts[c] < room)
+            counts[e] += 1
+            expert[i] = e
+        return torch.tensor(expert, device=logits.device)
 
 
 # ------------------------------------------------------------------- HASH Layers
@@ -461,6 +717,8 @@ class PrefixChannelRouter(Router):
       - "aux_loss": first choice while the expert has room, the rest spill into free
         slots; weight = softmax probability; Switch load-balancing loss.
     """
+
+    remembers_choices = False  # routes channels, and returns them in expert order, not tokens
 
     def __init__(self, max_positions: int, prefix_ratio: float, num_experts: int, balance: str = "assignment", solver: str = "torch"):
         super().__init__(num_experts)

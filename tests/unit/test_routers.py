@@ -1,18 +1,24 @@
-"""Routers: causality of every capacity-based router, and top1_biased
+"""Routers: causality of every router in sMLP's tMoE and in the Transformer MoE, incremental
+decoding, balance, training == evaluation routing where a router claims it, and top1_biased
 (auxiliary-loss-free balancing, Wang et al. 2024).
 
 Causality: perturbing the tokens at positions > t of ANY sequence of a batch changes no
-output at positions <= t of any sequence, in training and in evaluation, with a capacity
-small enough that experts drop tokens (so that the order in which slots fill matters).
-The paper's `base` routing is excepted in training: its balanced assignment looks at the
-whole batch by design (docs/routers.md, "Causality").
+output at positions <= t of any sequence, in training and in evaluation, with one sequence
+and with several, and with a capacity small enough that experts drop tokens (so that the
+order in which slots fill matters). The paper's `base` routing is excepted in training: its
+balanced assignment looks at the whole batch by design (docs/routers.md, "Causality"), which
+test_base_training_assignment_looks_ahead shows.
 """
+import math
+
 import pytest
 import torch
 
 from conftest import build_tiny_smlp
 from fairseq_smlp.models.factory import build_model, offline_task
-from fairseq_smlp.moe.router import LearnedGateRouter, Top1BiasedRouter
+from fairseq_smlp.moe.router import (
+    BatchLayout, CausalBalancedRouter, LearnedGateRouter, Router, SinkhornRouter, Top1BiasedRouter, batch_layout,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -31,19 +37,30 @@ def _baseline(arch, *extra):
     return model
 
 
-def _smlp(router):
-    return build_tiny_smlp(tmoe_router=router, max_target_positions=SEQ, tokens_per_sample=SEQ)
+def _smlp(router, **overrides):
+    return build_tiny_smlp(tmoe_router=router, max_target_positions=SEQ, tokens_per_sample=SEQ, **overrides)
+
+
+def _switch(*extra):
+    return _baseline("switch_lm_tiny", "--moe-experts", "4", *extra)
 
 
 FAMILIES = {
     "smlp_top1": lambda: _smlp("top1"),
+    "smlp_top1_global": lambda: _smlp("top1", tmoe_balance_scope="global-batch"),
     "smlp_top1_biased": lambda: _smlp("top1_biased"),
+    "smlp_sinkhorn": lambda: _smlp("sinkhorn"),
+    "smlp_causal_balanced": lambda: _smlp("causal_balanced"),
     "smlp_base": lambda: _smlp("base"),  # evaluation only
-    "switch": lambda: _baseline("switch_lm_tiny", "--moe-experts", "4"),
+    "switch": lambda: _switch(),
+    "switch_global": lambda: _switch("--moe-balance-scope", "global-batch"),
     "gshard": lambda: _baseline("gshard_lm_tiny", "--moe-experts", "4", "--moe-second-expert-policy", "all"),
     "hash": lambda: _baseline("hash_lm_tiny", "--moe-experts", "4"),
-    "switch_biased": lambda: _baseline("switch_lm_tiny", "--moe-experts", "4", "--moe-router", "top1_biased"),
+    "switch_biased": lambda: _switch("--moe-router", "top1_biased"),
+    "switch_sinkhorn": lambda: _switch("--moe-router", "sinkhorn"),
+    "switch_causal_balanced": lambda: _switch("--moe-router", "causal_balanced"),
 }
+SAME_ROUTING = ["smlp_top1_biased", "smlp_causal_balanced", "switch_biased", "switch_causal_balanced"]
 
 
 def _tight_capacity(model, factor=0.5):
@@ -54,8 +71,8 @@ def _tight_capacity(model, factor=0.5):
     return routers
 
 
-def _tokens(seed=0):
-    return torch.randint(4, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(seed))
+def _tokens(seed=0, batch=BATCH):
+    return torch.randint(4, VOCAB, (batch, SEQ), generator=torch.Generator().manual_seed(seed))
 
 
 def _outputs(model, x):
@@ -64,15 +81,15 @@ def _outputs(model, x):
         return model(x)[0]
 
 
-def _max_leak(model, training: bool) -> float:
+def _max_leak(model, training: bool, batch: int = BATCH) -> float:
     """Largest change of an output at positions <= t when positions > t change, over t."""
     model.train(training)
-    x = _tokens()
+    x = _tokens(batch=batch)
     reference = _outputs(model, x)
     worst = 0.0
     for t in (2, 7, 11):
         perturbed = x.clone()
-        perturbed[:, t + 1 :] = _tokens(seed=t + 1)[:, t + 1 :]
+        perturbed[:, t + 1 :] = _tokens(seed=t + 1, batch=batch)[:, t + 1 :]
         out = _outputs(model, perturbed)
         worst = max(worst, (out[:, : t + 1] - reference[:, : t + 1]).abs().max().item())
     return worst
@@ -86,16 +103,23 @@ def _dropped(model, training: bool) -> float:
     return sum(float(s.dropped) for s in stats if s.dropped is not None)
 
 
+@pytest.mark.parametrize("batch", [1, BATCH], ids=["one_sequence", "several"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_no_position_sees_a_later_position_of_any_sequence(family, training):
+def test_no_position_sees_a_later_position_of_any_sequence(family, training, batch):
     if family == "smlp_base" and training:
         pytest.skip("base: the paper's balanced assignment couples the training batch by design")
     torch.manual_seed(0)
     model = FAMILIES[family]()
-    if _tight_capacity(model):
+    if _tight_capacity(model) and batch > 1:
         assert _dropped(model, training) > 0, "the capacity must be tight enough to drop tokens"
-    assert _max_leak(model, training) < TOL
+    assert _max_leak(model, training, batch) < TOL
+
+
+def test_base_training_assignment_looks_ahead():
+    """The documented exception: Base Layers' balanced assignment in training sees the whole batch."""
+    torch.manual_seed(0)
+    assert _max_leak(_smlp("base"), training=True) > 0.1
 
 
 def test_gshard_queue_looks_ahead_in_training():
@@ -121,6 +145,180 @@ def test_sequence_major_capacity_would_leak():
         if isinstance(module, FeedForwardMoE):
             module.forward = FeedForwardMoE.forward.__get__(module)  # flatten (B, T) as it comes: sequence-major
     assert _max_leak(model, training=True) > 0.1
+
+
+def _decoder_output(model, x, incremental: bool):
+    with torch.no_grad():
+        if not incremental:
+            return model.decoder(x)[0]
+        state = {}
+        return torch.cat([model.decoder(x[:, : t + 1], incremental_state=state)[0][:, -1:] for t in range(x.size(1))], dim=1)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_incremental_decoding_equals_the_full_forward(family):
+    """Evaluation with the default evaluation capacity (none): position by position, carrying
+    fairseq's incremental state, gives the full forward's outputs."""
+    torch.manual_seed(0)
+    model = FAMILIES[family]().eval()
+    x = _tokens()
+    full = _decoder_output(model, x, incremental=False)
+    assert torch.allclose(_decoder_output(model, x, incremental=True), full, atol=1e-5)
+
+
+def _first_choices(model, x, training: bool):
+    """{router name: (N,) first choice of every token} of one forward."""
+    choices, handles = {}, []
+    for router in (m for m in model.modules() if isinstance(m, Router) and m.remembers_choices):
+        handles.append(router.register_forward_hook(lambda m, i, out: choices.__setitem__(m.name, out[0][:, 0].clone())))
+    model.train(training)
+    _outputs(model, x)
+    for handle in handles:
+        handle.remove()
+    return choices
+
+
+@pytest.mark.parametrize("family", SAME_ROUTING)
+def test_training_and_evaluation_route_alike(family):
+    torch.manual_seed(0)
+    model = FAMILIES[family]()
+    x = _tokens()
+    train, evaluation = _first_choices(model, x, True), _first_choices(model, x, False)
+    assert train and train.keys() == evaluation.keys()
+    for name in train:
+        assert torch.equal(train[name], evaluation[name]), f"{name}: training and evaluation routing differ"
+
+
+@pytest.mark.parametrize("family", ["smlp_sinkhorn", "switch_sinkhorn"])
+def test_sinkhorn_routes_greedily_in_evaluation(family):
+    """S-BASE's documented difference: balanced top-1 in training, greedy top-1 in evaluation."""
+    torch.manual_seed(0)
+    model = FAMILIES[family]()
+    routers = [m for m in model.modules() if isinstance(m, SinkhornRouter)]
+    for router in routers:
+        with torch.no_grad():
+            router.gate.weight.normal_(0, 1.0)  # confident, skewed logits
+    x = _tokens()
+    train, evaluation = _first_choices(model, x, True), _first_choices(model, x, False)
+    assert any(not torch.equal(train[r.name], evaluation[r.name]) for r in routers)
+
+
+# ------------------------------------------------------------------ balance
+def _skewed_logits(tokens=64, experts=4, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(tokens, experts, generator=generator) + torch.tensor([3.0, 1.0, 0.0, 0.0])  # expert 0 wanted most
+
+
+def _router_on_logits(router_class, logits, sequences, **kwargs):
+    """A router whose gate reproduces `logits` from one-hot inputs."""
+    tokens, experts = logits.shape
+    router = router_class(tokens, experts, **kwargs)
+    with torch.no_grad():
+        router.gate.weight.copy_(logits.t())
+    with batch_layout([router], BatchLayout(sequences)):
+        return router, router(torch.eye(tokens))
+
+
+@pytest.mark.parametrize("sequences", [1, 4])
+def test_causal_balanced_keeps_every_prefix_within_capacity(sequences):
+    logits = _skewed_logits()
+    _, (index, weight, stats) = _router_on_logits(CausalBalancedRouter, logits, sequences)
+    expert = index.squeeze(1)
+    assert (expert >= 0).all() and stats.dropped.item() == 0
+    experts = logits.size(1)
+    for t in range(logits.size(0) // sequences):
+        n = (t + 1) * sequences
+        assert torch.bincount(expert[:n], minlength=experts).max().item() <= math.ceil(n / experts)
+    # each token took its best expert among those with room when its turn came
+    counts = [0] * experts
+    for i, e in enumerate(expert.tolist()):
+        room = math.ceil((i // sequences + 1) * sequences / experts)
+        best = max((c for c in range(experts) if counts[c] < room), key=lambda c: logits[i, c].item())
+        assert e == best
+        counts[e] += 1
+    assert torch.allclose(weight.squeeze(1), torch.sigmoid(logits.gather(1, index).squeeze(1)))
+
+
+def test_causal_balanced_decodes_step_by_step_from_its_state():
+    logits = _skewed_logits(tokens=24)
+    router, (full, _, _) = _router_on_logits(CausalBalancedRouter, logits, sequences=3)
+    router.eval()
+    state, steps = {}, []
+    for t in range(8):
+        with batch_layout([router], BatchLayout(3, start=t, incremental_state=state)):
+            steps.append(router(torch.eye(24)[3 * t : 3 * t + 3])[0])
+    assert torch.equal(torch.cat(steps), full)
+    with pytest.raises(RuntimeError, match="position by position"):
+        with batch_layout([router], BatchLayout(3, start=5, incremental_state={})):
+            router(torch.eye(24)[:3])
+
+
+def test_sinkhorn_balances_better_than_greedy_and_stays_causal():
+    logits = _skewed_logits(tokens=256)
+    router, (index, weight, stats) = _router_on_logits(SinkhornRouter, logits, sequences=4)
+    greedy = torch.bincount(logits.argmax(1), minlength=4).float()
+    assert stats.expert_counts.max().item() < 0.5 * greedy.max().item()
+    assert stats.dropped.item() == 0
+    assert torch.allclose(weight.squeeze(1), torch.sigmoid(logits.gather(1, index).squeeze(1)))  # the unbiased gate
+    # a prefix of positions routes alike whatever follows it
+    _, (prefix_index, _, _) = _router_on_logits(SinkhornRouter, logits[:40], sequences=4)
+    assert torch.equal(prefix_index, index[:40])
+
+
+@pytest.mark.parametrize("family", ["switch", "gshard", "smlp_top1"])
+def test_capacity_routers_keep_loads_within_capacity(family):
+    torch.manual_seed(0)
+    model = FAMILIES[family]()
+    routers = _tight_capacity(model)
+    model.train()
+    with torch.no_grad():
+        stats = model(_tokens())[1]["moe_stats"]
+    tokens = BATCH * SEQ
+    for router, s in zip(routers, [s for s in stats if s.aux_loss is not None]):
+        assert s.expert_counts.max().item() <= router.capacity(tokens)
+
+
+# ------------------------------------------------------------------ global-batch balance
+def _gate_router(scope, experts=4):
+    from fairseq_smlp.moe.router import Top1Router
+
+    torch.manual_seed(0)
+    return Top1Router(8, experts, 0, 0, balance_scope=scope).train()
+
+
+def test_global_batch_balance_counts_every_micro_batch_of_the_update(monkeypatch):
+    from fairseq_smlp.moe import router as router_module
+    from fairseq_smlp.moe.router import switch_aux_loss
+
+    monkeypatch.setattr(router_module, "all_reduce_counts", lambda counts: counts * 2)  # two identical workers
+    router, local = _gate_router("global-batch"), _gate_router("micro-batch")
+    first, second = torch.randn(32, 8), torch.randn(16, 8) + torch.tensor([2.0] + [0.0] * 7)
+    aux = [router(first)[2].aux_loss, router(second)[2].aux_loss]
+    assert aux[0].item() == pytest.approx(local(first)[2].aux_loss.item())  # one micro-batch: the same share f
+    probs = torch.softmax(second @ router.gate.weight.t(), dim=1)
+    counts = torch.bincount(torch.cat([(first @ router.gate.weight.t()).argmax(1), probs.argmax(1)]), minlength=4)
+    assert aux[1].item() == pytest.approx(switch_aux_loss(probs, probs.argmax(1), counts).item())  # f over both
+    with torch.no_grad():
+        router.gate.weight.add_(1e-3)  # an optimizer update: the next micro-batch starts a new count
+    probs = torch.softmax(second @ router.gate.weight.t(), dim=1)
+    assert router(second)[2].aux_loss.item() == pytest.approx(switch_aux_loss(probs, probs.argmax(1)).item())
+    router.eval()
+    assert router(second)[2].aux_loss.item() == pytest.approx(local.eval()(second)[2].aux_loss.item())
+
+
+def test_balance_scope_is_checked():
+    with pytest.raises(ValueError, match="balance-scope"):
+        _gate_router("per-update")
+
+
+@pytest.mark.parametrize("router", ["sinkhorn", "causal_balanced", "top1_biased"])
+def test_hf_export_refuses_routers_it_cannot_run(router):
+    from omegaconf import OmegaConf
+
+    from fairseq_smlp.export_hf.convert import ExportError, check_transformer_options
+
+    with pytest.raises(ExportError, match=router):
+        check_transformer_options(OmegaConf.create({"moe_router": router}))
 
 
 # ------------------------------------------------------------------ top1_biased
