@@ -44,6 +44,7 @@ import torch.nn as nn
 
 from benchmarks._results import run_metadata, write_results
 from fairseq_smlp.modules.spatial_gating import SpatialGateArgs, SpatialGatingUnit
+from fairseq_smlp.moe.compile import CompiledOrEager
 from fairseq_smlp.moe.dispatch import PATHS, dispatch_path, set_dispatch_path
 from fairseq_smlp.moe.experts import ExpertFFN
 from fairseq_smlp.moe.router import random_hash_table
@@ -95,6 +96,18 @@ class OnPath(nn.Module):
 TOKEN_ROUTED = ("tMoE", "tMoE-libbase", "Switch", "HASH", "GShard")
 
 
+class Compiled(nn.Module):
+    """A token-routed MoE layer as --moe-compile runs it (moe/compile.py: the whole layer, static
+    dispatch), sharing the layer's parameters; compile time falls in the warm-up rounds."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer, self.compiled = layer, CompiledOrEager(layer.forward, "layer")
+
+    def forward(self, x):
+        return self.compiled(x)
+
+
 def build_layers(num_experts: int, args) -> dict:
     """name -> (module, input kind, dense reference name)."""
     H, F, T = args.embed_dim, args.ffn_dim, args.seq_len
@@ -124,6 +137,15 @@ def build_layers(num_experts: int, args) -> dict:
             if name in layers:
                 module, kind, reference = layers[name]
                 layers[f"{name} [grouped]"] = (OnPath(module, "grouped"), kind, reference)
+    if getattr(args, "compare_compile", False):
+        for name in TOKEN_ROUTED:
+            if name in layers:
+                module, kind, reference = layers[name]
+                layers[f"{name} [compiled]"] = (Compiled(module), kind, reference)
+    if getattr(args, "layers", None):
+        kept = {name for name in layers if name.split(" [")[0] in args.layers}
+        kept |= {layers[name][2] for name in kept if layers[name][2]}
+        layers = {name: layer for name, layer in layers.items() if name in kept}
     hash_router = hash_moe.router
     for module, _, _ in layers.values():
         module.train()
@@ -210,6 +232,13 @@ def write_markdown(path: Path, result: dict) -> None:
             "\"[grouped]\" rows run the same module on the previous path (rows grouped by expert, grouped_mm in fp32 "
             "or slots padded to the largest load), interleaved in the same run: the before/after pair.",
         ]
+    if result.get("compare_compile"):
+        lines += [
+            "",
+            "\"[compiled]\" rows run the same module compiled whole as --moe-compile runs it (torch.compile of the "
+            "layer's forward: router, static-shape dispatch, experts, combine; data-dependent steps become graph "
+            "breaks), interleaved in the same run; compile time falls in the warm-up rounds.",
+        ]
     for dtype in dtypes:
         for size in result["sizes"]:
             embed_dim, ffn_dim = (int(d) for d in size.split("x"))
@@ -266,6 +295,10 @@ def main(argv=None):
     parser.add_argument(
         "--compare-paths", action="store_true", help='also time every token-routed layer on the previous "grouped" dispatch path'
     )
+    parser.add_argument(
+        "--compare-compile", action="store_true", help="also time every token-routed layer compiled whole, as --moe-compile runs it"
+    )
+    parser.add_argument("--layers", nargs="+", default=None, help="run only these layers (and their references and variants)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "layer_microbench"))
     args = parser.parse_args(argv)
@@ -295,7 +328,7 @@ def main(argv=None):
         "clock": args.clock,
         "tokens": args.batch * args.seq_len,
         "sizes": sizes,
-        **{k: getattr(args, k) for k in ("batch", "seq_len", "embed_dim", "ffn_dim", "input_scale", "repeats", "warmup", "compare_paths")},
+        **{k: getattr(args, k) for k in ("batch", "seq_len", "embed_dim", "ffn_dim", "input_scale", "repeats", "warmup", "compare_paths", "compare_compile")},
         "path": args.path or _default_path(),
         "rows": rows,
     }

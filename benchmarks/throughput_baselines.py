@@ -3,6 +3,7 @@
     python -m benchmarks.throughput_baselines [--archs A B ...] [--vocab 8000]
         [--tokens-per-sample 128] [--max-tokens 2048] [--steps 10] [--warmup 3] [--threads N]
         [--device cpu|cuda] [--dtype fp32|bf16] [--moe-compile-rows]
+        [--models smlp smlp_top1 gmlp ... --experts E]
 
 Each arch is built as fairseq-train builds it (fairseq_smlp.models.factory.build_model), then
 trained for warmup + steps updates on random tokens with the moe_cross_entropy criterion
@@ -13,6 +14,9 @@ drifts), and the model FLOP utilisation is 3 * forward FLOPs per token * tokens/
 (backward ~ 2x forward).
 --moe-compile-rows adds, after each MoE arch, the same arch built with --moe-compile
 (torch.compile of the MoE hot paths), measured in the same run.
+--models names the models of benchmarks/compare.py (smlp = the paper's Base-routed sMLP, smlp_top1 =
+its tMoE routed like Switch, gmlp, transformer, switch, ...) instead of --archs, with --experts E
+experts in every MoE layer, as the equal-wall-clock comparison trains them.
 Results: benchmarks/results/throughput_baselines.{json,md}.
 """
 import argparse
@@ -113,7 +117,8 @@ def write_markdown(path: Path, result: dict) -> None:
         f"{result['dtype']} matmul peak measured in the same run: {result['matmul_peak_gflops']:,.0f} GFLOP/s. "
         f"Random tokens, vocabulary {result['vocab']}, {result['tokens_per_sample']} tokens per sample, "
         f"{result['runs'][0]['tokens_per_update']} tokens per update, Adam, moe_cross_entropy; "
-        f"{result['warmup']} warm-up + {result['steps']} timed updates.",
+        f"{result['warmup']} warm-up + {result['steps']} timed updates"
+        + (f"; every row measured {result['rounds']} times, interleaved, median shown." if result.get("rounds", 1) > 1 else "."),
         "",
         "| arch | tokens/s | s/update | fwd FLOPs/token | params (total / active) | MFU |",
         "|---|---:|---:|---:|---:|---:|",
@@ -124,6 +129,10 @@ def write_markdown(path: Path, result: dict) -> None:
             f"{r['forward_flops_per_token'] / 1e6:.2f}M | {r['params_total'] / 1e6:.2f}M / {r['params_active'] / 1e6:.2f}M | "
             f"{100 * r['mfu']:.1f}% |"
         )
+    dense = next((r for r in result["runs"] if r["arch"].startswith("gmlp_lm")), None)
+    if dense:
+        lines += ["", "Dense gMLP's tokens/s over each row's (1.00 = as fast as gMLP per token):", ""]
+        lines += [f"- {r['arch']}: {dense['tokens_per_s'] / r['tokens_per_s']:.2f}" for r in result["runs"] if r is not dense]
     lines += ["", f"MFU = 3 x forward FLOPs/token x tokens/s / {result['dtype']} matmul peak. Wall-clock figures drift with machine load.", ""]
     atomic_write_text(path, "\n".join(lines))
 
@@ -140,6 +149,9 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="bf16: autocast (weights and routers stay fp32)")
+    parser.add_argument("--rounds", type=int, default=1, help="measure every variant this many times, interleaved; report the median")
+    parser.add_argument("--models", nargs="+", default=None, help="models of benchmarks/compare.py instead of --archs")
+    parser.add_argument("--experts", type=int, default=0, help="with --models: experts in every MoE layer (0: the arch's own)")
     parser.add_argument("--moe-compile-rows", action="store_true", help="also measure each MoE arch with --moe-compile")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "throughput_baselines"))
     args = parser.parse_args(argv)
@@ -149,16 +161,31 @@ def main(argv=None):
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible to torch")
     peak = matmul_peak_gflops(device=args.device, dtype=args.dtype)
-    variants = [(arch, ()) for arch in args.archs]
+    if args.models:
+        from benchmarks.compare import MODELS, model_spec
+
+        unknown = sorted(set(args.models) - set(MODELS))
+        if unknown:
+            parser.error(f"--models: unknown {', '.join(unknown)}; one of {', '.join(MODELS)}")
+        variants = [(arch, tuple(extra)) for arch, extra in (model_spec(m, args.experts) for m in args.models)]
+    else:
+        variants = [(arch, ()) for arch in args.archs]
     if args.moe_compile_rows:
         moe_archs = ("smlp_lm", "switch_lm", "gshard_lm", "hash_lm")
-        variants = [v for arch in args.archs for v in [(arch, ())] + ([(arch, ("--moe-compile",))] if arch.startswith(moe_archs) else [])]
+        variants = [v for arch, extra in variants
+                    for v in [(arch, extra)] + ([(arch, (*extra, "--moe-compile"))] if arch.startswith(moe_archs) else [])]
+    rounds = {variant: [] for variant in variants}
+    for _ in range(args.rounds):  # interleaved: a change in machine load hits every variant alike
+        for arch, model_args in variants:
+            r = measure(arch, args, model_args)
+            rounds[(arch, model_args)].append(r)
+            print(f"{r['arch']:22} {r['tokens_per_s']:10,.0f} tokens/s  ({r['seconds_per_update']:.3f} s/update)", flush=True)
     runs = []
-    for arch, model_args in variants:
-        r = measure(arch, args, model_args)
+    for measured in rounds.values():
+        r = sorted(measured, key=lambda m: m["tokens_per_s"])[len(measured) // 2]  # the median round
+        r["tokens_per_s_rounds"] = [m["tokens_per_s"] for m in measured]
         r["mfu"] = round(3 * r["forward_flops_per_token"] * r["tokens_per_s"] / (peak * 1e9), 4)
         runs.append(r)
-        print(f"{r['arch']:22} {r['tokens_per_s']:10,.0f} tokens/s  ({r['seconds_per_update']:.3f} s/update)", flush=True)
     result = {
         **run_metadata("throughput_baselines.py", argv, args.device),
         "device": args.device,
@@ -168,6 +195,7 @@ def main(argv=None):
         "tokens_per_sample": args.tokens_per_sample,
         "steps": args.steps,
         "warmup": args.warmup,
+        "rounds": args.rounds,
         "runs": runs,
     }
     write_results(args.out, result, write_markdown)
