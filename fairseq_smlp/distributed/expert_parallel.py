@@ -147,26 +147,26 @@ def _by_local_expert(rows: torch.Tensor, counts: torch.Tensor, run_local) -> tor
 
 
 def run_sharded_spatial(mixing, groups: torch.Tensor, world: int) -> torch.Tensor:
-    """Sharded sMoE (deterministic routing): groups (B, n, E, c) channel chunks of this rank's
-    sequences -> (B, n, E, c) mixed, each chunk mixed by the rank owning its spatial expert.
+    """Sharded sMoE (deterministic routing): groups (B, T, E, c) channel chunks of this rank's
+    sequences -> (B, T, E, c) mixed, each chunk mixed by the rank owning its spatial expert.
 
-    Every rank pads to the largest B and n of all ranks (right-padding: causal mixing never
+    Every rank pads to the largest B and T of all ranks (right-padding: causal mixing never
     lets a padded later position reach an earlier one), so the all-to-all is even; the rank
     owning experts e runs them over the whole sequences of every rank as one batch.
     """
-    bsz, n, num_experts, c = groups.shape
+    bsz, length, num_experts, c = groups.shape
     local = num_experts // world
-    sizes = torch.tensor([bsz, n], device=groups.device)
+    sizes = torch.tensor([bsz, length], device=groups.device)
     dist.all_reduce(sizes, op=dist.ReduceOp.MAX, group=group())
-    big_b, big_n = int(sizes[0]), int(sizes[1])
-    padded = torch.nn.functional.pad(groups, (0, 0, 0, 0, 0, big_n - n, 0, big_b - bsz))  # (B', n', E, c)
-    send = padded.permute(2, 0, 1, 3).reshape(num_experts * big_b * big_n, c)  # expert-major: block w -> rank w
-    got = _exchange(send).view(world, local, big_b, big_n, c)  # from rank s: its sequences, my experts
-    mine = got.permute(0, 2, 3, 1, 4).reshape(world * big_b, big_n, local, c)  # all ranks' sequences
-    mixed = mixing(mine)  # (W * B', n', E_local, c)
-    back = mixed.view(world, big_b, big_n, local, c).permute(0, 3, 1, 2, 4).reshape(num_experts * big_b * big_n, c)
-    out = _exchange(back).view(num_experts, big_b, big_n, c).permute(1, 2, 0, 3)  # (B', n', E, c)
-    return out[:bsz, :n]
+    big_b, big_t = int(sizes[0]), int(sizes[1])
+    padded = torch.nn.functional.pad(groups, (0, 0, 0, 0, 0, big_t - length, 0, big_b - bsz))  # (B', T', E, c)
+    send = padded.permute(2, 0, 1, 3).reshape(num_experts * big_b * big_t, c)  # expert-major: block w -> rank w
+    got = _exchange(send).view(world, local, big_b, big_t, c)  # from rank s: its sequences, my experts
+    mine = got.permute(0, 2, 3, 1, 4).reshape(world * big_b, big_t, local, c)  # all ranks' sequences
+    mixed = mixing(mine)  # (W * B', T', E_local, c)
+    back = mixed.view(world, big_b, big_t, local, c).permute(0, 3, 1, 2, 4).reshape(num_experts * big_b * big_t, c)
+    out = _exchange(back).view(num_experts, big_b, big_t, c).permute(1, 2, 0, 3)  # (B', T', E, c)
+    return out[:bsz, :length]
 
 
 def experts_finite_on_every_rank(expert_params) -> bool:

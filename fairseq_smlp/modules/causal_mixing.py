@@ -35,16 +35,18 @@ class CausalTokenMixing(nn.Module):
         self.bias = nn.Parameter(torch.ones(num_experts, max_positions))
 
     def forward(self, x: torch.Tensor, first_output: int = 0) -> torch.Tensor:
-        """x: (B, n, E, c) positions 0..n-1 -> (B, n - first_output, E, c), rows first_output..n-1.
+        """x: (B, T, E, c) positions 0..T-1 -> (B, T_new, E, c), rows first_output..T-1,
+        T_new = T - first_output.
 
         first_output > 0 computes only the newest rows (incremental decoding).
         """
-        bsz, n, num_experts, c = x.shape
-        check_length(n, self.max_positions)
-        # rows first_output..n-1, columns 0..n-1, zero above the diagonal (no look-ahead)
-        weight = torch.tril(self.weight[:, first_output:n, :n], diagonal=first_output)
-        bias = self.bias[:, first_output:n]
-        # one batched matmul over experts: (E, m, n) @ (E, n, B*c)
-        x_e = x.permute(2, 1, 0, 3).reshape(num_experts, n, bsz * c)
+        bsz, length, num_experts, c = x.shape
+        check_length(length, self.max_positions)
+        new_length = length - first_output
+        # rows first_output..T-1, columns 0..T-1, zero above the diagonal (no look-ahead)
+        weight = torch.tril(self.weight[:, first_output:length, :length], diagonal=first_output)
+        bias = self.bias[:, first_output:length]
+        # one batched matmul over experts: (E, T_new, T) @ (E, T, B*c)
+        x_e = x.permute(2, 1, 0, 3).reshape(num_experts, length, bsz * c)
         y_e = torch.baddbmm(bias.unsqueeze(-1).to(x.dtype), weight.to(x.dtype), x_e)
-        return y_e.view(num_experts, n - first_output, bsz, c).permute(2, 1, 0, 3)
+        return y_e.view(num_experts, new_length, bsz, c).permute(2, 1, 0, 3)

@@ -38,7 +38,7 @@ class SpatialGateArgs:
 
 @with_incremental_state
 class SpatialGatingUnit(nn.Module):
-    """u: (B, n, C) -> gate (B, n, C), RoutingStats or None.
+    """u: (B, T, C) -> gate (B, T, C), RoutingStats or None.
 
     One expert is gMLP's SGU; E experts split the C channels into E chunks of C/E, each
     mixed by its own spatial matrix, assigned deterministically or by a PrefixChannelRouter.
@@ -87,20 +87,21 @@ class SpatialGatingUnit(nn.Module):
         return self.router.prefix_length if self.router is not None else 0
 
     def forward(self, u: Tensor, incremental_state: Optional[Dict[str, Dict[str, Optional[Tensor]]]] = None):
-        z = self.norm(u)  # (B, m, C): the m newest positions
-        new = z.size(1)
+        z = self.norm(u)  # (B, T_new, C): the newest positions
+        new_length = z.size(1)
         if incremental_state is not None:
-            z = self._extend_history(z, incremental_state)  # (B, n, C) all positions so far
-        first_output = z.size(1) - new
+            z = self._extend_history(z, incremental_state)  # (B, T, C): every position so far
+        first_output = z.size(1) - new_length
 
-        bsz, n, channels = z.shape
+        bsz, length, channels = z.shape
         if self.router is None:  # deterministic: chunk e -> expert e
-            groups = z.view(bsz, n, self.num_experts, channels // self.num_experts)
+            groups = z.view(bsz, length, self.num_experts, channels // self.num_experts)  # (B, T, E, c)
             if self.world_size > 1:
                 if incremental_state is not None:
                     raise RuntimeError("incremental decoding with --smoe-expert-parallel: reshard the checkpoint to 1 worker first")
-                return expert_parallel.run_sharded_spatial(self.mixing, groups, self.world_size).reshape(bsz, new, channels), None
-            return self.mixing(groups, first_output).reshape(bsz, new, channels), None
+                mixed = expert_parallel.run_sharded_spatial(self.mixing, groups, self.world_size)
+                return mixed.reshape(bsz, new_length, channels), None
+            return self.mixing(groups, first_output).reshape(bsz, new_length, channels), None
 
         order, weight, stats = self.router(z)  # order: (B, C) channels listed expert by expert
         if incremental_state is not None:  # (--moe-compile compiles mix_routed for whole sequences only)
@@ -108,14 +109,15 @@ class SpatialGatingUnit(nn.Module):
         return self.mix_routed(z, order, weight), stats
 
     def mix_routed(self, z: Tensor, order: Tensor, weight: Tensor, first_output: int = 0) -> Tensor:
-        """z (B, n, C); order, weight (B, C) from the router -> gate (B, n - first_output, C):
-        each channel mixed by its expert's spatial matrix and scaled by its router weight."""
-        bsz, n, channels = z.shape
-        new = n - first_output
-        by_expert = z.gather(2, order.unsqueeze(1).expand(-1, n, -1))
-        groups = by_expert.view(bsz, n, self.num_experts, channels // self.num_experts)
-        mixed = self.mixing(groups, first_output).reshape(bsz, new, channels) * weight.unsqueeze(1).to(z.dtype)
-        return torch.empty_like(mixed).scatter_(2, order.unsqueeze(1).expand(-1, new, -1), mixed)
+        """z (B, T, C); order, weight (B, C) from the router -> gate (B, T_new, C), T_new =
+        T - first_output: each channel mixed by its expert's spatial matrix and scaled by its
+        router weight."""
+        bsz, length, channels = z.shape
+        new_length = length - first_output
+        by_expert = z.gather(2, order.unsqueeze(1).expand(-1, length, -1))
+        groups = by_expert.view(bsz, length, self.num_experts, channels // self.num_experts)  # (B, T, E, c)
+        mixed = self.mixing(groups, first_output).reshape(bsz, new_length, channels) * weight.unsqueeze(1).to(z.dtype)
+        return torch.empty_like(mixed).scatter_(2, order.unsqueeze(1).expand(-1, new_length, -1), mixed)
 
     def _extend_history(self, z: Tensor, incremental_state) -> Tensor:
         """Keep the normalised inputs of all past positions: the spatial matrix mixes them all."""

@@ -7,4 +7,6 @@
     feed_forward_moe.py     MoEArgs -> FeedForwardMoE (a router and its experts)
     base_experts.py         a Base layer with all E experts in one process (Base Layers' baseline)
     sharding.py             slice a stacked-expert module to one rank's experts (expert parallelism)
+
+Shapes are named as in docs/model.md, "Shapes and names" (N tokens, H, F, E experts, K slots, ...).
 """

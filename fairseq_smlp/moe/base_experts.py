@@ -27,7 +27,7 @@ from .router import BaseRouter
 
 
 class ResidualExpertStack(nn.Module):
-    """S residual sublayers per expert: x (E, C, H) -> expert_e(x) - x (E, C, H).
+    """S residual sublayers per expert: x (E, K, H) -> expert_e(x) - x (E, K, H).
 
     Returns the change the expert makes, so that the dispatch's weighted sum gives
     alpha (expert(x) - x). Same interface as ExpertFFN for the dispatch (one process only).

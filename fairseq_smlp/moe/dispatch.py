@@ -14,15 +14,15 @@ Paths (issue 24), chosen per call in one process (`set_dispatch_path` / `dispatc
   "static"   static-shape dispatch: `dispatch_balanced` when every expert gets exactly N/E
              tokens (Base training, a balanced assignment): one permutation, one bmm per
              projection on (E, N/E, H); else `dispatch_padded`: the rows are scattered
-             straight into an (E, C, H) buffer, C = the largest load (never more than a
-             capacity router's C), one bmm per projection, each token gathers its slots
+             straight into an (E, K, H) buffer, K = the largest load (never more than a
+             capacity router's K), one bmm per projection, each token gathers its slots
              weighted by its combine weights; nothing is dropped that the router kept.
   "grouped"  the previous path: rows grouped by expert, uneven loads on exactly their rows
              (grouped_mm where torch can, else slots padded to the largest load): dropless
              in FLOPs as well as in tokens.
   "auto"     (default) what measured fastest (benchmarks/results/layer_microbench.md,
              --compare-paths): exact balance -> dispatch_balanced; uneven loads -> grouped_mm
-             on exactly the rows where the experts can run it (fp32: padding to C costs up to
+             on exactly the rows where the experts can run it (fp32: padding to K costs up to
              the capacity factor in FLOPs), else (bf16 autocast) dispatch_padded.
 Expert parallelism (world size > 1) always takes the grouped path (rows travel grouped).
 """
@@ -169,18 +169,18 @@ def dispatch_grouped(x: torch.Tensor, expert_index: torch.Tensor, weight: Option
 def run_experts(experts: ExpertFFN, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """rows (M, H) grouped by local expert, counts (E_local,) rows per expert -> (M, H).
 
-    Balanced loads (tMoE training) run as one batched matmul on (E, C, H); uneven loads run
-    each expert on exactly its rows (grouped_mm) where torch can, else on (E, C, H) slots
+    Balanced loads (tMoE training) run as one batched matmul on (E, K, H); uneven loads run
+    each expert on exactly its rows (grouped_mm) where torch can, else on (E, K, H) slots
     padded to the largest load.
     """
     num_experts, hidden = counts.numel(), rows.size(-1)  # explicit shapes: a load may be 0
     capacity = int(counts.max()) if rows.size(0) else 0
-    if rows.size(0) == num_experts * capacity:  # balanced: rows are already (E, C) slots in order
+    if rows.size(0) == num_experts * capacity:  # balanced: rows are already (E, K) slots in order
         return experts(rows.view(num_experts, capacity, hidden)).reshape(-1, hidden)
     if experts.can_run_grouped(rows):  # uneven: no padding slots to compute
         return experts.forward_grouped(rows, None, counts)
     row_expert = torch.repeat_interleave(torch.arange(num_experts, device=rows.device), counts)  # (M,)
-    # slot of a row inside its expert: its rank among that expert's rows; flat slot e * C + i.
+    # slot of a row inside its expert: its rank among that expert's rows; flat slot e * K + i.
     # index_select / index_copy are the fast CPU paths (2-D advanced indexing is several times
     # slower, forward and backward)
     starts = torch.cumsum(counts, 0) - counts
@@ -229,9 +229,9 @@ def dispatch_balanced(x: torch.Tensor, expert: torch.Tensor, weight: Optional[to
 def slot_positions(key: torch.Tensor, counts: torch.Tensor, capacity: int) -> torch.Tensor:
     """key (A,) expert of each assignment (E = dropped), counts (E + 1,) -> slot (A,).
 
-    slot[a] = e * C + (rank of a among expert e's assignments, in assignment order
+    slot[a] = e * K + (rank of a among expert e's assignments, in assignment order
     a = n k + j; for top-1 the first-come-first-served position of the router's one-hot
-    cumsum); dropped assignments get E * C (a trash row past the buffer). Slots of kept
+    cumsum); dropped assignments get E * K (a trash row past the buffer). Slots of kept
     assignments are distinct, so scatters into them are copies, never sums."""
     num_experts = counts.numel() - 1
     order = torch.argsort(key, stable=True)  # (A,) assignments by expert
@@ -248,21 +248,21 @@ def dispatch_padded(
     """Capacity-padded: x (N, H), key (N k,) expert per assignment (E = dropped), counts (E + 1,)
     -> (N, H).
 
-    x (N, H) -> slots (E, C, H) by one scatter per choice (zero rows pad each expert to C, the
+    x (N, H) -> slots (E, K, H) by one scatter per choice (zero rows pad each expert to K, the
     largest load), one bmm per projection, then y[n] = sum_j w[n, j] out[slot[n, j]]: a dropped
-    assignment (slot E C) contributes nothing, a token with none gives 0."""
+    assignment (slot E K) contributes nothing, a token with none gives 0."""
     num_experts, hidden = experts.num_experts, x.size(-1)
     num_tokens = x.size(0)
     capacity = int(counts[:num_experts].max())
     slot = slot_positions(key, counts, capacity).view(num_tokens, -1)  # (N, k)
     has_dropped = bool(counts[num_experts] > 0)
-    slots = _ScatterToSlots.apply(x, slot, num_experts * capacity, has_dropped)  # (E C, H)
-    out = experts(slots.view(num_experts, capacity, hidden)).reshape(-1, hidden)  # (E C, H)
+    slots = _ScatterToSlots.apply(x, slot, num_experts * capacity, has_dropped)  # (E K, H)
+    out = experts(slots.view(num_experts, capacity, hidden)).reshape(-1, hidden)  # (E K, H)
     return _GatherFromSlots.apply(out, weight, slot, has_dropped)
 
 
 class _ScatterToSlots(torch.autograd.Function):
-    """x (N, H), slot (N, k) -> slots (S, H): slots[slot[n, j]] = x[n]; slot S = dropped (a trash
+    """x (N, H), slot (N, k) -> slots (E K, H): slots[slot[n, j]] = x[n]; slot E K = dropped (a trash
     row, cut off); slots no token fills stay zero. Backward: grad_x[n] = sum_j grad[slot[n, j]]
     over the kept assignments (a clamped gather, dropped rows zeroed: no copy of grad)."""
 
@@ -291,8 +291,8 @@ class _ScatterToSlots(torch.autograd.Function):
 
 
 class _GatherFromSlots(torch.autograd.Function):
-    """out (S, H), weight (N, k) or None (= 1), slot (N, k) -> y (N, H),
-    y[n] = sum_j weight[n, j] out[slot[n, j]], where slot S (dropped) contributes zero.
+    """out (E K, H), weight (N, k) or None (= 1), slot (N, k) -> y (N, H),
+    y[n] = sum_j weight[n, j] out[slot[n, j]], where slot E K (dropped) contributes zero.
 
     A dropped assignment gathers a clamped slot with scale 0 (no zero row appended to out).
     Backward: grad_out[slot[n, j]] = scale[n, j] grad_y[n] (slots are distinct, so a copy, not

@@ -85,7 +85,7 @@ class ExpertFFN(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (E_local, C, H) C rows per expert -> (E_local, C, H)."""
+        """x: (E_local, K, H), K rows per expert -> (E_local, K, H)."""
         if self.norm_weight is not None:
             # per-expert affine in one op (norm_bias + x_hat * norm_weight): one pass less than * then +
             x = torch.addcmul(self.norm_bias, F.layer_norm(x, (self.embed_dim,)), self.norm_weight)
