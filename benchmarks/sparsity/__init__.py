@@ -20,8 +20,10 @@ Regimes (data prepared once into runs/sparsity/, data_prep.small_corpus):
 Models (`list`): the dense counterparts gmlp (gmlp_lm_tiny) and transformer
 (transformer_lm_tiny); sMLP with E experts in the sMoE and the tMoE (smlp_eE), in the tMoE only
 (smlp_tmoe_eE: one spatial matrix) and in the sMoE only (smlp_smoe_eE: one tMoE expert);
-switch_eE, gshard_eE, hash_eE, base_eE; NAME_xd: the same with --expert-dropout 0.4; smlp_top1_eE
-(diagnosis, not in the default set): sMLP with its tMoE routed like Switch (--tmoe-router top1). All *_tiny, FLOP-matched (docs/baselines.md): E changes
+switch_eE, gshard_eE, hash_eE, base_eE; NAME_xd: the same with --expert-dropout 0.4; not in the
+default set, sMLP with its tMoE routed otherwise (models.ROUTERS, docs/routers.md): smlp_top1_eE
+(like Switch, --tmoe-router top1), smlp_top1_global_eE (the same, --tmoe-balance-scope
+global-batch), smlp_top1_biased_eE, smlp_sinkhorn_eE, smlp_causal_balanced_eE. All *_tiny, FLOP-matched (docs/baselines.md): E changes
 the parameters, not the FLOPs per token. Every model sees the same batches in the same order
 (same data, seed, tokens per update), so curves are paired batch by batch.
 

@@ -3,6 +3,14 @@
 EXPERTS = (1, 4, 16, 64)
 EXPERT_DROPOUT = 0.4
 DENSE = {"gmlp": ("gmlp_lm_tiny", []), "transformer": ("transformer_lm_tiny", [])}
+# the router study: sMLP's tMoE routed otherwise (docs/routers.md), family smlp_<name>
+ROUTERS = {
+    "top1": ["--tmoe-router", "top1"],
+    "top1_global": ["--tmoe-router", "top1", "--tmoe-balance-scope", "global-batch"],
+    "top1_biased": ["--tmoe-router", "top1_biased"],
+    "sinkhorn": ["--tmoe-router", "sinkhorn"],
+    "causal_balanced": ["--tmoe-router", "causal_balanced"],
+}
 
 
 def sparse_models():
@@ -13,8 +21,9 @@ def sparse_models():
         if e > 1:
             models[f"smlp_tmoe_e{e}"] = ("smlp_lm_tiny", ["--smoe-experts", "1", "--tmoe-experts", str(e)], "gmlp", "smlp_tmoe", e)
             models[f"smlp_smoe_e{e}"] = ("smlp_lm_tiny", ["--smoe-experts", str(e), "--tmoe-experts", "1"], "gmlp", "smlp_smoe", e)
-            # diagnosis: the tMoE routed like Switch instead of the paper's Base-layer routing
-            models[f"smlp_top1_e{e}"] = ("smlp_lm_tiny", ["--smoe-experts", str(e), "--tmoe-experts", str(e), "--tmoe-router", "top1"], "gmlp", "smlp_top1", e)
+            # the tMoE routed otherwise than the paper's Base-layer routing (smlp_top1: Switch)
+            for router, flags in ROUTERS.items():
+                models[f"smlp_{router}_e{e}"] = ("smlp_lm_tiny", ["--smoe-experts", str(e), "--tmoe-experts", str(e), *flags], "gmlp", f"smlp_{router}", e)
             models[f"switch_e{e}"] = ("switch_lm_tiny", ["--moe-experts", str(e)], "transformer", "switch", e)
             models[f"gshard_e{e}"] = ("gshard_lm_tiny", ["--moe-experts", str(e)], "transformer", "gshard", e)
             models[f"hash_e{e}"] = ("hash_lm_tiny", ["--moe-experts", str(e)], "transformer", "hash", e)
@@ -28,7 +37,7 @@ def sparse_models():
 
 
 MODELS = {**{k: (*v, None, k, 0) for k, v in DENSE.items()}, **sparse_models()}
-DEFAULT_MODELS = [m for m, spec in MODELS.items() if spec[4] in (0, 1, 4, 16) and not m.endswith("_xd") and spec[3] != "smlp_top1"]
+DEFAULT_MODELS = [m for m, spec in MODELS.items() if spec[4] in (0, 1, 4, 16) and not m.endswith("_xd") and spec[3] not in {f"smlp_{r}" for r in ROUTERS}]
 
 REGIMES = {
     "single-pass": dict(corpus="wikitext-2+books-mix", epochs=1, dropout=0.0),

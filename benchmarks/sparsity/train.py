@@ -58,9 +58,8 @@ class RouterProbe:
     entropy and changed are defined as in the training log (fairseq_smlp/moe/health.py)."""
 
     def __init__(self, model):
-        from fairseq_smlp.moe.router import Router
-
-        self.routers = {m.name: m for m in model.modules() if isinstance(m, Router) and m.remembers_choices}
+        # token routers (Router.remembers_choices); not sMoE's channel router
+        self.routers = {m.name: m for m in model.modules() if getattr(m, "remembers_choices", False)}
         self.choices = {name: [] for name in self.routers}
         self.previous = {}
         self.handles = []

@@ -41,15 +41,14 @@ def test_every_sparse_model_names_its_dense_counterpart():
 class FakeRouter(torch.nn.Module):
     """Routes token i to expert choice[i]; named as the decoder names its routers."""
 
+    remembers_choices = True  # a token router, which RouterProbe records
+
     def __init__(self, choice, num_experts):
         super().__init__()
         self.choice, self.num_experts, self.name = choice, num_experts, "layers.1.fc1.router"
 
     def forward(self, x):
         return self.choice.unsqueeze(1), None, None
-
-
-FakeRouter.__name__ = "Top1Router"
 
 
 def test_router_health_entropy_unused_and_changed_share():
