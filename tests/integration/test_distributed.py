@@ -576,3 +576,32 @@ def test_sharded_smoe_equals_replicated(tmp_path):
     ref_path = tmp_path / "ref.pt"
     torch.save(smoe_reference(), ref_path)
     spawn(_smoe_worker, str(ref_path))
+
+
+# ------------------------------------------------------------------ global-batch balance
+def _global_batch_data(rank: int, micro_batch: int):
+    generator = torch.Generator().manual_seed(10 * rank + micro_batch)
+    return torch.randn(12 + 4 * rank, H, generator=generator) + rank  # workers route differently
+
+
+def _global_batch_worker(rank, port):
+    """--moe-balance-scope global-batch: at micro-batch m every worker's f_e counts the first
+    choices of micro-batches 1..m on both workers, as one process that saw all of them would."""
+    from fairseq_smlp.moe.router import Top1Router, switch_aux_loss
+
+    init(rank, port)
+    torch.manual_seed(0)
+    router = Top1Router(H, E, 0, 0, balance_scope="global-batch").train()
+    for micro_batch in range(2):
+        x = _global_batch_data(rank, micro_batch)
+        aux = router(x)[2].aux_loss
+        with torch.no_grad():  # every worker's first choices so far
+            seen = [(_global_batch_data(r, m) @ router.gate.weight.t()).argmax(1) for r in range(2) for m in range(micro_batch + 1)]
+        probs = torch.softmax(x @ router.gate.weight.t(), dim=1)
+        counts = torch.bincount(torch.cat(seen), minlength=E)
+        expected = switch_aux_loss(probs, probs.argmax(1), counts)
+        assert math.isclose(aux.item(), expected.item(), rel_tol=1e-6), (rank, micro_batch, aux.item(), expected.item())
+
+
+def test_global_batch_balance_counts_every_worker():
+    spawn(_global_batch_worker, timeout=90)
