@@ -179,5 +179,6 @@ def experts_finite_on_every_rank(expert_params) -> bool:
     finite = torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else torch.tensor(True, device=device)
     flag = finite.to(device=device, dtype=torch.float32).reshape(1)
     if torch.distributed.is_initialized() and distributed_utils.get_data_parallel_world_size() > 1:
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN, group=distributed_utils.get_data_parallel_group())
+        group = distributed_utils.get_data_parallel_group()
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN, group=group)
     return bool(flag.item() == 1)

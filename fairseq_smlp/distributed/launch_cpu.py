@@ -196,7 +196,9 @@ def main(argv=None) -> int:
     split = argv.index("--")
     parser = argparse.ArgumentParser(prog="python -m fairseq_smlp.distributed.launch_cpu")
     parser.add_argument("--nprocs", type=int, required=True, help="number of CPU workers (data-parallel ranks)")
-    parser.add_argument("--port", type=int, default=0, help="ignored (kept for old scripts): the workers meet through a file")
+    parser.add_argument(
+        "--port", type=int, default=0, help="ignored (kept for old scripts): the workers meet through a file"
+    )
     args = parser.parse_args(argv[:split])
     check_args(parser, args)
     return launch(argv[split + 1 :], args.nprocs, args.port)

@@ -20,7 +20,9 @@ class GatedMLPBlock(nn.Module):
     gate is a SpatialGatingUnit: dense, or sMoE when it has several experts.
     """
 
-    def __init__(self, embed_dim: int, ffn_dim: int, gate: SpatialGatingUnit, split_gate: bool = True, dropout: float = 0.0):
+    def __init__(
+        self, embed_dim: int, ffn_dim: int, gate: SpatialGatingUnit, split_gate: bool = True, dropout: float = 0.0
+    ):
         super().__init__()
         self.norm = LayerNorm(embed_dim)
         self.proj_in = nn.Linear(embed_dim, ffn_dim)  # U

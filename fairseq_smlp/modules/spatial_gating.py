@@ -57,7 +57,9 @@ class SpatialGatingUnit(nn.Module):
             )
         router = None
         if args.routing == "partial":  # built first: the order of random initialisation
-            router = PrefixChannelRouter(args.max_positions, args.prefix_ratio, args.num_experts, args.balance, args.solver)
+            router = PrefixChannelRouter(
+                args.max_positions, args.prefix_ratio, args.num_experts, args.balance, args.solver
+            )
         self.num_experts = args.num_experts
         self.norm = LayerNorm(args.channels)
         self.mixing = CausalTokenMixing(args.num_experts, args.max_positions, args.init_eps)
@@ -66,7 +68,9 @@ class SpatialGatingUnit(nn.Module):
         # gradients are averaged like any shared parameter. --smoe-expert-parallel shards them
         # (shard_experts, once the model is built).
         if args.expert_parallel and router is not None:
-            raise ValueError("--smoe-expert-parallel needs --smoe-routing deterministic (partial routing is per sequence)")
+            raise ValueError(
+                "--smoe-expert-parallel needs --smoe-routing deterministic (partial routing is per sequence)"
+            )
         self.expert_parallel = args.expert_parallel
         self.world_size = 1
 
@@ -98,7 +102,9 @@ class SpatialGatingUnit(nn.Module):
             groups = z.view(bsz, length, self.num_experts, channels // self.num_experts)  # (B, T, E, c)
             if self.world_size > 1:
                 if incremental_state is not None:
-                    raise RuntimeError("incremental decoding with --smoe-expert-parallel: reshard the checkpoint to 1 worker first")
+                    raise RuntimeError(
+                        "incremental decoding with --smoe-expert-parallel: reshard the checkpoint to 1 worker first"
+                    )
                 mixed = expert_parallel.run_sharded_spatial(self.mixing, groups, self.world_size)
                 return mixed.reshape(bsz, new_length, channels), None
             return self.mixing(groups, first_output).reshape(bsz, new_length, channels), None

@@ -35,13 +35,19 @@ class ResidualExpertStack(nn.Module):
 
     world_size = 1
 
-    def __init__(self, num_experts: int, embed_dim: int, ffn_dim: int, sublayers: int, activation: str = "relu", dropout: float = 0.0):
+    def __init__(
+        self, num_experts: int, embed_dim: int, ffn_dim: int, sublayers: int, activation: str = "relu",
+        dropout: float = 0.0,
+    ):
         super().__init__()
         if sublayers < 1:
             raise ValueError(f"--base-sublayers must be >= 1, got {sublayers}")
         self.num_experts = self.num_local_experts = num_experts
         self.sublayers = nn.ModuleList(
-            ExpertFFN(num_experts, embed_dim, ffn_dim, pre_norm=True, activation=activation, init="zero_output", dropout=dropout)
+            ExpertFFN(
+                num_experts, embed_dim, ffn_dim, pre_norm=True, activation=activation, init="zero_output",
+                dropout=dropout,
+            )
             for _ in range(sublayers)
         )
 
@@ -57,7 +63,9 @@ class ResidualExpertStack(nn.Module):
     def can_run_grouped(self, x: torch.Tensor) -> bool:
         return self.sublayers[0].can_run_grouped(x)
 
-    def forward_grouped(self, x: torch.Tensor, row_expert: Optional[torch.Tensor], counts: torch.Tensor) -> torch.Tensor:
+    def forward_grouped(
+        self, x: torch.Tensor, row_expert: Optional[torch.Tensor], counts: torch.Tensor
+    ) -> torch.Tensor:
         """x: (M, H) rows grouped by expert (row_expert: (M,) their experts, or None) -> (M, H),
         expert_e(x) - x on each row."""
         if row_expert is None:  # once for every sublayer
@@ -75,8 +83,8 @@ class BaseExpertsLayer(nn.Module):
     last_stats = None
 
     def __init__(
-        self, embed_dim: int, ffn_dim: int, num_experts: int, sublayers: int, activation: str = "relu", solver: str = "torch",
-        dropout: float = 0.0, shuffle: bool = False,
+        self, embed_dim: int, ffn_dim: int, num_experts: int, sublayers: int, activation: str = "relu",
+        solver: str = "torch", dropout: float = 0.0, shuffle: bool = False,
     ):
         super().__init__()
         if num_experts < 1:
@@ -95,8 +103,8 @@ class BaseExpertsLayer(nn.Module):
         experts = self.router.num_experts
         if experts != world_size:
             raise ValueError(
-                f"--base-experts {experts} with {world_size} data-parallel workers: fairseq's BaseLayer, used when there are "
-                f"several workers, holds one expert per worker; set --base-experts {world_size} (or 0)"
+                f"--base-experts {experts} with {world_size} data-parallel workers: fairseq's BaseLayer, used when "
+                f"there are several workers, holds one expert per worker; set --base-experts {world_size} (or 0)"
             )
         return FairseqBaseLayer.from_experts(self, world_size, rank)
 

@@ -34,7 +34,9 @@ def compiler_available() -> bool:
 def _fall_back(what: str, error: Exception) -> None:
     if not _WARNED["fallback"]:
         _WARNED["fallback"] = True
-        logger.warning(f"--moe-compile: torch.compile cannot run here ({what}: {type(error).__name__}: {error}); running eager")
+        logger.warning(
+            f"--moe-compile: torch.compile cannot run here ({what}: {type(error).__name__}: {error}); running eager"
+        )
 
 
 class CompiledOrEager:

@@ -88,7 +88,9 @@ class _CombinePermuted(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             # d/dw_n = <grad_n, out[position[n]]>, computed in grouped order and moved back
             grad_weight = (grad_rows * out).sum(-1, keepdim=True).index_select(0, position).to(weight.dtype)
-        grad_out = grad_rows.mul_(weight.index_select(0, order).to(grad_rows.dtype)) if ctx.needs_input_grad[0] else None
+        grad_out = None
+        if ctx.needs_input_grad[0]:
+            grad_out = grad_rows.mul_(weight.index_select(0, order).to(grad_rows.dtype))
         return grad_out, grad_weight, None, None
 
 
@@ -116,7 +118,8 @@ def dispatch_path(path: str):
 
 
 def dispatch_to_experts(
-    x: torch.Tensor, expert_index: torch.Tensor, weight: Optional[torch.Tensor], experts: ExpertFFN, path: Optional[str] = None,
+    x: torch.Tensor, expert_index: torch.Tensor, weight: Optional[torch.Tensor], experts: ExpertFFN,
+    path: Optional[str] = None,
 ) -> torch.Tensor:
     """Send each token to its experts, run them, and sum the weighted outputs.
 
@@ -139,7 +142,9 @@ def dispatch_to_experts(
     return dispatch_grouped(x, expert_index, weight, experts)
 
 
-def dispatch_grouped(x: torch.Tensor, expert_index: torch.Tensor, weight: Optional[torch.Tensor], experts: ExpertFFN) -> torch.Tensor:
+def dispatch_grouped(
+    x: torch.Tensor, expert_index: torch.Tensor, weight: Optional[torch.Tensor], experts: ExpertFFN
+) -> torch.Tensor:
     """The "grouped" path: x (N, H), expert_index (N, k) -> (N, H) through rows grouped by
     expert (M, H), M = kept assignments; also the expert-parallel path."""
     num_tokens, k = expert_index.shape
@@ -192,7 +197,8 @@ def run_experts(experts: ExpertFFN, rows: torch.Tensor, counts: torch.Tensor) ->
 
 # ------------------------------------------------------------------ static-shape dispatch (issue 24)
 def dispatch_static(
-    x: torch.Tensor, expert_index: torch.Tensor, weight: Optional[torch.Tensor], experts: ExpertFFN, uneven_grouped: bool = False,
+    x: torch.Tensor, expert_index: torch.Tensor, weight: Optional[torch.Tensor], experts: ExpertFFN,
+    uneven_grouped: bool = False,
 ) -> torch.Tensor:
     """The "static" / "auto" paths, one process: x (N, H), expert_index (N, k) -> (N, H).
 
@@ -211,14 +217,17 @@ def dispatch_static(
     return dispatch_padded(x, key, counts, weight, experts)
 
 
-def dispatch_balanced(x: torch.Tensor, expert: torch.Tensor, weight: Optional[torch.Tensor], experts: ExpertFFN) -> torch.Tensor:
+def dispatch_balanced(
+    x: torch.Tensor, expert: torch.Tensor, weight: Optional[torch.Tensor], experts: ExpertFFN
+) -> torch.Tensor:
     """Exact balance: x (N, H), expert (N,) with N / E tokens on every expert -> (N, H).
 
     One stable argsort is the permutation to slots: x[order] is (E, N/E, H) in expert order
     (token order inside an expert); its inverse brings the outputs back, no padding."""
     num_experts, hidden = experts.num_experts, x.size(-1)
     order = torch.argsort(expert, stable=True)  # (N,) slot -> token
-    position = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))  # token -> slot
+    slot_of = torch.arange(order.numel(), device=order.device)
+    position = torch.empty_like(order).scatter_(0, order, slot_of)  # token -> slot
     slots = _PermuteRows.apply(x, order, position).view(num_experts, -1, hidden)  # (E, N/E, H)
     out = experts(slots).reshape(-1, hidden)  # (N, H) in slot order
     if weight is None:

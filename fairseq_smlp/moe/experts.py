@@ -69,7 +69,8 @@ class ExpertFFN(nn.Module):
         sharded model starts with exactly the experts of the unsharded one)."""
         if self.world_size > 1:
             raise RuntimeError(f"the experts are already sharded over {self.world_size} workers")
-        self.num_local_experts = shard_stacked(self, self.num_experts, world_size, rank, "--tmoe-experts / --moe-experts")
+        flag = "--tmoe-experts / --moe-experts"
+        self.num_local_experts = shard_stacked(self, self.num_experts, world_size, rank, flag)
         self.world_size = world_size
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -110,7 +111,9 @@ class ExpertFFN(nn.Module):
             and not torch.is_autocast_enabled("cpu")
         )
 
-    def forward_grouped(self, x: torch.Tensor, row_expert: Optional[torch.Tensor], counts: torch.Tensor) -> torch.Tensor:
+    def forward_grouped(
+        self, x: torch.Tensor, row_expert: Optional[torch.Tensor], counts: torch.Tensor
+    ) -> torch.Tensor:
         """x: (M, H) rows grouped by local expert (counts: (E_local,) rows per expert;
         row_expert: (M,) their experts, or None to derive it) -> (M, H).
 
@@ -154,6 +157,7 @@ class _AddBlockBias(torch.autograd.Function):
     def backward(ctx, grad):
         grad_bias = None
         if ctx.needs_input_grad[1]:
-            grad_bias = torch.stack([block.sum(0, keepdim=True, dtype=torch.float32) for block in grad.split(ctx.sizes)])
+            blocks = grad.split(ctx.sizes)
+            grad_bias = torch.stack([block.sum(0, keepdim=True, dtype=torch.float32) for block in blocks])
             grad_bias = grad_bias.to(ctx.bias_dtype)
         return grad, grad_bias, None

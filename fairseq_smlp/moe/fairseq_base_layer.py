@@ -129,10 +129,10 @@ class FairseqBaseLayer(base_layer.BaseLayer):
         counts = [int(c) for c in gathered]
         if len(set(counts)) > 1 or counts[0] % self.num_workers:
             raise ValueError(
-                f"{self.name}: fairseq's BaseLayer trains only on the same number of tokens on every worker, a multiple "
-                f"of the {self.num_workers} workers; this batch has {counts} (an epoch's last batch?). Keep every batch "
-                "full (--sample-break-mode none with --max-tokens a multiple of --tokens-per-sample, and fewer updates "
-                "than an epoch), or use the single-process Base layer"
+                f"{self.name}: fairseq's BaseLayer trains only on the same number of tokens on every worker, a "
+                f"multiple of the {self.num_workers} workers; this batch has {counts} (an epoch's last batch?). Keep "
+                "every batch full (--sample-break-mode none with --max-tokens a multiple of --tokens-per-sample, and "
+                "fewer updates than an epoch), or use the single-process Base layer"
             )
 
     def balanced_assignment(self, scores):
@@ -171,8 +171,8 @@ def check_base_layer_layout(model, state_dict) -> None:
     if saved and not fairseq_layers:
         workers = state_dict[saved[0]].size(0)
         raise ValueError(
-            f"{saved[0]}: the checkpoint holds fairseq's BaseLayer of {workers} workers (one expert per worker, one rank "
-            "file each) but this process holds every expert of a Base layer itself: convert the rank files with "
+            f"{saved[0]}: the checkpoint holds fairseq's BaseLayer of {workers} workers (one expert per worker, one "
+            "rank file each) but this process holds every expert of a Base layer itself: convert the rank files with "
             f"`python -m fairseq_smlp.checkpoints reshard CKPT --to-world-size 1 --out NEW.pt`"
         )
 

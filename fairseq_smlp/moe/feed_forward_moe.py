@@ -12,7 +12,9 @@ import torch.nn as nn
 
 from .dispatch import dispatch_to_experts
 from .experts import ExpertFFN
-from .router import BaseRouter, CausalBalancedRouter, HashRouter, SinkhornRouter, Top1BiasedRouter, Top1Router, Top2Router
+from .router import (
+    BaseRouter, CausalBalancedRouter, HashRouter, SinkhornRouter, Top1BiasedRouter, Top1Router, Top2Router,
+)
 
 ROUTERS = ("base", "top1", "top2", "hash", "top1_biased", "sinkhorn", "causal_balanced")
 

@@ -143,7 +143,9 @@ class Router(nn.Module):
         if layout is None:
             return 1, 0, None
         if layout.sequences < 1 or num_items % layout.sequences:
-            raise RuntimeError(f"{self.name}: {num_items} items are not whole positions of {layout.sequences} sequences")
+            raise RuntimeError(
+                f"{self.name}: {num_items} items are not whole positions of {layout.sequences} sequences"
+            )
         return layout.sequences, layout.start, layout.incremental_state
 
     def score(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -207,7 +209,8 @@ class UpdateWatch:
         """Call at every training forward: True when the weight changed since the last call."""
         weight = weight.detach()
         seen, self.seen = self.seen, weight.clone()
-        comparable = seen is not None and seen.shape == weight.shape and seen.device == weight.device and seen.dtype == weight.dtype
+        kind = (weight.shape, weight.device, weight.dtype)
+        comparable = seen is not None and (seen.shape, seen.device, seen.dtype) == kind
         return comparable and not torch.equal(seen, weight)
 
 
@@ -368,8 +371,8 @@ class Top2Router(LearnedGateRouter):
     second, so a token competes only with earlier positions; "gshard" (GShard's own order)
     queues all first choices before any second choice, so in training a later token's first
     choice can take an earlier token's second slot: a causal LM then learns from the future
-    whenever tokens are dropped (kept for comparison with the paper's setting). Combine weights are the gate probabilities renormalised
-    over the kept experts.
+    whenever tokens are dropped (kept for comparison with the paper's setting). Combine weights
+    are the gate probabilities renormalised over the kept experts.
     """
 
     top_k = 2
@@ -400,7 +403,8 @@ class Top2Router(LearnedGateRouter):
             # one queue in token order, each token's first choice just before its second: a
             # token competes only with tokens at earlier or equal positions
             active = torch.stack([torch.ones_like(wants_second), wants_second], dim=1)
-            kept = within_capacity(experts.reshape(-1), capacity, self.num_experts, active=active.reshape(-1)).view_as(experts)
+            kept = within_capacity(experts.reshape(-1), capacity, self.num_experts, active=active.reshape(-1))
+            kept = kept.view_as(experts)
         else:  # GShard: every first choice before any second choice
             keep1 = within_capacity(first, capacity, self.num_experts)
             first_counts = torch.bincount(first, minlength=self.num_experts)
@@ -416,7 +420,8 @@ class Top2Router(LearnedGateRouter):
         if self.training and self.second_expert_policy == "sampling":
             # noise drawn token-major (N, E), the order of the random stream before the
             # expert-major layout: the same seed samples the same experts
-            uniform = torch.rand(logits_t.t().shape, device=logits_t.device, dtype=logits_t.dtype).clamp_(min=1e-9, max=1 - 1e-9)
+            uniform = torch.rand(logits_t.t().shape, device=logits_t.device, dtype=logits_t.dtype)
+            uniform = uniform.clamp_(min=1e-9, max=1 - 1e-9)
             logits_t = logits_t - uniform.log_().neg_().log_().t()  # + Gumbel noise: a softmax sample
         return logits_t.scatter(0, first.unsqueeze(0), float("-inf")).max(dim=0).indices
 
@@ -456,7 +461,9 @@ class Top1BiasedRouter(Router):
     top_k = 1
     score_functions = ("sigmoid", "softmax")
 
-    def __init__(self, embed_dim: int, num_experts: int, bias_update_rate: float = 1e-3, score_function: str = "sigmoid"):
+    def __init__(
+        self, embed_dim: int, num_experts: int, bias_update_rate: float = 1e-3, score_function: str = "sigmoid"
+    ):
         check_expert_count(num_experts, "--moe-experts")
         super().__init__(num_experts)
         if score_function not in self.score_functions:
@@ -534,12 +541,12 @@ class SinkhornRouter(Router):
     Training: each token goes to the top-1 expert of a Sinkhorn-balanced assignment
     (argmax_e of logit_e + log c_e(t), causal_sinkhorn: an online Sinkhorn whose scales at
     position t balance the tokens of the positions before t, of all sequences; strictly
-    causal. The paper balances the whole batch, which looks ahead). Evaluation: greedy top-1 of the logits, as S-BASE (and Megatron-LM's
-    sinkhorn router) do: per token, strictly causal, incremental decoding equals the full
-    forward; but training and evaluation route differently. The expert output is weighted
-    by sigmoid(logit_e) of the unbiased logit (Base Layers' gate), which is what trains the
-    router. No auxiliary loss, no capacity, nothing dropped; the balance is soft (top-1 of
-    a balanced soft assignment), not exact.
+    causal. The paper balances the whole batch, which looks ahead). Evaluation: greedy top-1
+    of the logits, as S-BASE (and Megatron-LM's sinkhorn router) do: per token, strictly
+    causal, incremental decoding equals the full forward; but training and evaluation route
+    differently. The expert output is weighted by sigmoid(logit_e) of the unbiased logit (Base
+    Layers' gate), which is what trains the router. No auxiliary loss, no capacity, nothing
+    dropped; the balance is soft (top-1 of a balanced soft assignment), not exact.
     """
 
     uses_layout = True  # training: needs the positions (BatchLayout) to stay causal
@@ -595,7 +602,9 @@ class CausalBalancedRouter(Router):
         check_expert_count(num_experts, "--moe-experts")
         super().__init__(num_experts)
         if capacity_factor < 1.0:
-            raise ValueError(f"the causal balanced assignment needs capacity factor >= 1 (nothing dropped), got {capacity_factor}")
+            raise ValueError(
+                f"the causal balanced assignment needs capacity factor >= 1 (nothing dropped), got {capacity_factor}"
+            )
         self.capacity_factor = capacity_factor
         self.gate = nn.Linear(embed_dim, num_experts, bias=False)
         nn.init.normal_(self.gate.weight, std=0.1 * embed_dim ** -0.5)
@@ -720,7 +729,10 @@ class PrefixChannelRouter(Router):
 
     remembers_choices = False  # routes channels, and returns them in expert order, not tokens
 
-    def __init__(self, max_positions: int, prefix_ratio: float, num_experts: int, balance: str = "assignment", solver: str = "torch"):
+    def __init__(
+        self, max_positions: int, prefix_ratio: float, num_experts: int, balance: str = "assignment",
+        solver: str = "torch",
+    ):
         super().__init__(num_experts)
         if not 0.0 < prefix_ratio < 1.0:
             raise ValueError(f"--partial-prefix-ratio must be in (0, 1), got {prefix_ratio}")
@@ -729,7 +741,8 @@ class PrefixChannelRouter(Router):
         self.prefix_length = max(1, int(math.ceil(prefix_ratio * max_positions)))
         if self.prefix_length >= max_positions:
             raise ValueError(
-                f"--partial-prefix-ratio {prefix_ratio} leaves no scored positions for sequences of {max_positions} tokens"
+                f"--partial-prefix-ratio {prefix_ratio} leaves no scored positions for sequences of "
+                f"{max_positions} tokens"
             )
         self.balance, self.solver = balance, solver
         self.weight = nn.Parameter(torch.randn(self.prefix_length, num_experts) * self.prefix_length ** -0.5)
@@ -769,7 +782,8 @@ def _first_choice_with_spill(probs: torch.Tensor) -> torch.Tensor:
     key = first.float() * 2 - top_prob  # sorts by expert, then by descending probability
     by_expert = torch.argsort(key, dim=1)
     sorted_first = first.gather(1, by_expert)
-    group_start = torch.searchsorted(sorted_first, torch.arange(num_experts, device=probs.device).expand(bsz, -1).contiguous())
+    expert_ids = torch.arange(num_experts, device=probs.device).expand(bsz, -1).contiguous()
+    group_start = torch.searchsorted(sorted_first, expert_ids)
     rank_sorted = torch.arange(channels, device=probs.device) - group_start.gather(1, sorted_first)
     rank = torch.empty_like(rank_sorted).scatter_(1, by_expert, rank_sorted)
     kept = rank < per_expert
