@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from conftest import build_tiny_smlp
 from fairseq_smlp.criterions.moe_cross_entropy import MoECrossEntropyCriterion, routing_log
+from fairseq_smlp.models.factory import build_model, offline_task
 from fairseq_smlp.moe.health import ChoiceMemory, changed_tokens, load_entropy
 from fairseq_smlp.moe.router import Router
 
@@ -43,7 +43,10 @@ def test_choice_memory_compares_forward_by_forward_with_the_previous_pass():
 
 
 def _model(router):
-    return build_tiny_smlp(tmoe_router=router, max_target_positions=SEQ, tokens_per_sample=SEQ)
+    """smlp_lm_tiny's experts, narrower, one sparse block: built as fairseq-train builds it."""
+    args = ["--decoder-embed-dim", "16", "--decoder-ffn-embed-dim", "32", "--tmoe-ffn-embed-dim", "16",
+            "--decoder-layers", "2", "--dropout", "0", "--tmoe-router", router]
+    return build_model("smlp_lm_tiny", args, seq_len=SEQ, vocab=VOCAB, device="cpu", task=offline_task(VOCAB))[0]
 
 
 def _batch_stats(model, training: bool):

@@ -14,7 +14,6 @@ import math
 import pytest
 import torch
 
-from conftest import build_tiny_smlp
 from fairseq_smlp.models.factory import build_model, offline_task
 from fairseq_smlp.moe.router import (
     BatchLayout, CausalBalancedRouter, LearnedGateRouter, Router, SinkhornRouter, Top1BiasedRouter, batch_layout,
@@ -26,10 +25,16 @@ VOCAB, SEQ, BATCH = 40, 16, 4
 TOL = 1e-5  # float noise: experts run as batches of other sizes when other tokens change
 TRANSFORMER = ["--decoder-embed-dim", "16", "--decoder-ffn-embed-dim", "32", "--decoder-attention-heads", "2",
                "--dropout", "0", "--attention-dropout", "0"]
+# smlp_lm_tiny's 4 + 4 experts, narrower; one sparse block of two; spatial weights of real size
+SMLP = ["--decoder-embed-dim", "16", "--decoder-ffn-embed-dim", "32", "--tmoe-ffn-embed-dim", "16",
+        "--decoder-layers", "2", "--dropout", "0", "--spatial-init-eps", "1.0"]
 
 
-def _baseline(arch, *extra):
-    model, _ = build_model(arch, [*TRANSFORMER, *extra], seq_len=SEQ, vocab=VOCAB, device="cpu", task=offline_task(VOCAB))
+def _built(arch, args):
+    """A tiny model parsed and built as fairseq-train does (models/factory), with expert output
+    weights of real size so that a leak shows."""
+    torch.manual_seed(0)
+    model, _ = build_model(arch, args, seq_len=SEQ, vocab=VOCAB, device="cpu", task=offline_task(VOCAB))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith(("fc2_weight", "ff2.weight")):
@@ -37,8 +42,12 @@ def _baseline(arch, *extra):
     return model
 
 
-def _smlp(router, **overrides):
-    return build_tiny_smlp(tmoe_router=router, max_target_positions=SEQ, tokens_per_sample=SEQ, **overrides)
+def _baseline(arch, *extra):
+    return _built(arch, [*TRANSFORMER, *extra])
+
+
+def _smlp(router, *extra):
+    return _built("smlp_lm_tiny", [*SMLP, "--tmoe-router", router, *extra])
 
 
 def _switch(*extra):
@@ -47,7 +56,7 @@ def _switch(*extra):
 
 FAMILIES = {
     "smlp_top1": lambda: _smlp("top1"),
-    "smlp_top1_global": lambda: _smlp("top1", tmoe_balance_scope="global-batch"),
+    "smlp_top1_global": lambda: _smlp("top1", "--tmoe-balance-scope", "global-batch"),
     "smlp_top1_biased": lambda: _smlp("top1_biased"),
     "smlp_sinkhorn": lambda: _smlp("sinkhorn"),
     "smlp_causal_balanced": lambda: _smlp("causal_balanced"),
