@@ -12,10 +12,13 @@ BLOCKS = {"tiny": 5, "base": 18, "large": 36}
 
 
 def _describe(d: dict) -> str:
-    return f"{d['decoder_layers']} dense gMLP blocks of width {d['decoder_embed_dim']} (FFN {d['decoder_ffn_embed_dim']})"
+    width, ffn = d["decoder_embed_dim"], d["decoder_ffn_embed_dim"]
+    return f"{d['decoder_layers']} dense gMLP blocks of width {width} (FFN {ffn})"
 
 
 register_archs(
-    "smlp_lm", "gmlp_lm", {size: dict(SIZES[size], sparse_every=0, decoder_layers=layers) for size, layers in BLOCKS.items()},
+    "smlp_lm",
+    "gmlp_lm",
+    {size: dict(SIZES[size], sparse_every=0, decoder_layers=layers) for size, layers in BLOCKS.items()},
     describe=_describe,
 )

@@ -38,7 +38,8 @@ from ..distributed import expert_parallel
 from ..moe.base_experts import BaseExpertsLayer
 from ..moe.fairseq_base_layer import FairseqBaseLayer, check_base_layer_layout
 from ..moe.router import (
-    BatchLayout, HashRouter, balanced_hash_table, batch_layout, check_expert_count, layout_routers, name_routers, random_hash_table,
+    BatchLayout, HashRouter, balanced_hash_table, batch_layout, check_expert_count, layout_routers, name_routers,
+    random_hash_table,
 )
 from ..moe.compile import compile_moe
 from ..moe.feed_forward_moe import FeedForwardMoE, MoEArgs
@@ -78,20 +79,35 @@ class MoETransformerLanguageModelConfig(TransformerLanguageModelConfig):
             "micro-batch of the update so far summed over the data-parallel workers (global-batch); docs/routers.md"
         },
     )
-    moe_bias_update_rate: float = field(default=0.001, metadata={"help": "--moe-router top1_biased: bias += rate * sign(mean load - load) after each update"})
-    moe_freq: int = field(default=2, metadata={"help": "every k-th layer (layers k-1, 2k-1, ...) has an MoE FFN; 0: none"})
+    moe_bias_update_rate: float = field(
+        default=0.001,
+        metadata={"help": "--moe-router top1_biased: bias += rate * sign(mean load - load) after each update"},
+    )
+    moe_freq: int = field(
+        default=2, metadata={"help": "every k-th layer (layers k-1, 2k-1, ...) has an MoE FFN; 0: none"}
+    )
     moe_experts: int = field(default=4, metadata={"help": "experts per MoE layer"})
-    moe_expert_ffn_dim: int = field(default=0, metadata={"help": "hidden width of each expert FFN; 0: --decoder-ffn-embed-dim"})
+    moe_expert_ffn_dim: int = field(
+        default=0, metadata={"help": "hidden width of each expert FFN; 0: --decoder-ffn-embed-dim"}
+    )
     moe_train_capacity_factor: float = field(
-        default=1.25, metadata={"help": "top1/top2 training capacity per expert: ceil(factor * ceil(tokens / experts)); <= 0: no limit"}
+        default=1.25,
+        metadata={
+            "help": "top1/top2 training capacity per expert: ceil(factor * ceil(tokens / experts)); <= 0: no limit"
+        },
     )
     moe_eval_capacity_factor: float = field(
-        default=0.0, metadata={"help": "capacity factor in evaluation; <= 0 (default): no limit, so routing is per token and incremental decoding matches"}
+        default=0.0,
+        metadata={
+            "help": "capacity factor in evaluation; <= 0 (default): no limit, so routing is per token and incremental "
+            "decoding matches"
+        },
     )
     moe_second_expert_policy: ChoiceEnum(["sampling", "all", "random"]) = field(
         default="sampling",
         metadata={
-            "help": "top2, training only: second expert sampled from the softmax, always the runner-up, or the runner-up kept with probability 2*g2/(g1+g2)"
+            "help": "top2, training only: second expert sampled from the softmax, always the runner-up, or the "
+            "runner-up kept with probability 2*g2/(g1+g2)"
         },
     )
     moe_second_expert_queue: ChoiceEnum(["causal", "gshard"]) = field(
@@ -103,10 +119,17 @@ class MoETransformerLanguageModelConfig(TransformerLanguageModelConfig):
         },
     )
     moe_router_z_loss: float = field(
-        default=0.0, metadata={"help": "top1/top2: router z-loss weight relative to the balance loss (added to the layer's aux loss; 0: off)"}
+        default=0.0,
+        metadata={
+            "help": "top1/top2: router z-loss weight relative to the balance loss "
+            "(added to the layer's aux loss; 0: off)"
+        },
     )
     hash_type: ChoiceEnum(["balanced", "random"]) = field(
-        default="balanced", metadata={"help": "hash: token-id -> expert table, balanced by the dictionary's token counts or uniform at random"}
+        default="balanced",
+        metadata={
+            "help": "hash: token-id -> expert table, balanced by the dictionary's token counts or uniform at random"
+        },
     )
     hash_seed: int = field(default=0, metadata={"help": "hash: seed of the random table"})
     expert_init: ChoiceEnum(["dense", "zero_output"]) = field(
@@ -120,7 +143,8 @@ class MoETransformerLanguageModelConfig(TransformerLanguageModelConfig):
     expert_dropout: float = field(
         default=0.0,
         metadata={
-            "help": "dropout on the hidden activations inside every expert (top1/top2/hash experts and the Base layer's experts; Switch's 'expert dropout')"
+            "help": "dropout on the hidden activations inside every expert (top1/top2/hash experts and the Base "
+            "layer's experts; Switch's 'expert dropout')"
         },
     )
     base_experts: int = field(
@@ -153,11 +177,16 @@ def check_moe_args(args) -> None:
         if args.scale_fc:
             raise ValueError("--scale-fc (a LayerNorm inside the FFN) is not supported in MoE layers")
         if (args.activation_dropout or 0) > 0 or (args.relu_dropout or 0) > 0:
-            raise ValueError("--activation-dropout / --relu-dropout (dropout inside the FFN) is not supported in MoE layers; use --expert-dropout")
+            raise ValueError(
+                "--activation-dropout / --relu-dropout (dropout inside the FFN) is not supported in MoE layers; "
+                "use --expert-dropout"
+            )
         if (args.quant_noise_pq or 0) > 0:
             raise ValueError("--quant-noise-pq is not supported in MoE layers")
     if args.character_embeddings or args.adaptive_input:
-        raise ValueError("moe_transformer_lm supports plain token embeddings only (no --character-embeddings / --adaptive-input)")
+        raise ValueError(
+            "moe_transformer_lm supports plain token embeddings only (no --character-embeddings / --adaptive-input)"
+        )
 
 
 # ----------------------------------------------------------------- token MoE layers
@@ -176,12 +205,17 @@ class MoEFeedForward(FeedForwardMoE):
 def build_moe_ffn(args, dictionary) -> MoEFeedForward:
     activation = str(args.activation_fn)
     if not hasattr(torch.nn.functional, activation):
-        raise ValueError(f"--activation-fn {activation} is not available for expert FFNs (use relu, gelu, silu or tanh)")
+        raise ValueError(
+            f"--activation-fn {activation} is not available for expert FFNs (use relu, gelu, silu or tanh)"
+        )
     router, num_experts = str(args.moe_router), args.moe_experts
     table = None
     if router == "hash":
         balanced = str(args.hash_type) == "balanced"
-        table = balanced_hash_table(dictionary.count, num_experts) if balanced else random_hash_table(len(dictionary), num_experts, args.hash_seed)
+        if balanced:
+            table = balanced_hash_table(dictionary.count, num_experts)
+        else:
+            table = random_hash_table(len(dictionary), num_experts, args.hash_seed)
     return MoEFeedForward(
         MoEArgs(
             router=router,
@@ -274,7 +308,8 @@ class MoETransformerDecoder(TransformerDecoder):
         finally:
             cfg.base_layers = num_base_layers
         for i in range(num_base_layers):
-            self.layers.insert(((i + 1) * cfg.decoder.layers) // (num_base_layers + 1), build_base_layer(cfg, self.args))
+            place = ((i + 1) * cfg.decoder.layers) // (num_base_layers + 1)
+            self.layers.insert(place, build_base_layer(cfg, self.args))
 
     def extract_features(self, prev_output_tokens, encoder_out=None, incremental_state=None, **kwargs):
         newest = prev_output_tokens[:, -1:] if incremental_state is not None else prev_output_tokens
@@ -303,12 +338,15 @@ class MoETransformerLanguageModel(TransformerLanguageModel):
         check_config(args)  # ranges of every numeric flag (validation.py)
         check_moe_args(args)
         if args.decoder_layers_to_keep:
-            raise ValueError("--decoder-layers-to-keep is not supported by moe_transformer_lm (MoE layers sit at fixed places)")
+            raise ValueError(
+                "--decoder-layers-to-keep is not supported by moe_transformer_lm (MoE layers sit at fixed places)"
+            )
         if args.max_target_positions is None:
             args.max_target_positions = args.tokens_per_sample
         embed_tokens = cls.build_embedding(args, task.source_dictionary, args.decoder_input_dim)
         model = cls(MoETransformerDecoder(args, task.target_dictionary, embed_tokens, no_encoder_attn=True))
-        expert_parallel.parallelize_experts(model, *expert_parallel.data_parallel_layout())  # built whole, then distributed
+        # built with all experts, then distributed over the data-parallel workers
+        expert_parallel.parallelize_experts(model, *expert_parallel.data_parallel_layout())
         if getattr(args, "moe_compile", False):
             compile_moe(model)
         return model

@@ -35,20 +35,36 @@ from .archs import register_archs
 @dataclass
 class SmlpConfig(FairseqDataclass):
     decoder_embed_dim: int = field(default=512, metadata={"help": "hidden size H of the residual stream"})
-    decoder_ffn_embed_dim: int = field(default=2048, metadata={"help": "gMLP width F (U: H -> F; the gate half has F/2 channels)"})
+    decoder_ffn_embed_dim: int = field(
+        default=2048, metadata={"help": "gMLP width F (U: H -> F; the gate half has F/2 channels)"}
+    )
     decoder_layers: int = field(default=6, metadata={"help": "number of blocks (dense + sparse)"})
-    sparse_every: int = field(default=2, metadata={"help": "every k-th block is sparse (blocks k-1, 2k-1, ...); 0: all dense"})
-    sparse_layers: Optional[str] = field(default=None, metadata={"help": "comma-separated block indices that are sparse (overrides --sparse-every)"})
-    smoe_experts: int = field(default=4, metadata={"help": "spatial experts per sparse block (must divide the chunked channels)"})
+    sparse_every: int = field(
+        default=2, metadata={"help": "every k-th block is sparse (blocks k-1, 2k-1, ...); 0: all dense"}
+    )
+    sparse_layers: Optional[str] = field(
+        default=None, metadata={"help": "comma-separated block indices that are sparse (overrides --sparse-every)"}
+    )
+    smoe_experts: int = field(
+        default=4, metadata={"help": "spatial experts per sparse block (must divide the chunked channels)"}
+    )
     smoe_routing: ChoiceEnum(["deterministic", "partial"]) = field(
         default="deterministic", metadata={"help": "sMoE routing of channel chunks to spatial experts"}
     )
     smoe_chunk: ChoiceEnum(["gate", "all"]) = field(
-        default="gate", metadata={"help": "what sMoE chunks: the gate half Z2 (gMLP-style) or all of Z (no split; Z gated by its own token mixing)"}
+        default="gate",
+        metadata={
+            "help": "what sMoE chunks: the gate half Z2 (gMLP-style) or all of Z "
+            "(no split; Z gated by its own token mixing)"
+        },
     )
-    partial_prefix_ratio: float = field(default=0.2, metadata={"help": "partial prediction: share of the positions the router reads; the loss covers the rest"})
+    partial_prefix_ratio: float = field(
+        default=0.2,
+        metadata={"help": "partial prediction: share of the positions the router reads; the loss covers the rest"},
+    )
     partial_balance: ChoiceEnum(["assignment", "aux_loss"]) = field(
-        default="assignment", metadata={"help": "partial prediction: balanced assignment, or first choice + Switch auxiliary loss"}
+        default="assignment",
+        metadata={"help": "partial prediction: balanced assignment, or first choice + Switch auxiliary loss"},
     )
     tmoe_experts: int = field(default=4, metadata={"help": "feature-mixing (tMoE) experts per sparse block"})
     tmoe_router: ChoiceEnum(["base", "top1", "top1_biased", "sinkhorn", "causal_balanced"]) = field(
@@ -71,7 +87,10 @@ class SmlpConfig(FairseqDataclass):
             "every micro-batch of the update so far summed over the data-parallel workers (global-batch)"
         },
     )
-    tmoe_bias_update_rate: float = field(default=0.001, metadata={"help": "--tmoe-router top1_biased: bias += rate * sign(mean load - load) after each update"})
+    tmoe_bias_update_rate: float = field(
+        default=0.001,
+        metadata={"help": "--tmoe-router top1_biased: bias += rate * sign(mean load - load) after each update"},
+    )
     tmoe_ffn_embed_dim: int = field(default=2048, metadata={"help": "hidden width of each tMoE expert FFN"})
     expert_init: ChoiceEnum(["dense", "zero_output"]) = field(
         default="dense",
@@ -80,7 +99,9 @@ class SmlpConfig(FairseqDataclass):
             "MoE baselines' experts) or zero_output (output weight 0: the tMoE adds nothing at first)"
         },
     )
-    expert_dropout: float = field(default=0.0, metadata={"help": "dropout on the hidden activations inside every tMoE expert"})
+    expert_dropout: float = field(
+        default=0.0, metadata={"help": "dropout on the hidden activations inside every tMoE expert"}
+    )
     balanced_assignment: ChoiceEnum(["torch", "libbase"]) = field(
         default="torch",
         metadata={
@@ -90,7 +111,10 @@ class SmlpConfig(FairseqDataclass):
     )
     smoe_expert_parallel: bool = field(
         default=False,
-        metadata={"help": "shard the sMoE spatial experts over the data-parallel workers (deterministic routing; default: replicated on every worker)"},
+        metadata={
+            "help": "shard the sMoE spatial experts over the data-parallel workers (deterministic routing; default: "
+            "replicated on every worker)"
+        },
     )
     moe_compile: bool = field(
         default=False,
@@ -99,7 +123,9 @@ class SmlpConfig(FairseqDataclass):
             "off by default, eager with one log line where the compiler cannot run"
         },
     )
-    spatial_init_eps: float = field(default=1e-3, metadata={"help": "spatial matrices start uniform in +-eps/T_max (bias 1)"})
+    spatial_init_eps: float = field(
+        default=1e-3, metadata={"help": "spatial matrices start uniform in +-eps/T_max (bias 1)"}
+    )
     dropout: float = field(default=0.1, metadata={"help": "dropout on embeddings and block outputs"})
     share_decoder_input_output_embed: bool = field(default=True, metadata={"help": "tie input and output embeddings"})
     max_target_positions: Optional[int] = II("task.max_target_positions")
@@ -115,7 +141,9 @@ def sparse_block_indices(cfg) -> List[int]:
             raise ValueError(f"--sparse-layers must be comma-separated integers, got {cfg.sparse_layers!r}")
         bad = [i for i in indices if not 0 <= i < cfg.decoder_layers]
         if bad:
-            raise ValueError(f"--sparse-layers {bad} outside 0..{cfg.decoder_layers - 1} (--decoder-layers {cfg.decoder_layers})")
+            raise ValueError(
+                f"--sparse-layers {bad} outside 0..{cfg.decoder_layers - 1} (--decoder-layers {cfg.decoder_layers})"
+            )
         return indices
     if cfg.sparse_every < 0:
         raise ValueError(f"--sparse-every must be >= 0, got {cfg.sparse_every}")
@@ -139,7 +167,8 @@ class SmlpLanguageModel(FairseqLanguageModel):
             )
         embed_tokens = Embedding(len(task.source_dictionary), cfg.decoder_embed_dim, task.source_dictionary.pad())
         model = cls(SmlpDecoder(cfg, task.target_dictionary, embed_tokens))
-        expert_parallel.parallelize_experts(model, *expert_parallel.data_parallel_layout())  # built whole, then distributed
+        # built with all experts, then distributed over the data-parallel workers
+        expert_parallel.parallelize_experts(model, *expert_parallel.data_parallel_layout())
         if cfg.moe_compile:
             compile_moe(model)
         return model
@@ -154,7 +183,9 @@ class SmlpDecoder(FairseqIncrementalDecoder):
         self.embed_tokens = embed_tokens
         self.dropout = nn.Dropout(cfg.dropout)
         sparse = set(sparse_block_indices(cfg))
-        self.layers = nn.ModuleList(build_sparse_block(cfg) if i in sparse else build_dense_block(cfg) for i in range(cfg.decoder_layers))
+        self.layers = nn.ModuleList(
+            build_sparse_block(cfg) if i in sparse else build_dense_block(cfg) for i in range(cfg.decoder_layers)
+        )
         self.final_norm = LayerNorm(cfg.decoder_embed_dim)
         self.output_projection = nn.Linear(cfg.decoder_embed_dim, len(dictionary), bias=False)
         if cfg.share_decoder_input_output_embed:
@@ -165,7 +196,10 @@ class SmlpDecoder(FairseqIncrementalDecoder):
         # positions before score_from were read by a partial-prediction router: not scored
         self.score_from = max((m.prefix_length for m in self.modules() if isinstance(m, SpatialGatingUnit)), default=0)
 
-    def forward(self, prev_output_tokens: Tensor, encoder_out=None, incremental_state=None, features_only: bool = False, **kwargs):
+    def forward(
+        self, prev_output_tokens: Tensor, encoder_out=None, incremental_state=None, features_only: bool = False,
+        **kwargs,
+    ):
         x, extra = self.extract_features(prev_output_tokens, incremental_state)
         if not features_only:
             x = self.output_layer(x)
@@ -187,7 +221,8 @@ class SmlpDecoder(FairseqIncrementalDecoder):
         x = self.dropout(self.embed_tokens(tokens))  # (B, T, H)
         moe_stats = []
         # routers that balance position by position learn where each position starts
-        layout = BatchLayout(tokens.size(0), start=done if incremental_state is not None else 0, incremental_state=incremental_state)
+        start = done if incremental_state is not None else 0
+        layout = BatchLayout(tokens.size(0), start=start, incremental_state=incremental_state)
         with batch_layout(layout_routers(self), layout):
             for layer in self.layers:
                 x, stats = layer(x, incremental_state)
@@ -218,7 +253,10 @@ class SmlpDecoder(FairseqIncrementalDecoder):
 
 
 def build_dense_block(cfg) -> GatedMLPBlock:
-    gate = SpatialGatingUnit(SpatialGateArgs(cfg.decoder_ffn_embed_dim // 2, cfg.max_target_positions, init_eps=cfg.spatial_init_eps))
+    args = SpatialGateArgs(
+        channels=cfg.decoder_ffn_embed_dim // 2, max_positions=cfg.max_target_positions, init_eps=cfg.spatial_init_eps
+    )
+    gate = SpatialGatingUnit(args)
     return GatedMLPBlock(cfg.decoder_embed_dim, cfg.decoder_ffn_embed_dim, gate, split_gate=True, dropout=cfg.dropout)
 
 
@@ -273,9 +311,12 @@ class PositionMajorMoE(FeedForwardMoE):
 # ---------------------------------------------------------------- architectures
 # blocks 1, 3, ... sparse (--sparse-every 2); a tMoE expert per GPU at large/9b scale
 SIZES = {
-    "tiny": dict(decoder_embed_dim=128, decoder_ffn_embed_dim=512, decoder_layers=4, smoe_experts=4, tmoe_experts=4, tmoe_ffn_embed_dim=256),
-    "base": dict(decoder_embed_dim=768, decoder_ffn_embed_dim=3072, decoder_layers=12, smoe_experts=16, tmoe_experts=16, tmoe_ffn_embed_dim=3072),
-    "large": dict(decoder_embed_dim=1024, decoder_ffn_embed_dim=4096, decoder_layers=24, smoe_experts=32, tmoe_experts=32, tmoe_ffn_embed_dim=4096),
+    "tiny": dict(decoder_embed_dim=128, decoder_ffn_embed_dim=512, decoder_layers=4,
+                 smoe_experts=4, tmoe_experts=4, tmoe_ffn_embed_dim=256),
+    "base": dict(decoder_embed_dim=768, decoder_ffn_embed_dim=3072, decoder_layers=12,
+                 smoe_experts=16, tmoe_experts=16, tmoe_ffn_embed_dim=3072),
+    "large": dict(decoder_embed_dim=1024, decoder_ffn_embed_dim=4096, decoder_layers=24,
+                  smoe_experts=32, tmoe_experts=32, tmoe_ffn_embed_dim=4096),
     # the paper's scaled deterministic sMLP, about 9.4B parameters at 1,024 tokens and a 51k
     # vocabulary: 64 tMoE experts, one per GPU of a 64-GPU run
     "9b": dict(
@@ -293,8 +334,8 @@ SIZES = {
 def _describe(d: dict) -> str:
     sparse = d["decoder_layers"] // 2
     return (
-        f"{d['decoder_layers']} blocks of width {d['decoder_embed_dim']} (FFN {d['decoder_ffn_embed_dim']}), {sparse} sparse "
-        f"with {d['smoe_experts']} spatial and {d['tmoe_experts']} feature experts"
+        f"{d['decoder_layers']} blocks of width {d['decoder_embed_dim']} (FFN {d['decoder_ffn_embed_dim']}), "
+        f"{sparse} sparse with {d['smoe_experts']} spatial and {d['tmoe_experts']} feature experts"
     )
 
 

@@ -81,4 +81,6 @@ def check_vocabulary(model, state_dict) -> None:
     embed = getattr(decoder, "embed_tokens", None)
     saved_embed = state_dict.get("decoder.embed_tokens.weight")
     if saved_embed is not None and embed is not None and saved_embed.size(0) != embed.weight.size(0):
-        raise _mismatch(dict_file, f"the checkpoint's has {saved_embed.size(0)} symbols, {dict_file} has {embed.weight.size(0)}")
+        raise _mismatch(
+            dict_file, f"the checkpoint's has {saved_embed.size(0)} symbols, {dict_file} has {embed.weight.size(0)}"
+        )
