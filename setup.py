@@ -21,9 +21,13 @@ setup(
     extras_require={
         # tests draw the compare plots, read the TensorBoard scalars of the training log, export to
         # transformers and run lm-evaluation-harness
-        "test": ["pytest>=7", "ruff>=0.6", "matplotlib>=3.5", "tensorboard>=2.10", "transformers>=5.24", "safetensors>=0.4", "lm-eval==0.4.13"],
+        "test": [
+            "pytest>=7", "ruff>=0.6", "matplotlib>=3.5", "tensorboard>=2.10", "transformers>=5.24", "safetensors>=0.4",
+            "lm-eval==0.4.13",
+        ],
         "bench": ["matplotlib>=3.5"],
-        "hf": ["transformers>=5.24", "safetensors>=0.4"],  # python -m fairseq_smlp.export_hf (tested with transformers 5.24)
+        # python -m fairseq_smlp.export_hf (tested with transformers 5.24)
+        "hf": ["transformers>=5.24", "safetensors>=0.4"],
         "harness": ["lm-eval==0.4.13"],  # fairseq_smlp.eval.harness (lm-evaluation-harness adapter)
     },
     package_data={"fairseq_smlp.eval": ["harness_tasks/*.yaml", "harness_tasks/*.py"]},

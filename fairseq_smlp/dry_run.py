@@ -23,7 +23,9 @@ from .models.factory import build_from_config
 from .validation import FlagError, check_args, check_config
 
 EXPERT_FLAGS = {"tmoe_experts": "--tmoe-experts", "moe_experts": "--moe-experts"}
-WIDTH_FIELDS = ("decoder_embed_dim", "decoder_ffn_embed_dim", "tmoe_ffn_embed_dim", "decoder_input_dim", "decoder_output_dim")
+WIDTH_FIELDS = (
+    "decoder_embed_dim", "decoder_ffn_embed_dim", "tmoe_ffn_embed_dim", "decoder_input_dim", "decoder_output_dim",
+)
 
 
 def parse_fairseq_args(train_args):
@@ -109,14 +111,17 @@ def main(argv=None):
     torch.nn.functional.cross_entropy(out.reshape(-1, out.size(-1)), tokens.reshape(-1)).backward()
 
     print(f"dry run OK: arch {cfg.model._name}, world size {args.world_size}, experts {counts or 'none'}")
-    print(f"full size: {total / 1e6:,.1f}M parameters ({expert / 1e6:,.1f}M in experts, vocabulary {args.vocab_size:,})")
+    print(
+        f"full size: {total / 1e6:,.1f}M parameters ({expert / 1e6:,.1f}M in experts, vocabulary {args.vocab_size:,})"
+    )
     print(f"reduced model (width / {args.width_divisor}, {args.length} tokens): forward and backward ran on the CPU")
     if cfg.dataset.max_tokens and cfg.optimization.max_update:
         forward = count_flops(full, cfg.task.tokens_per_sample)["total"]
         tokens, flops, days = estimate_days(cfg, forward, args.world_size, args.gpu_peak_tflops, args.utilisation)
         print(
-            f"estimate: {forward / 1e6:,.1f}M forward FLOPs/token x 3 x {tokens / 1e9:,.1f}B tokens = {flops:.2e} FLOPs; "
-            f"{days:,.1f} days on {args.world_size} GPUs at {args.gpu_peak_tflops:g} TFLOP/s x {args.utilisation:g} utilisation"
+            f"estimate: {forward / 1e6:,.1f}M forward FLOPs/token x 3 x {tokens / 1e9:,.1f}B tokens = "
+            f"{flops:.2e} FLOPs; {days:,.1f} days on {args.world_size} GPUs at {args.gpu_peak_tflops:g} TFLOP/s "
+            f"x {args.utilisation:g} utilisation"
         )
     return 0
 

@@ -150,7 +150,8 @@ def _patch_trainer(Trainer) -> None:
     from .checkpoints import rank_files
     from .models import vocabulary
 
-    init, state_dict, save, train_step = Trainer.__init__, Trainer.state_dict, Trainer.save_checkpoint, Trainer.train_step
+    init, state_dict, train_step = Trainer.__init__, Trainer.state_dict, Trainer.train_step
+    save = Trainer.save_checkpoint
     load_checkpoint = Trainer.load_checkpoint
     should_save, suffix = Trainer.should_save_checkpoint_on_current_rank, Trainer.checkpoint_suffix
 
@@ -189,7 +190,8 @@ def _patch_trainer(Trainer) -> None:
         if self.autocast_dtype is not None:  # the Trainer ran with --bf16 off (fp32_trainer_config)
             state["cfg"]["common"]["bf16"] = True
         if self.has_sharded_experts:
-            state["expert_parallel"] = rank_files.metadata(self._model, self.data_parallel_world_size, self.data_parallel_rank)
+            layout = (self.data_parallel_world_size, self.data_parallel_rank)
+            state["expert_parallel"] = rank_files.metadata(self._model, *layout)
         dictionary = getattr(self.task, "target_dictionary", None)
         if dictionary is not None:
             state["dictionary"] = vocabulary.fingerprint(dictionary)
@@ -315,7 +317,8 @@ def _patch_cpu_adam(adam) -> None:
         original(self, cfg, params)
         groups = self._optimizer.param_groups
         tensors = [p for g in groups for p in g["params"]]
-        if (type(self._optimizer) is adam.Adam and not getattr(cfg, "use_old_adam", False) and not getattr(cfg, "tpu", False)
+        plain_adam = type(self._optimizer) is adam.Adam and not getattr(cfg, "use_old_adam", False)
+        if (plain_adam and not getattr(cfg, "tpu", False)
                 and all(p.device.type == "cpu" and p.dtype == torch.float32 for p in tensors)):
             self._optimizer = CpuFusedAdamW([{"params": g["params"]} for g in groups], **self.optimizer_config)
 

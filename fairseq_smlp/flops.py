@@ -81,7 +81,8 @@ def count_flops(model: nn.Module, seq_len: int) -> "OrderedDict[str, float]":
             flops["experts"] += module.router.top_k * _expert_flops(module.experts)
             flops["routing"] += 2 * sum(p.numel() for p in module.router.parameters())
         elif isinstance(module, BaseLayer):
-            flops["experts"] += sum(_linear_flops(m) for m in module.expert_network.modules() if isinstance(m, nn.Linear))
+            linears = [m for m in module.expert_network.modules() if isinstance(m, nn.Linear)]
+            flops["experts"] += sum(_linear_flops(m) for m in linears)
             flops["routing"] += 2 * module.expert_centroids.numel()
         elif module is output:
             flops["output"] += _linear_flops(module)
@@ -160,7 +161,8 @@ def format_report(r: dict) -> str:
 
 
 FAMILIES = ["smlp_lm", "gmlp_lm", "transformer_lm", "switch_lm", "gshard_lm", "hash_lm", "base_lm"]
-BASE_WORKERS = {"tiny": 4, "base": 16, "large": 32, "9b": 64}  # one Base expert per worker, as many as smlp_lm's tMoE experts
+# one Base expert per worker, as many as smlp_lm's tMoE experts
+BASE_WORKERS = {"tiny": 4, "base": 16, "large": 32, "9b": 64}
 
 
 def markdown_table(vocab: int = DEFAULT_VOCAB) -> str:
@@ -184,18 +186,27 @@ def markdown_table(vocab: int = DEFAULT_VOCAB) -> str:
             lines.append(
                 f"| {r['arch']}{f' (W={workers})' if workers > 1 else ''} | {r['seq_len']} | {_human(f['total'])} | "
                 f"{100 * (f['total'] / reference['total'] - 1):+.1f}% | {_human(f['non_output'])} | "
-                f"{100 * (f['non_output'] / reference['non_output'] - 1):+.1f}% | {_human(p['total'])} | {_human(p['active'])} |"
+                f"{100 * (f['non_output'] / reference['non_output'] - 1):+.1f}% | {_human(p['total'])} | "
+                f"{_human(p['active'])} |"
             )
     return "\n".join(lines)
 
 
 def cli_main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--arch", help="any registered fairseq arch (smlp_lm_base, switch_lm_tiny, ...)")
-    parser.add_argument("--table", action="store_true", help="print the markdown table of every family and size (docs/baselines.md)")
-    parser.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: 128 for *_tiny, else 1024)")
+    parser.add_argument(
+        "--table", action="store_true", help="print the markdown table of every family and size (docs/baselines.md)"
+    )
+    parser.add_argument(
+        "--seq-len", type=int, default=None, help="tokens per sequence (default: 128 for *_tiny, else 1024)"
+    )
     parser.add_argument("--vocab", type=int, default=DEFAULT_VOCAB, help=f"vocabulary size (default {DEFAULT_VOCAB})")
-    parser.add_argument("--base-workers", type=int, default=1, help="workers of a Base Layers run: one expert each (default 1)")
+    parser.add_argument(
+        "--base-workers", type=int, default=1, help="workers of a Base Layers run: one expert each (default 1)"
+    )
     parser.add_argument("--json", action="store_true", help="print JSON")
     args, model_args = parser.parse_known_args(argv)
     if args.table:

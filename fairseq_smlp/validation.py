@@ -56,7 +56,8 @@ class Range:
         if isinstance(value, (int, float)) and not math.isfinite(value):
             kind = "a finite number "
         if self.low is not None and self.high is not None:
-            text = f"{kind}in {'(' if self.low_open else '['}{_num(self.low)}, {_num(self.high)}{')' if self.high_open else ']'}"
+            low, high = "(" if self.low_open else "[", ")" if self.high_open else "]"
+            text = f"{kind}in {low}{_num(self.low)}, {_num(self.high)}{high}"
         elif self.low is not None:
             text = f"{kind}{'>' if self.low_open else '>='} {_num(self.low)}"
         elif self.high is not None:

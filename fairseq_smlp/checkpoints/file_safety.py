@@ -49,7 +49,9 @@ def remove_stale_temporaries(directory: str) -> list:
         if TEMPORARY.fullmatch(name) and os.path.isfile(path):
             os.remove(path)
             removed.append(path)
-            logger.warning(f"removed {path}: the temporary file of a checkpoint write that was interrupted (kill, full disk)")
+            logger.warning(
+                f"removed {path}: the temporary file of a checkpoint write that was interrupted (kill, full disk)"
+            )
     return removed
 
 

@@ -48,7 +48,8 @@ def check_config(cfg) -> None:
             f"them; use --ddp-backend legacy_ddp (or no_c10d)"
         )
     common = cfg.common
-    if (common.fp16 or common.bf16) and not (common.memory_efficient_fp16 or common.memory_efficient_bf16 or common.fp16_no_flatten_grads):
+    per_parameter = common.memory_efficient_fp16 or common.memory_efficient_bf16 or common.fp16_no_flatten_grads
+    if (common.fp16 or common.bf16) and not per_parameter:
         raise ValueError(
             "--fp16/--bf16 with sharded experts needs --fp16-no-flatten-grads (or --memory-efficient-fp16): "
             "flattened fp32 master weights lose the `expert` mark, and the grad norm would mix ranks' experts"
@@ -141,7 +142,8 @@ def agree_on_update(per_rank: List[Dict[int, str]], save_dir: str) -> Optional[i
         raise ResumeError(
             f"cannot resume from --save-dir {save_dir}: the ranks' checkpoints hold no common update "
             f"(each rank must resume from the same update, or they wait on each other forever):\n{describe(per_rank)}\n"
-            "Resume from a checkpoint every rank has (--restore-file SAVE_DIR/checkpoint_E_U.pt), or start in a new --save-dir."
+            "Resume from a checkpoint every rank has (--restore-file SAVE_DIR/checkpoint_E_U.pt), "
+            "or start in a new --save-dir."
         )
     return max(common)
 

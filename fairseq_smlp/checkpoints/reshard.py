@@ -32,7 +32,9 @@ from .safe_load import load_checkpoint_file
 
 EXPERT_SUFFIXES = ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias", "norm_weight", "norm_bias")
 # fairseq's BaseLayer: one expert per worker, BaseSublayer s of it = norm, ff1, ff2 (nn.Linear)
-BASE_SUBLAYER = re.compile(r"^(?P<layer>.*\.)expert_network\.(?P<s>\d+)\.(?P<module>norm|ff1|ff2)\.(?P<kind>weight|bias)$")
+BASE_SUBLAYER = re.compile(
+    r"^(?P<layer>.*\.)expert_network\.(?P<s>\d+)\.(?P<module>norm|ff1|ff2)\.(?P<kind>weight|bias)$"
+)
 
 
 def rank_files(paths):
@@ -79,7 +81,8 @@ def check_one_save(paths, states):
         ranks = sorted(m["rank"] if m else -1 for m in metas)
         if ranks != list(range(metas[0]["world_size"])):
             sys.exit(
-                f"reshard: the checkpoint has {metas[0]['world_size']} rank files (ranks 0..{metas[0]['world_size'] - 1}); "
+                f"reshard: the checkpoint has {metas[0]['world_size']} rank files "
+                f"(ranks 0..{metas[0]['world_size'] - 1}); "
                 f"given: " + ", ".join(f"{p} (rank {m['rank'] if m else 'none'})" for p, m in zip(paths, metas))
             )
     updates = [update_of(s) for s in states]
@@ -87,7 +90,8 @@ def check_one_save(paths, states):
         sys.exit(
             "reshard: the rank files were saved at different updates (a run killed between the ranks' saves?): "
             + ", ".join(f"{p}: update {u}" for p, u in zip(paths, updates))
-            + ". Pass the rank files of one save, e.g. checkpoint_<epoch>_<update>-rank-R.pt of an update every rank wrote"
+            + ". Pass the rank files of one save, e.g. checkpoint_<epoch>_<update>-rank-R.pt of an update every "
+            "rank wrote"
         )
 
 
@@ -176,10 +180,12 @@ def reshard_optimizer(states, n, experts):
             entries = [o["state"].get(idx) for o in optim]
             if entries[0] is None:
                 continue
-            new["state"][idx] = {
-                k: (split_rows([e[k] for e in entries], n)[r].clone() if name in experts and torch.is_tensor(v) and v.dim() > 0 else v)
-                for k, v in entries[0].items()
-            }
+            state = {}
+            for k, v in entries[0].items():
+                if name in experts and torch.is_tensor(v) and v.dim() > 0:  # an expert's rows: this rank's
+                    v = split_rows([e[k] for e in entries], n)[r].clone()
+                state[k] = v
+            new["state"][idx] = state
         out.append(new)
     return out, names
 
@@ -211,11 +217,11 @@ def output_paths(out, n):
 
 def base_layer_keys(model_state) -> set:
     """Parameters of fairseq's BaseLayer (one expert per worker) in a model state."""
-    return {
-        k
-        for k in model_state
-        if BASE_SUBLAYER.match(k) or k.endswith(".expert_centroids") and k[: -len("expert_centroids")] + "expert_network.0.ff1.weight" in model_state
-    }
+    def centroids_of_a_base_layer(k):
+        layer = k[: -len("expert_centroids")]
+        return k.endswith(".expert_centroids") and layer + "expert_network.0.ff1.weight" in model_state
+
+    return {k for k in model_state if BASE_SUBLAYER.match(k) or centroids_of_a_base_layer(k)}
 
 
 def base_layers_to_experts(models):
@@ -262,8 +268,8 @@ def reshard(paths, n, out):
     base = base_layer_keys(states[0]["model"])
     if base and n not in (1, len(states)):
         sys.exit(
-            f"reshard: fairseq's BaseLayer holds one expert per worker: {len(states)} rank files can become one process "
-            f"(--to-world-size 1: all {len(states)} experts in one layer) or {len(states)} workers, not {n}"
+            f"reshard: fairseq's BaseLayer holds one expert per worker: {len(states)} rank files can become one "
+            f"process (--to-world-size 1: all {len(states)} experts in one layer) or {len(states)} workers, not {n}"
         )
     if not experts:
         print("reshard: no expert tensors found; every output holds the full model")
@@ -292,7 +298,9 @@ def reshard(paths, n, out):
             state["last_optimizer_state"] = optims[r]
         # kept for N = 1 too (fairseq ignores it): the file can be resharded again with its optimizer state
         if param_names is not None:
-            state["expert_parallel"] = {"world_size": n, "rank": r, "expert_params": sorted(experts), "param_names": param_names}
+            state["expert_parallel"] = {
+                "world_size": n, "rank": r, "expert_params": sorted(experts), "param_names": param_names,
+            }
         else:
             state.pop("expert_parallel", None)
         cfg = state.get("cfg")

@@ -33,7 +33,8 @@ class LinearCrossEntropy(torch.autograd.Function):
         ctx.save_for_backward(x, weight, exp, sum_exp, safe_target, scored)
         # the backward runs outside autocast: remember the forward's matmul dtype, so that its
         # two (N, V) x (V, H) products run in bf16 too (2/3 of the output layer's FLOPs)
-        ctx.matmul_dtype = torch.get_autocast_dtype("cpu") if x.device.type == "cpu" and torch.is_autocast_enabled("cpu") else x.dtype
+        autocast = x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+        ctx.matmul_dtype = torch.get_autocast_dtype("cpu") if autocast else x.dtype
         return ((lse - picked) * scored).sum()
 
     @staticmethod

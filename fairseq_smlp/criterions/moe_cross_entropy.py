@@ -94,7 +94,8 @@ class MoECrossEntropyCriterion(FairseqCriterion):
             target[:, :score_from] = self.padding_idx
         if weight is not None:  # net_output[0]: features (B, T, H)
             features = net_output[0]
-            nll = LinearCrossEntropy.apply(features.reshape(-1, features.size(-1)), weight, target.reshape(-1), self.padding_idx)
+            rows = features.reshape(-1, features.size(-1))
+            nll = LinearCrossEntropy.apply(rows, weight, target.reshape(-1), self.padding_idx)
         else:
             lprobs = model.get_normalized_probs(net_output, log_probs=True)
             nll = F.nll_loss(
@@ -131,7 +132,8 @@ class MoECrossEntropyCriterion(FairseqCriterion):
         metrics.log_scalar("nll_loss", sums["nll_loss"] / max(scored, 1) / math.log(2), scored, round=3)
         metrics.log_derived("ppl", lambda meters: utils.get_perplexity(meters["nll_loss"].avg))
         batches = max(sums["moe_batches"], 1)
-        for key in sorted(k for k in sums if (k.startswith("moe_") and k != "moe_batches") or k.startswith(PER_LAYER_PREFIX)):
+        keys = [k for k in sums if (k.startswith("moe_") and k != "moe_batches") or k.startswith(PER_LAYER_PREFIX)]
+        for key in sorted(keys):
             if key.endswith(COMPARED):
                 continue
             if key.endswith(CHANGED):  # token counts: the share of all compared tokens

@@ -37,7 +37,8 @@ def check_sample_fits(tokens_per_sample: int, max_positions) -> None:
         raise ValueError(
             f"--tokens-per-sample {tokens_per_sample} exceeds the model's {max_positions} positions "
             f"(--max-target-positions; for sMLP the size of its spatial matrices), so every block would be "
-            f"skipped: pass --tokens-per-sample {max_positions} or less (or, when training, a larger --max-target-positions)"
+            f"skipped: pass --tokens-per-sample {max_positions} or less (or, when training, a larger "
+            f"--max-target-positions)"
         )
 
 
