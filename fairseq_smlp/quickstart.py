@@ -48,11 +48,17 @@ def parse_args(argv=None):
     p.add_argument("--train", help="your own training text (with --valid and --test)")
     p.add_argument("--valid")
     p.add_argument("--test")
-    p.add_argument("--bpe", default="none", choices=["none", "sentencepiece"], help="word-level, or a sentencepiece BPE")
-    p.add_argument("--vocab-size", type=int, default=8000, help="sentencepiece vocabulary size (with --bpe sentencepiece)")
+    p.add_argument(
+        "--bpe", default="none", choices=["none", "sentencepiece"], help="word-level, or a sentencepiece BPE"
+    )
+    p.add_argument(
+        "--vocab-size", type=int, default=8000, help="sentencepiece vocabulary size (with --bpe sentencepiece)"
+    )
     p.add_argument("--arch", default="smlp_lm_tiny")
     p.add_argument("--updates", type=int, default=1000, help="training updates (fairseq's --max-update)")
-    p.add_argument("--minutes", type=float, default=None, help="also stop training after this many minutes (default: no limit)")
+    p.add_argument(
+        "--minutes", type=float, default=None, help="also stop training after this many minutes (default: no limit)"
+    )
     p.add_argument("--out-dir", default="runs/quickstart", help="corpus, checkpoints and results go here")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
@@ -75,7 +81,10 @@ def native_bf16() -> bool:
 def precision_flags(choice: str) -> list:
     if choice == "auto":
         choice = "bf16" if native_bf16() else "fp32"
-        reason = "this CPU has bf16 matrix units" if choice == "bf16" else "this CPU has no bf16 matrix units (AVX512-BF16/AMX)"
+        if choice == "bf16":
+            reason = "this CPU has bf16 matrix units"
+        else:
+            reason = "this CPU has no bf16 matrix units (AVX512-BF16/AMX)"
         print(f"precision: {choice} ({reason}; --precision fp32|bf16 to choose)", flush=True)
     return ["--bf16"] if choice == "bf16" else []
 
@@ -120,8 +129,8 @@ def perplexity(eval_output):
 def training_validations(train_log) -> list:
     """(updates, valid ppl, best valid ppl so far) of every validation fairseq-train logged, in
     order; the best counts earlier sessions of a resumed run (fairseq's best_loss, in bits)."""
-    found = re.findall(r"valid on 'valid' subset \|.*?\| ppl ([0-9.]+) \|.*?\| num_updates (\d+)(?: \| best_loss ([0-9.]+))?",
-                       train_log)
+    line = r"valid on 'valid' subset \|.*?\| ppl ([0-9.]+) \|.*?\| num_updates (\d+)(?: \| best_loss ([0-9.]+))?"
+    found = re.findall(line, train_log)
     out, best = [], float("inf")
     for ppl, updates, best_loss in found:  # no best_loss before fairseq's first save
         best = 2 ** float(best_loss) if best_loss else min(best, float(ppl))
@@ -150,8 +159,9 @@ def provenance() -> dict:
 
     repo = Path(fairseq_smlp.__file__).resolve().parents[1]
     git = subprocess.run(["git", "-C", str(repo), "describe", "--always", "--dirty"], capture_output=True, text=True)
-    cpu = next((line.split(":", 1)[1].strip() for line in _read("/proc/cpuinfo").splitlines() if line.startswith("model name")),
-               platform.processor() or platform.machine())
+    cpuinfo = _read("/proc/cpuinfo").splitlines()
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")]
+    cpu = names[0] if names else platform.processor() or platform.machine()
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "commit": git.stdout.strip() if git.returncode == 0 else f"fairseq-smlp {_version()}",
@@ -225,8 +235,8 @@ def task_options(extra) -> list:
 
 def train_command(args, data_bin, save_dir, precision, extra) -> list:
     return [sys.executable, "-m", "fairseq_cli.train", str(data_bin), "--user-dir", USER_DIR, "--arch", args.arch,
-            *TRAIN_OPTIONS, *precision, "--max-update", str(args.updates), *time_limit(args.minutes), "--save-dir", str(save_dir),
-            "--seed", str(args.seed), *extra]
+            *TRAIN_OPTIONS, *precision, "--max-update", str(args.updates), *time_limit(args.minutes),
+            "--save-dir", str(save_dir), "--seed", str(args.seed), *extra]
 
 
 def time_limit(minutes) -> list:

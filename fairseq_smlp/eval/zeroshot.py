@@ -297,7 +297,8 @@ def main(args) -> dict:
     # Partial-prediction sMLP routes from the first score_from positions (see make_candidate).
     routing_prefix = int(getattr(getattr(model, "decoder", None), "score_from", 0) or 0)
     encoder = TextEncoder(dictionary, args.spm_model, args.normalize)
-    logger.info(f"text -> tokens: {'sentencepiece ' + args.spm_model if args.spm_model else 'normalize ' + encoder.normalize}")
+    tokenizer = "sentencepiece " + args.spm_model if args.spm_model else "normalize " + encoder.normalize
+    logger.info(f"text -> tokens: {tokenizer}")
     build = CandidateBuilder(encoder, dictionary.eos(), max_positions, routing_prefix)
     encoded = [encode_examples(examples, build, file) for _, file, examples in selected]
     for (spec, _, _), enc in zip(selected, encoded):
@@ -354,7 +355,7 @@ def cli_main(argv=None):
         parser.error("--max-examples must be >= 1")
     try:
         main(args)
-    except (FileNotFoundError, TaskFileError, FlagError, UserError) as e:  # bad flag or file: a message, not a traceback
+    except (FileNotFoundError, TaskFileError, FlagError, UserError) as e:  # bad flag or file: a message, no traceback
         if debugging():
             raise
         parser.exit(2, f"{parser.prog}: error: {one_line(e)}\n")

@@ -139,7 +139,8 @@ def load_copa(path) -> List[Example]:
         if question not in connective:
             raise TaskFileError(path, lineno, f"field 'question' should be cause/effect, got {question!r}")
         choices = [get(obj, k, path, lineno).strip() for k in ("choice1", "choice2")]
-        # COPA: premise minus its final period + " because"/" therefore"; score " " + alternative with its first letter lower-cased.
+        # COPA: premise minus its final period + " because"/" therefore"; score " " + alternative with its
+        # first letter lower-cased.
         context = (premise[:-1] if premise.endswith(".") else premise) + connective[question]
         examples.append(Example(
             contexts=[context] * 2,
@@ -327,7 +328,9 @@ def load_multiple_choice(path) -> List[Example]:
             continuations = [get(obj, "continuation", path, lineno)] * len(contexts)
         label = get(obj, "label", path, lineno, int)
         if not 0 <= label < len(contexts):
-            raise TaskFileError(path, lineno, f"field 'label' should be a choice index 0..{len(contexts) - 1}, got {label}")
+            raise TaskFileError(
+                path, lineno, f"field 'label' should be a choice index 0..{len(contexts) - 1}, got {label}"
+            )
         examples.append(Example(contexts, continuations, label, lineno=lineno))
     return nonempty(examples, path)
 
@@ -356,7 +359,8 @@ class TaskSpec:
 
 TASKS: Dict[str, TaskSpec] = {t.name: t for t in [
     TaskSpec("copa", ("copa.validation.jsonl", "COPA/val.jsonl"), load_copa, False,
-             "sum log-prob of ' ' + lower-cased alternative given premise (final period removed) + ' because'/' therefore'"),
+             "sum log-prob of ' ' + lower-cased alternative given premise (final period removed) "
+             "+ ' because'/' therefore'"),
     TaskSpec("piqa", ("piqa.validation.jsonl", "piqa.valid.jsonl"), load_piqa, False,
              "sum log-prob of ' ' + solution given goal"),
     TaskSpec("storycloze", ("storycloze.validation.csv", "cloze_test_val__spring2016.csv"), load_storycloze, False,

@@ -26,7 +26,8 @@ def load(task=None, data_dir=None, task_file=None, **metadata):
         examples = load_multiple_choice(task_file)
     else:
         spec = TASKS[task]
-        examples = spec.load(find_task_file(spec, data_dir or os.environ.get("SMLP_ZEROSHOT_DIR") or default_data_dir()))
+        folder = data_dir or os.environ.get("SMLP_ZEROSHOT_DIR") or default_data_dir()
+        examples = spec.load(find_task_file(spec, folder))
     docs = [{"contexts": ex.contexts, "continuations": ex.continuations, "label": ex.label,
              "gold": gold_indices(ex), "partial": len(set(ex.contexts)) > 1} for ex in examples]
     return datasets.DatasetDict({"validation": datasets.Dataset.from_list(docs)})
