@@ -26,6 +26,69 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def _one_thread_worker():
+    torch.set_num_threads(1)
+
+
+def in_parallel(function, calls, workers=None):
+    """[function(*args) for args in calls], spread over `workers` (default: one per CPU) spawned
+    processes of one thread each. Tiny trainings are latency-bound and independent: on two
+    cores, two one-thread processes take about half the wall-clock of one after the other, with
+    the same numbers (each call seeds itself). function must be importable by name."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    workers = min(workers or os.cpu_count() or 1, len(calls))
+    if workers <= 1:
+        return [function(*args) for args in calls]
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter: no fork of torch's thread pools
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_one_thread_worker) as pool:
+        return [future.result() for future in [pool.submit(function, *args) for args in calls]]
+
+
+def start_quietly(cmd, **kwargs):
+    """Popen of a command that runs beside others: one thread (OMP and MKL), stdout and stderr
+    together in a temporary file (a pipe that nobody reads until the end could fill and stall it),
+    unbuffered, so that the lines of the two streams never cut into each other."""
+    import subprocess
+    import tempfile
+
+    env = dict(kwargs.pop("env", os.environ), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    log = tempfile.TemporaryFile(mode="w+")
+    process = subprocess.Popen([str(c) for c in cmd], env=env, stdout=log, stderr=subprocess.STDOUT, text=True, **kwargs)
+    process.log = log
+    return process
+
+
+def finish(process, timeout=1200):
+    """A process of start_quietly, finished: CompletedProcess with its output as stdout."""
+    import subprocess
+
+    try:
+        process.wait(timeout=timeout)
+    finally:
+        process.kill()  # no-op once it has exited; a process past its timeout does not outlive the test
+        process.log.seek(0)
+        output = process.log.read()
+        process.log.close()
+    return subprocess.CompletedProcess(process.args, process.returncode, output, "")
+
+
+def run_side_by_side(commands: dict, timeout=300, **kwargs) -> dict:
+    """{key: CompletedProcess} of independent commands, as many at a time as there are CPUs, one
+    thread each (most of a short fairseq command is its single-threaded start-up)."""
+    import subprocess
+    from concurrent.futures import ThreadPoolExecutor
+
+    env = dict(kwargs.pop("env", os.environ), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+
+    def run(cmd):
+        return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, env=env, **kwargs)
+
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        return dict(zip(commands, pool.map(run, commands.values())))
+
+
 def tiny_dictionary(size: int = 40):
     from fairseq_smlp.models.factory import offline_dictionary
 
