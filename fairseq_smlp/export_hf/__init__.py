@@ -1,6 +1,7 @@
 """Export fairseq-smlp checkpoints to Hugging Face transformers.
 
-    python -m fairseq_smlp.export_hf CKPT --out DIR [--dict DICT] [--spm-model M | --gpt2-encoder-json J --gpt2-vocab-bpe B]
+    python -m fairseq_smlp.export_hf CKPT --out DIR [--dict DICT]
+        [--spm-model M | --gpt2-encoder-json J --gpt2-vocab-bpe B]
 
 Writes a folder `AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)` and
 `AutoTokenizer.from_pretrained(DIR, trust_remote_code=True)` load: the dense Transformer as

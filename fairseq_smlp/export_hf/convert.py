@@ -64,7 +64,9 @@ def load_checkpoint(path: str) -> dict:
         raise ExportError(f"{path} is not a fairseq checkpoint (no 'cfg'/'args' or no 'model')")
     meta = state.get("expert_parallel") or {}
     if meta.get("world_size", 1) > 1:
-        raise ExportError(f"{path} holds rank {meta['rank']} of {meta['world_size']} workers: pass the common name (checkpoint_X.pt)")
+        raise ExportError(
+            f"{path} holds rank {meta['rank']} of {meta['world_size']} workers: pass the common name (checkpoint_X.pt)"
+        )
     return state
 
 
@@ -91,7 +93,9 @@ def rename(key: str, rules: Rules) -> Optional[str]:
     return None
 
 
-def map_state_dict(state: Dict[str, torch.Tensor], rules: Rules, expected: Dict[str, torch.Size]) -> Dict[str, torch.Tensor]:
+def map_state_dict(
+    state: Dict[str, torch.Tensor], rules: Rules, expected: Dict[str, torch.Size]
+) -> Dict[str, torch.Tensor]:
     """fairseq state dict -> transformers state dict, each tensor accounted for exactly once.
 
     expected: the transformers model's keys and shapes (tied weights appear under both names,
@@ -143,12 +147,14 @@ def smlp_config(m, vocab_size: int):
     prefix = max(1, int(math.ceil(m.partial_prefix_ratio * positions))) if partial else 0
     if partial and m.get("partial_balance") == "assignment" and m.get("balanced_assignment") == "libbase":
         print("export_hf: warning: this partial-prediction model was trained with --balanced-assignment libbase; the "
-              "exported routing uses the torch solver (same optimum; on exact ties the channels may be assigned differently)")
+              "exported routing uses the torch solver (same optimum; on exact ties the channels may be assigned "
+              "differently)")
     return hf_modules().FairseqSmlpConfig(
         vocab_size=vocab_size, hidden_size=m.decoder_embed_dim, max_position_embeddings=positions,
         blocks=["smlp" if i in sparse else "gmlp" for i in range(m.decoder_layers)],
         embed_scale=1.0, position_embedding="none", final_norm=True, dropout=m.dropout,
-        ffn_dim=m.decoder_ffn_embed_dim, smoe_experts=m.smoe_experts, smoe_chunk=m.smoe_chunk, smoe_routing=m.smoe_routing,
+        ffn_dim=m.decoder_ffn_embed_dim, smoe_experts=m.smoe_experts, smoe_chunk=m.smoe_chunk,
+        smoe_routing=m.smoe_routing,
         partial_prefix_length=prefix, partial_balance=m.partial_balance,
         tmoe_experts=m.tmoe_experts, tmoe_ffn_dim=m.tmoe_ffn_embed_dim,
         score_from=prefix, tie_word_embeddings=m.share_decoder_input_output_embed,
@@ -170,7 +176,9 @@ EXPORTED_ROUTERS = ("top1", "top2", "hash", "none")  # --moe-router values the e
 def check_transformer_options(m) -> None:
     for option, what in UNSUPPORTED_TRANSFORMER_OPTIONS.items():
         if m.get(option):
-            raise ExportError(f"the checkpoint uses {what} (--{option.replace('_', '-')}), which the export does not support")
+            raise ExportError(
+                f"the checkpoint uses {what} (--{option.replace('_', '-')}), which the export does not support"
+            )
     if m.get("decoder_layers_to_keep"):
         raise ExportError("--decoder-layers-to-keep: prune the layers before exporting")
     router = m.get("moe_router", "none")
@@ -184,7 +192,8 @@ def transformer_blocks(m, state) -> List[str]:
     from ..models.moe_transformer_lm import is_moe_layer
 
     layers, router = m.decoder_layers, m.get("moe_router", "none")
-    blocks = ["moe" if router != "none" and is_moe_layer(i, m.get("moe_freq", 0)) else "attention" for i in range(layers)]
+    moe_freq = m.get("moe_freq", 0)
+    blocks = ["moe" if router != "none" and is_moe_layer(i, moe_freq) else "attention" for i in range(layers)]
     for i in range(m.get("base_layers", 0) or 0):
         blocks.insert(((i + 1) * layers) // (m.base_layers + 1), "base")
     return blocks
@@ -249,9 +258,11 @@ def transformer_config(m, vocab_size: int, state):
         layernorm_embedding=bool(m.layernorm_embedding), final_norm=not m.no_decoder_final_norm,
         dropout=m.dropout, attention_dropout=m.attention_dropout,
         activation_dropout=max(m.get("activation_dropout", 0) or 0, m.get("relu_dropout", 0) or 0),
-        ffn_dim=m.decoder_ffn_embed_dim, num_attention_heads=m.decoder_attention_heads, activation_function=m.activation_fn,
+        ffn_dim=m.decoder_ffn_embed_dim, num_attention_heads=m.decoder_attention_heads,
+        activation_function=m.activation_fn,
         moe_router=m.get("moe_router", "none"),
-        moe_experts=m.get("moe_experts", 1), moe_expert_ffn_dim=m.get("moe_expert_ffn_dim", 0) or m.decoder_ffn_embed_dim,
+        moe_experts=m.get("moe_experts", 1),
+        moe_expert_ffn_dim=m.get("moe_expert_ffn_dim", 0) or m.decoder_ffn_embed_dim,
         moe_eval_capacity_factor=m.get("moe_eval_capacity_factor", 0.0),
         moe_second_expert_queue=m.get("moe_second_expert_queue", "causal"),  # fairseq's default when not recorded
         base_experts=base_experts(state, blocks), base_sublayers=m.get("base_sublayers", 1),
@@ -259,7 +270,10 @@ def transformer_config(m, vocab_size: int, state):
     )
 
 
-XGLM_ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "gelu_accurate": "gelu_new", "gelu_fast": "gelu_new", "tanh": "tanh", "linear": "linear"}
+XGLM_ACTIVATIONS = {
+    "relu": "relu", "gelu": "gelu", "gelu_accurate": "gelu_new", "gelu_fast": "gelu_new", "tanh": "tanh",
+    "linear": "linear",
+}
 
 
 def xglm_fits(m, pad: int) -> bool:
@@ -283,7 +297,11 @@ def skip_broken_torchaudio() -> None:
         import transformers.utils
         import transformers.utils.import_utils
 
-        transformers.utils.is_torchaudio_available = transformers.utils.import_utils.is_torchaudio_available = lambda: False
+        def unavailable():
+            return False
+
+        transformers.utils.is_torchaudio_available = unavailable
+        transformers.utils.import_utils.is_torchaudio_available = unavailable
 
 
 def xglm_config(m, vocab_size: int):
@@ -317,10 +335,12 @@ TRANSFORMER_RULES: Rules = [
     (r"decoder\.layernorm_embedding\.(weight|bias)", r"model.layernorm_embedding.\1"),
     (r"decoder\.layer_norm\.(weight|bias)", r"model.final_norm.\1"),
     (r"decoder\.output_projection\.weight", "lm_head.weight"),
-    (r"decoder\.layers\.(\d+)\.fc1\.(router|experts)\.(.+)", r"model.layers.\1.moe.\2.\3"),  # MoE FFN (fairseq's fc1 slot)
+    # the MoE FFN, in fairseq's fc1 slot
+    (r"decoder\.layers\.(\d+)\.fc1\.(router|experts)\.(.+)", r"model.layers.\1.moe.\2.\3"),
     (r"decoder\.layers\.(\d+)\.expert_centroids", r"model.layers.\1.centroids"),  # Base layer
     (r"decoder\.layers\.(\d+)\.expert_network\.(\d+)\.(.+)", r"model.layers.\1.experts.0.\2.\3"),  # its one expert
-    (r"decoder\.layers\.(\d+)\.expert_networks\.(\d+)\.(.+)", r"model.layers.\1.experts.\2.\3"),  # all E (unstack_base_experts)
+    # all E experts of a one-process Base layer (unstack_base_experts)
+    (r"decoder\.layers\.(\d+)\.expert_networks\.(\d+)\.(.+)", r"model.layers.\1.experts.\2.\3"),
     (r"decoder\.layers\.(\d+)\.(.+)", r"model.layers.\1.\2"),  # attention, norms, dense fc1/fc2
 ]
 XGLM_RULES: Rules = [
@@ -355,7 +375,8 @@ def transformer_lm_export(m, vocab_size, state):
 
 
 def moe_transformer_export(m, vocab_size, state):
-    return Export(transformer_config(m, vocab_size, state), hf_modules().FairseqSmlpForCausalLM, TRANSFORMER_RULES, native=False)
+    config = transformer_config(m, vocab_size, state)
+    return Export(config, hf_modules().FairseqSmlpForCausalLM, TRANSFORMER_RULES, native=False)
 
 
 FAMILIES: Dict[str, Callable] = {

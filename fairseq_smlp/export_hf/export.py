@@ -14,7 +14,9 @@ from typing import Optional, Tuple
 import torch
 
 from ..models import vocabulary
-from .convert import ExportError, build_hf_model, skip_broken_torchaudio, load_checkpoint, plan_export, single_worker_checkpoint
+from .convert import (
+    ExportError, build_hf_model, load_checkpoint, plan_export, single_worker_checkpoint, skip_broken_torchaudio,
+)
 from .tokenizer import GPT2, load_dictionary, looks_like_gpt2, save_tokenizer
 
 VERIFY_TOLERANCE = 1e-4  # max |logit difference| accepted in fp32 (measured differences are ~1e-6)
@@ -30,7 +32,10 @@ def default_dict(state) -> str:
     data = data_dir(state)
     path = os.path.join(data, "dict.txt") if data else None
     if not path or not os.path.isfile(path):
-        raise ExportError(f"the training dictionary {path or '(no data path in the checkpoint)'} is not there: pass --dict DATA_BIN/dict.txt")
+        raise ExportError(
+            f"the training dictionary {path or '(no data path in the checkpoint)'} is not there: "
+            "pass --dict DATA_BIN/dict.txt"
+        )
     return path
 
 
@@ -47,8 +52,14 @@ def check_dictionary(state, dictionary, dict_file: str) -> None:
     saved = state.get("dictionary")
     mine = vocabulary.fingerprint(dictionary)
     if saved and saved.get("sha256") != mine["sha256"]:
-        detail = vocabulary.first_differences(saved["symbols"], mine["symbols"]) if saved.get("symbols") else "other content"
-        raise ExportError(f"--dict {dict_file} is not the dictionary the checkpoint was trained with ({detail}): pass the training dict.txt")
+        if saved.get("symbols"):
+            detail = vocabulary.first_differences(saved["symbols"], mine["symbols"])
+        else:
+            detail = "other content"
+        raise ExportError(
+            f"--dict {dict_file} is not the dictionary the checkpoint was trained with ({detail}): "
+            "pass the training dict.txt"
+        )
 
 
 def fairseq_model(state, dictionary):
@@ -72,7 +83,8 @@ def max_logit_difference(state, dictionary, out_dir: str, length: int = 32, seed
     """max |fairseq logits - exported logits| on random token ids (2 sequences)."""
     reference, exported = fairseq_model(state, dictionary), load_exported(out_dir)
     length = min(length, reference.max_positions())
-    tokens = torch.randint(dictionary.nspecial, len(dictionary), (2, length), generator=torch.Generator().manual_seed(seed))
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(dictionary.nspecial, len(dictionary), (2, length), generator=generator)
     with torch.no_grad():
         return (reference(tokens)[0] - exported(tokens).logits).abs().max().item()
 
@@ -164,7 +176,10 @@ def export(
     dictionary = load_dictionary(dict_path or default_dict(state))
     vocab = state["model"]["decoder.embed_tokens.weight"].size(0)
     if len(dictionary) != vocab:
-        raise ExportError(f"--dict {dict_path or default_dict(state)} has {len(dictionary)} symbols, the model {vocab}: pass the dict.txt it was trained with")
+        raise ExportError(
+            f"--dict {dict_path or default_dict(state)} has {len(dictionary)} symbols, the model {vocab}: "
+            "pass the dict.txt it was trained with"
+        )
     check_dictionary(state, dictionary, dict_path or default_dict(state))
     if spm_model is None and gpt2_files is None and not looks_like_gpt2(dictionary):
         spm_model = default_spm_model(state)
@@ -179,7 +194,10 @@ def export(
         kind = save_tokenizer(dictionary, tmp, spm_model, gpt2_files)
         difference = max_logit_difference(state, dictionary, tmp) if verify else None
         if difference is not None and not difference <= VERIFY_TOLERANCE:
-            raise ExportError(f"the exported model's logits differ from fairseq's by {difference:.3g} (> {VERIFY_TOLERANCE}); nothing written")
+            raise ExportError(
+                f"the exported model's logits differ from fairseq's by {difference:.3g} (> {VERIFY_TOLERANCE}); "
+                "nothing written"
+            )
         write_marker(tmp, checkpoint)
         readable(tmp)
         move_into_place(tmp, out_dir)

@@ -50,7 +50,10 @@ def choose_kind(dictionary, spm_model=None, gpt2_files=None) -> str:
 
 
 def special_tokens(dictionary) -> dict:
-    return dict(bos_token=dictionary.bos_word, eos_token=dictionary.eos_word, unk_token=dictionary.unk_word, pad_token=dictionary.pad_word)
+    return dict(
+        bos_token=dictionary.bos_word, eos_token=dictionary.eos_word, unk_token=dictionary.unk_word,
+        pad_token=dictionary.pad_word,
+    )
 
 
 def word_level_tokenizer(dictionary):
@@ -63,7 +66,8 @@ def word_level_tokenizer(dictionary):
     backend.normalizer = normalizers.Replace(Regex("[\x1c-\x1f]"), " ")
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(
-        tokenizer_object=backend, split_special_tokens=True, clean_up_tokenization_spaces=False, **special_tokens(dictionary),
+        tokenizer_object=backend, split_special_tokens=True, clean_up_tokenization_spaces=False,
+        **special_tokens(dictionary),
     )
 
 
@@ -101,10 +105,14 @@ def dict_tokenizer(dictionary, kind: str, tmp: str, spm_model=None, gpt2_files=N
     with open(vocab_file, "w", encoding="utf-8") as f:
         json.dump({"symbols": list(dictionary.symbols), "indices": dict(dictionary.indices)}, f, ensure_ascii=False)
     FairseqDictTokenizer.register_for_auto_class("AutoTokenizer")
-    files = dict(spm_file=spm_model) if kind == SENTENCEPIECE else dict(gpt2_encoder_file=gpt2_files[0], gpt2_merges_file=gpt2_files[1])
+    if kind == SENTENCEPIECE:
+        files = dict(spm_file=spm_model)
+    else:
+        files = dict(gpt2_encoder_file=gpt2_files[0], gpt2_merges_file=gpt2_files[1])
     for flag, path in files.items():
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"{'--spm-model' if flag == 'spm_file' else '--gpt2-encoder-json/--gpt2-vocab-bpe'} {path}: no such file")
+            option = "--spm-model" if flag == "spm_file" else "--gpt2-encoder-json/--gpt2-vocab-bpe"
+            raise FileNotFoundError(f"{option} {path}: no such file")
     check_matches(dictionary, kind, spm_model, gpt2_files)
     return FairseqDictTokenizer(vocab_file, **files, **special_tokens(dictionary))
 

@@ -54,7 +54,8 @@ class FairseqSmlpConfig(PretrainedConfig):
         max_position_embeddings: int = 1024,
         # embeddings and output
         embed_scale: float = 1.0,  # fairseq multiplies token embeddings by sqrt(H) in Transformers
-        position_embedding: str = "none",  # "none" (sMLP: the spatial matrices carry position) | "sinusoidal" | "learned"
+        # "none" (sMLP: the spatial matrices carry position) | "sinusoidal" | "learned"
+        position_embedding: str = "none",
         input_dim: Optional[int] = None,  # token embedding width (projected to H when different)
         output_dim: Optional[int] = None,  # width the output layer reads (projected from H when different)
         layernorm_embedding: bool = False,
@@ -186,7 +187,9 @@ class ExpertFFN(nn.Module):
         return h @ self.fc2_weight[e] + self.fc2_bias[e]
 
 
-def combine_experts(x: torch.Tensor, expert_index: torch.Tensor, weight: torch.Tensor, experts: ExpertFFN) -> torch.Tensor:
+def combine_experts(
+    x: torch.Tensor, expert_index: torch.Tensor, weight: torch.Tensor, experts: ExpertFFN
+) -> torch.Tensor:
     """x: (N, H); expert_index: (N, k), -1 = dropped; weight: (N, k) -> sum_k w_k expert_{e_k}(x), (N, H).
     A token no expert kept gets 0 (it passes through the caller's residual)."""
     out = torch.zeros_like(x)
@@ -241,7 +244,8 @@ class Top1Router(nn.Module):
         """x: (N, H) in priority order -> expert_index (N, 1) (-1 = dropped), weight (N, 1)."""
         probs = torch.softmax(F.linear(x.float(), self.gate.weight.float()), dim=-1)
         gate, first = probs.max(dim=-1)
-        kept = within_capacity(first, expert_capacity(x.size(0), self.num_experts, self.capacity_factor), self.num_experts)
+        capacity = expert_capacity(x.size(0), self.num_experts, self.capacity_factor)
+        kept = within_capacity(first, capacity, self.num_experts)
         return torch.where(kept, first, -1).unsqueeze(1), (gate * kept).unsqueeze(1)
 
 
@@ -267,9 +271,11 @@ class Top2Router(Top1Router):
             kept = within_capacity(experts.reshape(-1), capacity, self.num_experts).view_as(experts)
         else:
             keep1 = within_capacity(first, capacity, self.num_experts)
-            keep2 = within_capacity(second, capacity, self.num_experts, offset=torch.bincount(first, minlength=self.num_experts))
+            firsts = torch.bincount(first, minlength=self.num_experts)
+            keep2 = within_capacity(second, capacity, self.num_experts, offset=firsts)
             kept = torch.stack([keep1, keep2], dim=1)
-        gates = torch.stack([probs.gather(1, first[:, None])[:, 0], probs.gather(1, second[:, None])[:, 0]], dim=1) * kept
+        gates = torch.stack([probs.gather(1, first[:, None])[:, 0], probs.gather(1, second[:, None])[:, 0]], dim=1)
+        gates = gates * kept
         weight = gates / gates.sum(dim=1, keepdim=True).clamp(min=torch.finfo(gates.dtype).tiny)
         return torch.where(kept, experts, -1), weight
 
@@ -411,7 +417,9 @@ class SparseBlock(nn.Module):
             router = PrefixChannelRouter(config.partial_prefix_length, config.smoe_experts, config.partial_balance)
         gate = SpatialGatingUnit(channels, config.max_position_embeddings, config.smoe_experts, router)
         self.token_mixing = GatedMLPBlock(config, gate, split_gate)
-        experts = ExpertFFN(config.tmoe_experts, config.hidden_size, config.tmoe_ffn_dim, pre_norm=True, activation="gelu")
+        experts = ExpertFFN(
+            config.tmoe_experts, config.hidden_size, config.tmoe_ffn_dim, pre_norm=True, activation="gelu"
+        )
         self.feature_moe = FeedForwardMoE(BaseRouter(config.hidden_size, config.tmoe_experts), experts)
         self.dropout = nn.Dropout(config.dropout)
 
@@ -467,9 +475,12 @@ class TransformerLayer(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.activation_dropout = nn.Dropout(config.activation_dropout)
         if moe:
-            self.moe = FeedForwardMoE(build_token_router(config), ExpertFFN(
-                config.moe_experts, dim, config.moe_expert_ffn_dim, pre_norm=False, activation=config.activation_function,
-            ))
+            router = build_token_router(config)  # built first: the order of random initialisation
+            experts = ExpertFFN(
+                config.moe_experts, dim, config.moe_expert_ffn_dim, pre_norm=False,
+                activation=config.activation_function,
+            )
+            self.moe = FeedForwardMoE(router, experts)
         else:
             self.moe = None
             self.fc1, self.fc2 = nn.Linear(dim, config.ffn_dim), nn.Linear(config.ffn_dim, dim)
@@ -518,7 +529,8 @@ class BaseLayer(nn.Module):
         super().__init__()
         self.centroids = nn.Parameter(torch.empty(config.base_experts, config.hidden_size))  # (E, H)
         self.experts = nn.ModuleList(
-            nn.Sequential(*[BaseSublayer(config) for _ in range(config.base_sublayers)]) for _ in range(config.base_experts)
+            nn.Sequential(*[BaseSublayer(config) for _ in range(config.base_sublayers)])
+            for _ in range(config.base_experts)
         )
 
     def forward(self, x: torch.Tensor, **unused) -> torch.Tensor:
@@ -580,18 +592,23 @@ class FairseqSmlpModel(FairseqSmlpPreTrainedModel):
         super().__init__(config)
         self.padding_idx = config.pad_token_id
         self.embed_tokens = nn.Embedding(config.vocab_size, config.input_dim, config.pad_token_id)
-        self.project_in = nn.Linear(config.input_dim, config.hidden_size, bias=False) if config.input_dim != config.hidden_size else None
+        self.project_in = None
+        if config.input_dim != config.hidden_size:
+            self.project_in = nn.Linear(config.input_dim, config.hidden_size, bias=False)
         if config.position_embedding == "sinusoidal":
             self.embed_positions = SinusoidalPositions(config.hidden_size, config.pad_token_id)
         elif config.position_embedding == "learned":  # fairseq numbers positions from padding_idx + 1
-            self.embed_positions = nn.Embedding(config.max_position_embeddings + config.pad_token_id + 1, config.hidden_size, config.pad_token_id)
+            positions = config.max_position_embeddings + config.pad_token_id + 1
+            self.embed_positions = nn.Embedding(positions, config.hidden_size, config.pad_token_id)
         else:
             self.embed_positions = None
         self.layernorm_embedding = layer_norm(config.hidden_size) if config.layernorm_embedding else None
         self.dropout = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList(BLOCKS[kind](config) for kind in config.blocks)
         self.final_norm = layer_norm(config.hidden_size) if config.final_norm else None
-        self.project_out = nn.Linear(config.hidden_size, config.output_dim, bias=False) if config.output_dim != config.hidden_size else None
+        self.project_out = None
+        if config.output_dim != config.hidden_size:
+            self.project_out = nn.Linear(config.hidden_size, config.output_dim, bias=False)
         cached = [m for m in self.modules() if isinstance(m, (SelfAttention, SpatialGatingUnit))]
         for index, module in enumerate(cached):
             module.cache_index = index  # one cache entry per attention / spatial gate, in order
@@ -603,7 +620,9 @@ class FairseqSmlpModel(FairseqSmlpPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, cache=None) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, cache=None
+    ) -> torch.Tensor:
         """input_ids: (B, T) new tokens; attention_mask: (B, S) 1 = token, 0 = padding, over the
         cached and new positions; cache: a DynamicCache or None -> (B, T, output_dim)."""
         bsz, new = input_ids.shape
@@ -693,13 +712,16 @@ class FairseqSmlpForCausalLM(FairseqSmlpPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: cache if use_cache else None})
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, score_from: int = 0, num_items_in_batch=None) -> torch.Tensor:
+def causal_lm_loss(
+    logits: torch.Tensor, labels: torch.Tensor, score_from: int = 0, num_items_in_batch=None
+) -> torch.Tensor:
     """Mean token cross-entropy of position t predicting labels[t + 1]. Positions t < score_from
     are left out: with partial-prediction routing they fed the router (fairseq-smlp scores the same)."""
     target = labels[:, 1:].clone()
     if score_from > 0:
         target[:, :score_from] = -100
-    nll = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=-100, reduction="sum")
+    scores = logits[:, :-1].float().reshape(-1, logits.size(-1))
+    nll = F.cross_entropy(scores, target.reshape(-1), ignore_index=-100, reduction="sum")
     count = num_items_in_batch if num_items_in_batch is not None else target.ne(-100).sum()
     return nll / count
 
@@ -777,7 +799,8 @@ def first_choice_with_spill(probs: torch.Tensor) -> torch.Tensor:
     top_prob, first = probs.max(-1)
     by_expert = torch.argsort(first.float() * 2 - top_prob, dim=1)
     sorted_first = first.gather(1, by_expert)
-    group_start = torch.searchsorted(sorted_first, torch.arange(num_experts, device=probs.device).expand(bsz, -1).contiguous())
+    expert_ids = torch.arange(num_experts, device=probs.device).expand(bsz, -1).contiguous()
+    group_start = torch.searchsorted(sorted_first, expert_ids)
     rank_sorted = torch.arange(channels, device=probs.device) - group_start.gather(1, sorted_first)
     rank = torch.empty_like(rank_sorted).scatter_(1, by_expert, rank_sorted)
     kept = rank < per_expert

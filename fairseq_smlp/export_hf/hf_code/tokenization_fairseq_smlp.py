@@ -34,7 +34,10 @@ class FairseqDictTokenizer(PreTrainedTokenizer):
             vocab = json.load(f)
         self.symbols, self.indices = vocab["symbols"], vocab["indices"]
         self.unk_index = self.indices[str(unk_token)]
-        self.files = {"vocab_file": vocab_file, "spm_file": spm_file, "gpt2_encoder_file": gpt2_encoder_file, "gpt2_merges_file": gpt2_merges_file}
+        self.files = {
+            "vocab_file": vocab_file, "spm_file": spm_file, "gpt2_encoder_file": gpt2_encoder_file,
+            "gpt2_merges_file": gpt2_merges_file,
+        }
         if spm_file:
             import sentencepiece
 
@@ -47,7 +50,10 @@ class FairseqDictTokenizer(PreTrainedTokenizer):
             self.gpt2.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
             self.gpt2.decoder = decoders.ByteLevel()
         else:
-            raise ValueError("FairseqDictTokenizer needs spm.model, or gpt2_encoder.json and gpt2_vocab.bpe, next to fairseq_dict.json")
+            raise ValueError(
+                "FairseqDictTokenizer needs spm.model, or gpt2_encoder.json and gpt2_vocab.bpe, "
+                "next to fairseq_dict.json"
+            )
         # "<unk>" inside a text is a word to look up like any other (fairseq does not treat it specially)
         kwargs.setdefault("split_special_tokens", True)
         kwargs.setdefault("clean_up_tokenization_spaces", False)
