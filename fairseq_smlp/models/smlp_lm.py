@@ -206,10 +206,10 @@ class SmlpDecoder(FairseqIncrementalDecoder):
         return x, extra
 
     def extract_features(self, tokens: Tensor, incremental_state=None, **kwargs):
-        new = tokens.size(1)  # positions whose outputs the caller asks for: the newest
+        new_length = tokens.size(1)  # T_new: positions whose outputs the caller asks for, the newest
         if incremental_state is not None:
             done = self._advance(incremental_state, tokens.size(1))
-            new = tokens.size(1) - done
+            new_length = tokens.size(1) - done
             if 0 < done < self.score_from <= tokens.size(1):
                 # the routing prefix is complete only now: every block's history of positions
                 # < score_from was computed with a partial prefix's routing; recompute it all
@@ -228,7 +228,8 @@ class SmlpDecoder(FairseqIncrementalDecoder):
                 x, stats = layer(x, incremental_state)
                 moe_stats.extend(stats)
         # "attn": None because fairseq's SequenceGenerator reads it from every decoder
-        return self.final_norm(x[:, -new:]), {"moe_stats": moe_stats, "score_from": self.score_from, "attn": None}
+        extra = {"moe_stats": moe_stats, "score_from": self.score_from, "attn": None}
+        return self.final_norm(x[:, -new_length:]), extra
 
     def _advance(self, incremental_state, length: int) -> int:
         """Number of positions already decoded; records that `length` are known now."""
