@@ -24,18 +24,36 @@ def run(cmd, **kw):
     return out.stdout + out.stderr
 
 
-def train(data_bin, save_dir, extra=(), updates=40):
-    log = run([
+def train_command(data_bin, save_dir, extra=(), updates=40):
+    return [
         "fairseq-train", str(data_bin), "--user-dir", "fairseq_smlp", "--task", "smlp_language_modeling",
         "--arch", "smlp_lm_tiny", *SMALL, "--criterion", "moe_cross_entropy", "--dropout", "0.0",
         "--optimizer", "adam", "--lr", "0.003", "--max-tokens", "512", "--max-update", str(updates),
         "--cpu", "--save-dir", str(save_dir), "--log-format", "json", "--log-interval", "5",
         "--no-epoch-checkpoints", "--seed", "3", "--num-workers", "0",
         "--required-batch-size-multiple", "1", *extra,  # fairseq drops a remainder batch otherwise
-    ])
-    inner = [json.loads(l.split("| ", 3)[-1]) for l in log.splitlines() if "train_inner |" in l]
-    valid = [json.loads(l.split("| ", 3)[-1]) for l in log.splitlines() if "| valid |" in l]
-    return inner, valid, log
+    ]
+
+
+@pytest.fixture(scope="module")
+def trained(data_bin, tmp_path_factory):
+    """{routing: (training log, save dir)}: both sMoE routings trained side by side (one thread each)."""
+    from conftest import finish, start_quietly
+
+    root = tmp_path_factory.mktemp("cli_end_to_end")
+    started = {routing: start_quietly(train_command(data_bin, root / routing, ["--smoe-routing", routing, "--tensorboard-logdir", root / routing / "tb"]),
+                                      cwd=REPO)
+               for routing in ("deterministic", "partial")}
+    runs = {}
+    for routing, process in started.items():
+        out = finish(process, timeout=600)
+        assert out.returncode == 0, f"{' '.join(map(str, process.args))} failed:\n{out.stdout[-3000:]}"
+        runs[routing] = out.stdout, root / routing
+    return runs
+
+
+def json_records(log, tag):
+    return [json.loads(line.split("| ", 3)[-1]) for line in log.splitlines() if tag in line]
 
 
 def eval_lm(data_bin, checkpoint, subset="valid"):
@@ -48,8 +66,9 @@ def eval_lm(data_bin, checkpoint, subset="valid"):
 
 
 @pytest.mark.parametrize("routing", ["deterministic", "partial"])
-def test_train_eval_and_reload(data_bin, tmp_path, routing):
-    inner, valid, log = train(data_bin, tmp_path, ["--smoe-routing", routing, "--tensorboard-logdir", str(tmp_path / "tb")])
+def test_train_eval_and_reload(data_bin, trained, routing):
+    log, save_dir = trained[routing]
+    inner, valid = json_records(log, "train_inner |"), json_records(log, "| valid |")
     losses = [float(r["loss"]) for r in inner]
     assert losses[-1] < losses[0] - 1.0, f"loss did not decrease: {losses}"
     # routing health: a summary over layers, and every layer's figures in the JSON log ...
@@ -60,7 +79,7 @@ def test_train_eval_and_reload(data_bin, tmp_path, routing):
     # ... and in TensorBoard
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(tmp_path / "tb" / "train_inner"))
+    events = EventAccumulator(str(save_dir / "tb" / "train_inner"))
     events.Reload()
     scalars = events.Tags()["scalars"]
     assert {f"moe/{layer}_load_max" for layer in layers} | {"moe_load_max", "loss"} <= set(scalars)
@@ -69,19 +88,20 @@ def test_train_eval_and_reload(data_bin, tmp_path, routing):
 
     # fairseq-eval-lm reloads the checkpoint and scores the same positions as validation did
     valid_ppl = float(valid[-1]["valid_ppl"])
-    ppl, eval_log = eval_lm(data_bin, tmp_path / "checkpoint_last.pt")
+    ppl, eval_log = eval_lm(data_bin, save_dir / "checkpoint_last.pt")
     assert math.isclose(ppl, valid_ppl, rel_tol=1e-4), (ppl, valid_ppl)
     if routing == "partial":
         assert "perplexity over positions >= 7" in eval_log  # ceil(0.2 * 32)
 
 
-def test_generation_matches_full_forward(data_bin, tmp_path):
-    """Sampling through incremental_state scores every token exactly as a full forward does."""
-    train(data_bin, tmp_path, updates=10)
+def test_generation_matches_full_forward(data_bin, trained):
+    """Sampling through incremental_state scores every token exactly as a full forward does
+    (the deterministic run's checkpoint)."""
+    save_dir = trained["deterministic"][1]
     code = f"""
 import torch, fairseq_smlp
 from fairseq_smlp.models.smlp_lm import SmlpLanguageModel
-hub = SmlpLanguageModel.from_pretrained({str(tmp_path)!r}, "checkpoint_last.pt", {str(data_bin)!r})
+hub = SmlpLanguageModel.from_pretrained({str(save_dir)!r}, "checkpoint_last.pt", {str(data_bin)!r})
 hub.eval()
 torch.manual_seed(0)
 prompt = hub.encode("the company said")

@@ -48,23 +48,27 @@ def json_records(log: str, tag: str) -> list:
     return [json.loads(line.split("| ", 3)[-1]) for line in log.splitlines() if f"| {tag} |" in line]
 
 
-class Runs(dict):
-    """{(launcher, precision): (training log, save dir)}, each trained on first use."""
+def finish(process) -> str:
+    """The output of a process of conftest.start_quietly, which must have succeeded."""
+    from conftest import finish as wait_for
 
-    def __init__(self, data_bin, root):
-        super().__init__()
-        self.data_bin, self.root = data_bin, root
-
-    def __missing__(self, key):
-        launcher, precision = key
-        save = self.root / f"{launcher}_{precision}"
-        self[key] = run([*LAUNCHERS[launcher], self.data_bin, *TRAIN, "--save-dir", save, *PRECISIONS[precision]]), save
-        return self[key]
+    out = wait_for(process, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:]
+    return out.stdout
 
 
 @pytest.fixture(scope="module")
 def runs(data_bin, tmp_path_factory):
-    return Runs(data_bin, tmp_path_factory.mktemp("launch_paths"))
+    """{(launcher, precision): (training log, save dir)}: every case trained at once, one thread
+    per process (independent runs: on two cores about half the wall-clock of one after another)."""
+    from conftest import start_quietly
+
+    root = tmp_path_factory.mktemp("launch_paths")
+    started = {}
+    for launcher, precision in CASES:
+        save = root / f"{launcher}_{precision}"
+        started[launcher, precision] = start_quietly([*LAUNCHERS[launcher], data_bin, *TRAIN, "--save-dir", save, *PRECISIONS[precision]], cwd=REPO), save
+    return {case: (finish(process), save) for case, (process, save) in started.items()}
 
 
 def last_valid_loss(log: str) -> float:
@@ -72,10 +76,26 @@ def last_valid_loss(log: str) -> float:
     return float(json_records(log, "valid")[-1]["valid_loss"])
 
 
-def eval_lm_loss(data_bin, checkpoint, *flags) -> float:
-    log = run(["fairseq-eval-lm", data_bin, "--user-dir", "fairseq_smlp", "--task", "smlp_language_modeling",
-               "--path", checkpoint, "--tokens-per-sample", "32", "--gen-subset", "valid", "--cpu", *flags])
+def eval_lm_command(data_bin, checkpoint, *flags) -> list:
+    return ["fairseq-eval-lm", data_bin, "--user-dir", "fairseq_smlp", "--task", "smlp_language_modeling",
+            "--path", checkpoint, "--tokens-per-sample", "32", "--gen-subset", "valid", "--cpu", *flags]
+
+
+def eval_lm_loss(log: str) -> float:
+    """fairseq-eval-lm's loss (bits per token) from its output."""
     return float(re.search(r"Loss \(base 2\): ([0-9.]+)", log).group(1))
+
+
+@pytest.fixture(scope="module")
+def scored(runs, data_bin):
+    """{(launcher, precision): eval-lm's loss of the run's checkpoint in the run's precision}, and
+    ("console", "bf16", "in fp32"): the bf16-trained checkpoint scored in fp32; all at once."""
+    from conftest import start_quietly
+
+    commands = {case: eval_lm_command(data_bin, one_file(save), *PRECISIONS[case[1]]) for case, (log, save) in runs.items()}
+    commands["console", "bf16", "in fp32"] = eval_lm_command(data_bin, runs["console", "bf16"][1] / "checkpoint_last.pt")
+    started = {key: start_quietly(command, cwd=REPO) for key, command in commands.items()}
+    return {key: eval_lm_loss(finish(process)) for key, process in started.items()}
 
 
 CASES = [(launcher, precision) for launcher in LAUNCHERS for precision in PRECISIONS]
@@ -91,11 +111,10 @@ def one_file(save):
 
 
 @pytest.mark.parametrize("launcher, precision", CASES)
-def test_eval_lm_scores_the_checkpoint_as_training_validated_it(runs, data_bin, launcher, precision):
-    log, save = runs[launcher, precision]
-    valid = last_valid_loss(log)
-    scored = eval_lm_loss(data_bin, one_file(save), *PRECISIONS[precision])
-    assert math.isclose(2 ** scored, 2 ** valid, rel_tol=5e-3), (launcher, precision, valid, scored)
+def test_eval_lm_scores_the_checkpoint_as_training_validated_it(runs, scored, launcher, precision):
+    valid = last_valid_loss(runs[launcher, precision][0])
+    score = scored[launcher, precision]
+    assert math.isclose(2 ** score, 2 ** valid, rel_tol=5e-3), (launcher, precision, valid, score)
 
 
 @pytest.mark.parametrize("launcher", LAUNCHERS)
@@ -115,12 +134,12 @@ def test_one_process_launchers_train_the_same_model(runs):
         assert losses["console"] == losses["module"] == losses["in_process"], (precision, losses)
 
 
-def test_bf16_checkpoint_is_fp32_and_says_how_it_was_trained(runs, data_bin):
+def test_bf16_checkpoint_is_fp32_and_says_how_it_was_trained(runs, scored):
     log, save = runs["console", "bf16"]
     state = torch.load(save / "checkpoint_last.pt", map_location="cpu", weights_only=True)
     assert {t.dtype for t in state["model"].values() if t.is_floating_point()} == {torch.float32}
     adam = state["last_optimizer_state"]["state"]
     assert {t.dtype for s in adam.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0} == {torch.float32}
     assert state["cfg"]["common"]["bf16"] is True
-    fp32_score = eval_lm_loss(data_bin, save / "checkpoint_last.pt")  # a bf16-trained model scored in fp32
+    fp32_score = scored["console", "bf16", "in fp32"]  # a bf16-trained model scored in fp32
     assert fp32_score != last_valid_loss(log) and abs(fp32_score - last_valid_loss(log)) / fp32_score < 0.01

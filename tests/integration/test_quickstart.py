@@ -14,25 +14,49 @@ QUICK_OPTIONS = ["--warmup-updates", "10"]
 QUICK_UPDATES = 30  # the reference: tests/quality_reference.json "quickstart" (python tests/integration/test_quality.py --write-quickstart)
 
 
+def quickstart_command(out_dir, precision):
+    return ["fairseq-smlp-quickstart", "--minutes", "20", "--out-dir", str(out_dir), "--precision", precision,
+            "--", "--max-update", str(QUICK_UPDATES), *QUICK_OPTIONS]
+
+
 def quickstart(out_dir, precision):
-    return subprocess.run(["fairseq-smlp-quickstart", "--minutes", "20", "--out-dir", str(out_dir), "--precision", precision,
-                           "--", "--max-update", str(QUICK_UPDATES), *QUICK_OPTIONS], cwd=REPO, capture_output=True, text=True, timeout=1200)
+    return subprocess.run(quickstart_command(out_dir, precision), cwd=REPO, capture_output=True, text=True, timeout=1200)
+
+
+def auto_and_other():
+    """{"auto": the precision `--precision auto` picks on this CPU, "the other": the other one}."""
+    from fairseq_smlp.quickstart import native_bf16
+
+    auto = "bf16" if native_bf16() else "fp32"
+    return {"auto": auto, "the other": {"bf16": "fp32", "fp32": "bf16"}[auto]}
+
+
+@pytest.fixture(scope="module")
+def quickstarts(tmp_path_factory):
+    """{choice: (finished process, out dir)}: both precisions' quickstarts side by side, one
+    thread each (on two cores, about the wall-clock of one)."""
+    from conftest import finish, start_quietly
+
+    root = tmp_path_factory.mktemp("quickstarts")
+    out_dirs = {choice: root / choice.replace(" ", "_") for choice in ("auto", "the other")}
+    started = {choice: start_quietly(quickstart_command(out_dirs[choice], "auto" if choice == "auto" else precision), cwd=REPO)
+               for choice, precision in auto_and_other().items()}
+    return {choice: (finish(process), out_dirs[choice]) for choice, process in started.items()}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("choice", ["auto", "the other"])
-def test_quickstart_trains_a_model_as_good_as_a_measured_run(tmp_path, choice):
+def test_quickstart_trains_a_model_as_good_as_a_measured_run(quickstarts, choice):
     """README's main command at a tiny fixed number of updates, in the precision auto picks on
     this CPU and in the other one: perplexity within 15% of a measured good run's, the one
     printed equal to results.json, eval-lm's equal to training's own validation."""
-    from fairseq_smlp.quickstart import native_bf16, summary
+    from fairseq_smlp.quickstart import summary
     from test_quality import TOLERANCE, reference
 
-    auto = "bf16" if native_bf16() else "fp32"
-    precision = auto if choice == "auto" else {"bf16": "fp32", "fp32": "bf16"}[auto]
-    out = quickstart(tmp_path / "qs", choice if choice == "auto" else precision)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    results = json.loads((tmp_path / "qs" / "results.json").read_text())
+    precision = auto_and_other()[choice]
+    out, out_dir = quickstarts[choice]
+    assert out.returncode == 0, out.stdout[-6000:]
+    results = json.loads((out_dir / "results.json").read_text())
     assert results["arch"] == "smlp_lm_tiny" and results["params"] == 2_375_680 and results["updates"] == QUICK_UPDATES
     assert results["precision"] == precision
     if choice == "auto":
@@ -43,7 +67,7 @@ def test_quickstart_trains_a_model_as_good_as_a_measured_run(tmp_path, choice):
     assert abs(results["valid_ppl"] - results["best_training_valid_ppl"]) < 0.005 * results["valid_ppl"]
     assert {"date", "commit", "machine", "torch"} <= set(results)
     assert summary(results) in out.stdout
-    assert (tmp_path / "qs" / "checkpoints" / "checkpoint_best.pt").exists()
+    assert (out_dir / "checkpoints" / "checkpoint_best.pt").exists()
 
 
 def test_readme_shows_the_committed_quickstart_results():

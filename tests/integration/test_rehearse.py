@@ -5,7 +5,6 @@ the last validation perplexity) and eval_zeroshot.sh. CI rehearses sMLP and Base
 W = 2; every recipe at W = 2 and 4 is recipes/rehearse_all.sh (table: recipes/rehearsal.md)."""
 import json
 import os
-import subprocess
 
 import pytest
 
@@ -24,17 +23,28 @@ RECIPE_ARGS = [  # what recipes/train_lm.sh hands over (train_gpu64.sh), _common
 ]
 
 
+RECIPES = ["train_gpu32_smlp.sh", "train_gpu32_base.sh"]
+
+
 @pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    return tmp_path_factory.mktemp("rehearse")  # the PTB data-bin is made once, under it
+def rehearsals(tmp_path_factory):
+    """{recipe: (finished process, its REHEARSE_DIR)}: both rehearsals side by side (each makes its
+    own data-bin under its own folder; their 2 workers run one thread each)."""
+    from conftest import finish, start_quietly
+
+    root = tmp_path_factory.mktemp("rehearse")
+    started = {}
+    for recipe in RECIPES:
+        workdir = root / recipe.replace(".sh", "")
+        env = dict(os.environ, REHEARSE="1", REHEARSE_WORKERS="2", REHEARSE_DIR=str(workdir))
+        started[recipe] = start_quietly(["bash", REPO / "recipes" / recipe], cwd=root, env=env), workdir
+    return {recipe: (finish(process), workdir) for recipe, (process, workdir) in started.items()}
 
 
-@pytest.mark.parametrize("recipe", ["train_gpu32_smlp.sh", "train_gpu32_base.sh"])
-def test_recipe_rehearsal_on_two_workers(root, recipe):
-    workdir = root / recipe.replace(".sh", "")
-    env = dict(os.environ, REHEARSE="1", REHEARSE_WORKERS="2", REHEARSE_DIR=str(workdir))
-    out = subprocess.run(["bash", str(REPO / "recipes" / recipe)], cwd=root, env=env, capture_output=True, text=True, timeout=1200)
-    assert (workdir / "result.json").exists(), (out.stdout + out.stderr)[-4000:]
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipe_rehearsal_on_two_workers(rehearsals, recipe):
+    out, workdir = rehearsals[recipe]
+    assert (workdir / "result.json").exists(), out.stdout[-4000:]
     result = json.loads((workdir / "result.json").read_text())
     assert result["precision"] == "fp16" and result["world_size"] == 2 and result["rank_files"]
     assert result["resumed_from"] in (4, 8)  # update 8's checkpoint, or 4 if a rank had not written 8 yet

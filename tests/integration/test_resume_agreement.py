@@ -62,11 +62,16 @@ def model(path):
 @pytest.fixture(scope="module")
 def runs(data_bin, tmp_path_factory):
     """reference: 18 updates uninterrupted; stopped: the same run stopped at 12 (interval
-    checkpoints 6 and 12 on both ranks). Tests copy `stopped` before writing to it."""
+    checkpoints 6 and 12 on both ranks), trained side by side. Tests copy `stopped` before
+    writing to it."""
+    from conftest import finish, start_quietly
+
     root = tmp_path_factory.mktemp("agreement")
-    reference = run(command(data_bin, root / "reference", 18))
-    run(command(data_bin, root / "stopped", 12))
-    return root, losses(reference)
+    started = [start_quietly(command(data_bin, root / name, updates), cwd=REPO, env=ENV) for name, updates in (("reference", 18), ("stopped", 12))]
+    reference, stopped = (finish(process, timeout=2 * TIMEOUT) for process in started)  # independent: side by side
+    for out in (reference, stopped):
+        assert out.returncode == 0, out.stdout[-4000:]
+    return root, losses(reference.stdout)
 
 
 def copy_of(runs, tmp_path):
