@@ -80,32 +80,55 @@ def assert_refused(out, evil):
 
 
 # ------------------------------------------------------------------ the payload, at every entry point
-def test_eval_lm_refuses_the_payload(data_bin, evil):
-    out = run(["fairseq-eval-lm", data_bin, "--user-dir", "fairseq_smlp", "--task", "smlp_language_modeling",
-               "--path", evil[0], "--tokens-per-sample", "16", "--cpu"])
+@pytest.fixture(scope="module")
+def refusals(data_bin, evil, tmp_path_factory):
+    """{entry point: (finished process, its own folder)}: every command handed the payload,
+    side by side (independent; most of each is start-up)."""
+    from conftest import run_side_by_side
+
+    root = tmp_path_factory.mktemp("refusals")
+    folders = {name: root / name for name in ("eval_lm", "resume", "reshard", "zeroshot", "export", "debug")}
+    for folder in folders.values():
+        folder.mkdir()
+    (folders["resume"] / "checkpoint_last.pt").write_bytes(evil[0].read_bytes())
+    task = folders["zeroshot"] / "task.jsonl"
+    task.write_text(json.dumps({"context": "the market", "choices": ["rose", "fell"], "label": 0}) + "\n")
+    reshard = [sys.executable, "-m", "fairseq_smlp.checkpoints", "reshard", evil[0]]
+    commands = {
+        "eval_lm": ["fairseq-eval-lm", data_bin, "--user-dir", "fairseq_smlp", "--task", "smlp_language_modeling",
+                    "--path", evil[0], "--tokens-per-sample", "16", "--cpu"],
+        "resume": ["fairseq-train", data_bin, "--user-dir", "fairseq_smlp", "--task", "smlp_language_modeling", *TINY,
+                   "--max-update", "4", "--save-dir", folders["resume"]],
+        "reshard": reshard + ["--to-world-size", "2", "--out", folders["reshard"] / "r.pt"],
+        "zeroshot": ["fairseq-smlp-zeroshot", "--path", evil[0], "--task-file", f"tiny={task}", "--dict", data_bin / "dict.txt", "--cpu"],
+        "export": [sys.executable, "-m", "fairseq_smlp.export_hf", evil[0], "--out", folders["export"] / "hf", "--dict", data_bin / "dict.txt", "--no-verify"],
+    }
+    finished = run_side_by_side(commands, cwd=REPO, env=ENV)
+    finished.update(run_side_by_side({"debug": reshard + ["--to-world-size", "1", "--out", folders["debug"] / "r.pt"]},
+                                     cwd=REPO, env=dict(ENV, SMLP_DEBUG="1")))
+    return {name: (finished[name], folders[name]) for name in commands | {"debug": None}}
+
+
+def test_eval_lm_refuses_the_payload(refusals, evil):
+    out = refusals["eval_lm"][0]
     assert_refused(out, evil)
     assert out.stderr.splitlines()[-1].startswith("fairseq-eval-lm: error: checkpoint ")
 
 
-def test_resume_refuses_the_payload(data_bin, evil, tmp_path):
-    (tmp_path / "checkpoint_last.pt").write_bytes(evil[0].read_bytes())
-    out = run(["fairseq-train", data_bin, "--user-dir", "fairseq_smlp", "--task", "smlp_language_modeling", *TINY,
-               "--max-update", "4", "--save-dir", tmp_path])
-    assert_refused(out, (tmp_path / "checkpoint_last.pt", evil[1]))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_last.pt"]
+def test_resume_refuses_the_payload(refusals, evil):
+    out, folder = refusals["resume"]
+    assert_refused(out, (folder / "checkpoint_last.pt", evil[1]))
+    assert sorted(p.name for p in folder.iterdir()) == ["checkpoint_last.pt"]
 
 
-def test_reshard_refuses_the_payload(evil, tmp_path):
-    out = run([sys.executable, "-m", "fairseq_smlp.checkpoints", "reshard", evil[0], "--to-world-size", "2", "--out", tmp_path / "r.pt"])
+def test_reshard_refuses_the_payload(refusals, evil):
+    out, folder = refusals["reshard"]
     assert_refused(out, evil)
-    assert list(tmp_path.iterdir()) == []
+    assert list(folder.iterdir()) == []
 
 
-def test_zeroshot_refuses_the_payload(data_bin, evil, tmp_path):
-    task = tmp_path / "task.jsonl"
-    task.write_text(json.dumps({"context": "the market", "choices": ["rose", "fell"], "label": 0}) + "\n")
-    out = run(["fairseq-smlp-zeroshot", "--path", evil[0], "--task-file", f"tiny={task}", "--dict", data_bin / "dict.txt", "--cpu"])
-    assert_refused(out, evil)
+def test_zeroshot_refuses_the_payload(refusals, evil):
+    assert_refused(refusals["zeroshot"][0], evil)
 
 
 def test_lm_eval_adapter_refuses_the_payload(data_bin, evil):
@@ -116,15 +139,14 @@ def test_lm_eval_adapter_refuses_the_payload(data_bin, evil):
     assert str(evil[0]) in str(e.value) and not evil[1].exists()
 
 
-def test_export_refuses_the_payload(data_bin, evil, tmp_path):
-    out = run([sys.executable, "-m", "fairseq_smlp.export_hf", evil[0], "--out", tmp_path / "hf", "--dict", data_bin / "dict.txt", "--no-verify"])
+def test_export_refuses_the_payload(refusals, evil):
+    out, folder = refusals["export"]
     assert_refused(out, evil)
-    assert not (tmp_path / "hf").exists()
+    assert not (folder / "hf").exists()
 
 
-def test_debug_variable_shows_the_stack(evil, tmp_path):
-    out = run([sys.executable, "-m", "fairseq_smlp.checkpoints", "reshard", evil[0], "--to-world-size", "1", "--out", tmp_path / "r.pt"],
-              env=dict(ENV, SMLP_DEBUG="1"))
+def test_debug_variable_shows_the_stack(refusals, evil):
+    out = refusals["debug"][0]
     assert out.returncode != 0 and "Traceback" in out.stderr and "UnsafeCheckpointError" in out.stderr
     assert not evil[1].exists()
 
