@@ -231,6 +231,8 @@ def write_markdown(path: Path, result: dict) -> None:
         "Ratio = median time of the layer / median time of its dense reference (1.10 = 10% overhead). At equal "
         "active FLOPs, 1 / ratio is the layer's FLOP/s as a share of the dense layer's.",
     ]
+    if result.get("note"):
+        lines += ["", f"Note: {result['note']}"]
     if result.get("compare_paths"):
         lines += [
             "",

@@ -10,7 +10,7 @@ grouped block) brings the outputs back. When every token has exactly one kept as
 (tMoE, HASH, Switch without overflow) grouping is a permutation of the tokens, and both
 directions (and their gradients) are plain row gathers: no zero-filled buffer, no index_add.
 
-Paths (issue 24), chosen per call in one process (`set_dispatch_path` / `dispatch_path`):
+Paths, chosen per call in one process (`set_dispatch_path` / `dispatch_path`):
   "static"   static-shape dispatch: `dispatch_balanced` when every expert gets exactly N/E
              tokens (Base training, a balanced assignment): one permutation, one bmm per
              projection on (E, N/E, H); else `dispatch_padded`: the rows are scattered
@@ -20,7 +20,7 @@ Paths (issue 24), chosen per call in one process (`set_dispatch_path` / `dispatc
   "grouped"  the previous path: rows grouped by expert, uneven loads on exactly their rows
              (grouped_mm where torch can, else slots padded to the largest load): dropless
              in FLOPs as well as in tokens.
-  "auto"     (default) what measured fastest (benchmarks/results/layer_microbench.md,
+  "auto"     (default) what measured fastest (benchmarks/results/layer_microbench_auto.md,
              --compare-paths): exact balance -> dispatch_balanced; uneven loads -> grouped_mm
              on exactly the rows where the experts can run it (fp32: padding to K costs up to
              the capacity factor in FLOPs), else (bf16 autocast) dispatch_padded.
