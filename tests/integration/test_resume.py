@@ -60,6 +60,22 @@ def run(cmd):
     return log
 
 
+def start(cmd):
+    """cmd started in the background (one thread): a reference run goes beside the run that is
+    killed, which it does not depend on."""
+    from conftest import start_quietly
+
+    return start_quietly(cmd, cwd=REPO, env=ENV)
+
+
+def log_of(process):
+    from conftest import finish
+
+    out = finish(process, timeout=600)
+    assert out.returncode == 0, f"{' '.join(map(str, process.args))}:\n{out.stdout[-4000:]}"
+    return out.stdout
+
+
 def run_and_kill(cmd, save_dir, *markers):
     """Start `cmd`, SIGKILL its whole process group as soon as every save_dir/marker exists."""
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV, start_new_session=True)
@@ -87,25 +103,54 @@ def assert_resume_is_exact(reference_log, resumed_log, reference_ckpt, resumed_c
         assert torch.equal(a[name], b[name]), name
 
 
+ONE_PROCESS_CASES = {**FAMILIES, "smlp_bf16": SMLP + ["--bf16"]}
+
+
+def kill_and_resume(data_bin, root, family_args):
+    """(reference log, resumed log): a run killed with SIGKILL at update 8 and restarted with the
+    same command, beside an uninterrupted reference run of the same command (saved under root)."""
+    reference = start(train_cmd(data_bin, root / "ref", family_args))
+    cmd = train_cmd(data_bin, root / "killed", family_args)
+    run_and_kill(cmd, root / "killed", KILL_AFTER)
+    return log_of(reference), run(cmd)  # the same command again: fairseq restores checkpoint_last.pt
+
+
+@pytest.fixture(scope="module")
+def resumed(data_bin, tmp_path_factory):
+    """{case: (reference log, resumed log, root) or the exception it raised}: every one-process case,
+    two cases at a time (each runs its reference beside its killed run)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    roots = {case: tmp_path_factory.mktemp(case) for case in ONE_PROCESS_CASES}
+
+    def one(case):
+        try:
+            return (*kill_and_resume(data_bin, roots[case], ONE_PROCESS_CASES[case]), roots[case])
+        except (AssertionError, OSError, subprocess.SubprocessError) as error:  # reported by that case's test
+            return error
+
+    with ThreadPoolExecutor(2) as pool:
+        return dict(zip(ONE_PROCESS_CASES, pool.map(one, ONE_PROCESS_CASES)))
+
+
+def resumed_case(resumed, case):
+    if isinstance(resumed[case], Exception):
+        raise resumed[case]
+    return resumed[case]
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_kill_9_and_restart_reproduces_the_run(data_bin, tmp_path, family):
-    reference = run(train_cmd(data_bin, tmp_path / "ref", FAMILIES[family]))
-    cmd = train_cmd(data_bin, tmp_path / "killed", FAMILIES[family])
-    run_and_kill(cmd, tmp_path / "killed", KILL_AFTER)
-    resumed = run(cmd)  # the same command again: fairseq restores checkpoint_last.pt
-    assert "Loaded checkpoint" in resumed
-    assert_resume_is_exact(reference, resumed, tmp_path / "ref" / "checkpoint_last.pt", tmp_path / "killed" / "checkpoint_last.pt")
+def test_kill_9_and_restart_reproduces_the_run(resumed, family):
+    reference, restarted, root = resumed_case(resumed, family)
+    assert "Loaded checkpoint" in restarted
+    assert_resume_is_exact(reference, restarted, root / "ref" / "checkpoint_last.pt", root / "killed" / "checkpoint_last.pt")
 
 
-def test_kill_9_and_restart_reproduces_a_bf16_run(data_bin, tmp_path):
+def test_kill_9_and_restart_reproduces_a_bf16_run(resumed):
     """--bf16 on the CPU (autocast, fp32 weights and optimizer state) resumes exactly too."""
-    family = SMLP + ["--bf16"]
-    reference = run(train_cmd(data_bin, tmp_path / "ref", family))
-    cmd = train_cmd(data_bin, tmp_path / "killed", family)
-    run_and_kill(cmd, tmp_path / "killed", KILL_AFTER)
-    resumed = run(cmd)
-    assert_resume_is_exact(reference, resumed, tmp_path / "ref" / "checkpoint_last.pt", tmp_path / "killed" / "checkpoint_last.pt")
-    assert {t.dtype for t in load_model(tmp_path / "killed" / "checkpoint_last.pt").values()} <= {torch.float32, torch.int64}
+    reference, restarted, root = resumed_case(resumed, "smlp_bf16")
+    assert_resume_is_exact(reference, restarted, root / "ref" / "checkpoint_last.pt", root / "killed" / "checkpoint_last.pt")
+    assert {t.dtype for t in load_model(root / "killed" / "checkpoint_last.pt").values()} <= {torch.float32, torch.int64}
 
 
 def test_kill_9_two_workers_with_sharded_experts(data_bin, tmp_path):
@@ -116,10 +161,11 @@ def test_kill_9_two_workers_with_sharded_experts(data_bin, tmp_path):
     different updates would wait on each other forever; so a multi-worker run resumes from the
     newest interval checkpoint that every rank wrote: --restore-file SAVE_DIR/checkpoint_1_8.pt
     (each rank reads its own checkpoint_1_8-rank-R.pt)."""
-    reference = run(train_cmd(data_bin, tmp_path / "ref", SMLP, workers=2))
+    reference = start(train_cmd(data_bin, tmp_path / "ref", SMLP, workers=2))
     cmd = train_cmd(data_bin, tmp_path / "killed", SMLP, workers=2)
     run_and_kill(cmd, tmp_path / "killed", *(KILL_AFTER.replace(".pt", f"-rank-{r}.pt") for r in range(2)))
     resumed = run(cmd + ["--restore-file", str(tmp_path / "killed" / KILL_AFTER)])
+    reference = log_of(reference)
     for rank in range(2):
         name = f"checkpoint_last-rank-{rank}.pt"
         assert_resume_is_exact(reference, resumed, tmp_path / "ref" / name, tmp_path / "killed" / name)
@@ -159,30 +205,41 @@ def trained(data_bin, tmp_path_factory):
     return save
 
 
-def truncated_copy(trained, tmp_path):
-    path = tmp_path / "checkpoint_last.pt"
+ENTRIES = ["eval-lm", "train-restore", "reshard", "zeroshot"]
+
+
+@pytest.fixture(scope="module")
+def truncated_runs(data_bin, trained, tmp_path_factory):
+    """{entry point: (finished process, the truncated checkpoint, its folder's names before)}: each
+    entry point handed half of a checkpoint in a folder of its own, all side by side."""
+    from conftest import run_side_by_side
+
     data = (trained / "checkpoint_last.pt").read_bytes()
-    path.write_bytes(data[: len(data) // 2])
-    return path
+    folders, commands = {}, {}
+    for entry in ENTRIES:
+        folder = folders[entry] = tmp_path_factory.mktemp(entry)
+        bad = folder / "checkpoint_last.pt"
+        bad.write_bytes(data[: len(data) // 2])
+        (folder / "zs").mkdir()
+        (folder / "zs" / "copa.validation.jsonl").write_text(json.dumps(
+            {"premise": "It rained.", "choice1": "We got wet.", "choice2": "We sang.", "question": "effect", "idx": 0, "label": 0}) + "\n")
+        commands[entry] = {
+            "eval-lm": ["fairseq-eval-lm", str(data_bin), "--user-dir", "fairseq_smlp", "--task", "smlp_language_modeling",
+                        "--path", str(bad), "--tokens-per-sample", "32", "--cpu"],
+            "train-restore": ["fairseq-train", str(data_bin), *COMMON, *SMLP, "--max-update", "6", "--save-dir", str(folder)],
+            "reshard": [sys.executable, "-m", "fairseq_smlp.checkpoints", "reshard", str(bad), "--to-world-size", "1",
+                        "--out", str(folder / "out.pt")],
+            "zeroshot": [sys.executable, "-m", "fairseq_smlp.eval.zeroshot", "--path", str(bad), "--cpu", "--tasks", "copa",
+                         "--data-dir", str(folder / "zs")],
+        }[entry]
+    before = {entry: sorted(p.name for p in folders[entry].iterdir()) for entry in ENTRIES}
+    finished = run_side_by_side(commands, cwd=REPO, env=ENV)
+    return {entry: (finished[entry], folders[entry] / "checkpoint_last.pt", before[entry]) for entry in ENTRIES}
 
 
-@pytest.mark.parametrize("entry", ["eval-lm", "train-restore", "reshard", "zeroshot"])
-def test_truncated_checkpoint_is_named_in_the_error(data_bin, trained, tmp_path, entry):
-    bad = truncated_copy(trained, tmp_path)
-    (tmp_path / "zs").mkdir()
-    (tmp_path / "zs" / "copa.validation.jsonl").write_text(json.dumps(
-        {"premise": "It rained.", "choice1": "We got wet.", "choice2": "We sang.", "question": "effect", "idx": 0, "label": 0}) + "\n")
-    commands = {
-        "eval-lm": ["fairseq-eval-lm", str(data_bin), "--user-dir", "fairseq_smlp", "--task", "smlp_language_modeling",
-                    "--path", str(bad), "--tokens-per-sample", "32", "--cpu"],
-        "train-restore": ["fairseq-train", str(data_bin), *COMMON, *SMLP, "--max-update", "6", "--save-dir", str(tmp_path)],
-        "reshard": [sys.executable, "-m", "fairseq_smlp.checkpoints", "reshard", str(bad), "--to-world-size", "1",
-                    "--out", str(tmp_path / "out.pt")],
-        "zeroshot": [sys.executable, "-m", "fairseq_smlp.eval.zeroshot", "--path", str(bad), "--cpu", "--tasks", "copa",
-                     "--data-dir", str(tmp_path / "zs")],
-    }
-    before = sorted(p.name for p in tmp_path.iterdir())
-    out = subprocess.run(commands[entry], cwd=REPO, capture_output=True, text=True, timeout=300, env=ENV)
+@pytest.mark.parametrize("entry", ENTRIES)
+def test_truncated_checkpoint_is_named_in_the_error(truncated_runs, entry):
+    out, bad, before = truncated_runs[entry]
     assert out.returncode != 0
     assert f"checkpoint {bad}" in out.stdout + out.stderr and "truncated or corrupted" in out.stdout + out.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
+    assert sorted(p.name for p in bad.parent.iterdir()) == before  # nothing written
