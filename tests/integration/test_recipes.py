@@ -27,18 +27,34 @@ def test_recipes_exist_for_every_run_of_the_paper():
     assert expected <= set(TRAIN_RECIPES)
 
 
+@pytest.fixture(scope="module")
+def dry_runs(tmp_path_factory):
+    """{recipe: (finished process, its folder)}: every recipe's DRY_RUN=1, side by side (each a
+    single-threaded build of a full-size model), each in a folder of its own."""
+    from conftest import run_side_by_side
+
+    folders = {recipe: tmp_path_factory.mktemp(recipe.replace(".sh", "")) for recipe in TRAIN_RECIPES}
+    commands = {  # each in its own folder, as run_recipe runs one
+        recipe: ["env", "DRY_RUN=1", f"SAVE_DIR={folders[recipe] / 'save'}", "bash", "-c", 'cd "$0" && exec bash "$1"',
+                 folders[recipe], REPO / "recipes" / recipe]
+        for recipe in TRAIN_RECIPES
+    }
+    finished = run_side_by_side(commands, cwd=REPO)
+    return {recipe: (finished[recipe], folders[recipe]) for recipe in TRAIN_RECIPES}
+
+
 @pytest.mark.parametrize("recipe", TRAIN_RECIPES)
-def test_dry_run(recipe, tmp_path):
-    out = run_recipe(recipe, tmp_path, DRY_RUN="1")
+def test_dry_run(dry_runs, recipe):
+    out, folder = dry_runs[recipe]
     log = out.stdout + out.stderr
     assert out.returncode == 0, log[-3000:]
     assert "+ python -m fairseq_smlp.dry_run" in log  # the full command is printed
     assert "dry run OK" in log
-    assert not (tmp_path / "save").exists()
+    assert not (folder / "save").exists()
 
 
-def test_gpu64_recipe_is_the_9b_model_with_one_expert_per_gpu(tmp_path):
-    log = run_recipe("train_gpu64.sh", tmp_path, DRY_RUN="1").stdout
+def test_gpu64_recipe_is_the_9b_model_with_one_expert_per_gpu(dry_runs):
+    log = dry_runs["train_gpu64.sh"][0].stdout
     assert "experts {'--tmoe-experts': 64}" in log
     params = float(log.split("full size: ")[1].split("M parameters")[0].replace(",", ""))
     assert 9300 < params < 9500  # about 9.4B
@@ -55,8 +71,8 @@ def test_dry_run_estimates_the_run_from_its_flops(tmp_path):
     assert f"{days:,.1f} days on 64 GPUs at 100 TFLOP/s x 0.5 utilisation" in estimate
 
 
-def test_base_layers_count_one_expert_per_gpu(tmp_path):
-    log = run_recipe("train_gpu64_base.sh", tmp_path, DRY_RUN="1").stdout
+def test_base_layers_count_one_expert_per_gpu(dry_runs):
+    log = dry_runs["train_gpu64_base.sh"][0].stdout
     params = float(log.split("full size: ")[1].split("M parameters")[0].replace(",", ""))
     assert 9500 < params < 10500  # the paper's Base Layers 10B: 64 workers, one expert each
 
