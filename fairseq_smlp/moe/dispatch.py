@@ -195,7 +195,7 @@ def run_experts(experts: ExpertFFN, rows: torch.Tensor, counts: torch.Tensor) ->
     return out.reshape(-1, hidden).index_select(0, flat_slot)
 
 
-# ------------------------------------------------------------------ static-shape dispatch (issue 24)
+# ------------------------------------------------------------------ static-shape dispatch
 def dispatch_static(
     x: torch.Tensor, expert_index: torch.Tensor, weight: Optional[torch.Tensor], experts: ExpertFFN,
     uneven_grouped: bool = False,
