@@ -413,11 +413,15 @@ COPA = [  # (premise, choice1, choice2, question, label); PTB words, lengths dif
 ]
 
 
-def copa_examples(folder):
-    from fairseq_smlp.eval.zeroshot_tasks import TASKS
-
+def write_copa(folder):
     rows = [dict(premise=p, choice1=a, choice2=b, question=q, idx=i, label=l) for i, (p, a, b, q, l) in enumerate(COPA)]
     (folder / "copa.validation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def copa_examples(folder):
+    """Read only: the workers read the file the test wrote (a worker rewriting it raced the other's read)."""
+    from fairseq_smlp.eval.zeroshot_tasks import TASKS
+
     return TASKS["copa"].load(folder / "copa.validation.jsonl")
 
 
@@ -449,6 +453,7 @@ def test_zeroshot_on_resharded_checkpoint_equals_two_workers(trained, tmp_path):
     from fairseq_smlp.eval import scoring
     from fairseq_smlp.eval.zeroshot_tasks import TASKS
 
+    write_copa(tmp_path)
     examples = copa_examples(tmp_path)
     spawn(_zeroshot_worker, str(trained.dir), str(tmp_path), str(tmp_path / "scores"), timeout=240)
     two_workers = torch.cat([torch.load(f"{tmp_path / 'scores'}.{r}") for r in range(2)])
