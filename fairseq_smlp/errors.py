@@ -8,6 +8,7 @@ SMLP_DEBUG=1 shows the full traceback instead.
 import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 
 class UserError(Exception):
@@ -30,3 +31,23 @@ def exit_with(error: BaseException, prog: str = None) -> None:
         raise error
     prog = prog or Path(sys.argv[0]).name
     sys.exit(f"{prog}: error: {one_line(error)}")
+
+
+def own_cause(error: BaseException) -> Optional[BaseException]:
+    """The plugin's ValueError behind fairseq's generic "Cannot load model parameters", if any."""
+    cause = error.__context__
+    generic = type(error) is Exception and str(error).startswith("Cannot load model parameters")
+    return cause if generic and isinstance(cause, ValueError) else None
+
+
+def with_own_cause(load, *args, **kwargs):
+    """Run `load` (fairseq's Trainer.load_checkpoint), which turns any error while loading
+    parameters into "Cannot load model parameters ... architectures match": the plugin's own
+    cause (a dictionary mismatch, an expert layout) is raised instead; torch's errors stay as they are."""
+    try:
+        return load(*args, **kwargs)
+    except Exception as e:
+        cause = own_cause(e)
+        if cause is not None:
+            raise cause from None
+        raise

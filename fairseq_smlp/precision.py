@@ -12,7 +12,7 @@ evaluation per forward (fairseq_patches, prepare_for_inference_).
 import copy
 import functools
 import os
-from typing import Optional
+from typing import Any, Optional, Tuple
 
 import torch
 
@@ -67,6 +67,16 @@ def autocast_each_call(fn, dtype: torch.dtype):
     return run
 
 
+def then_forget_casts(step, *args, **kwargs):
+    """Run `step` (one training update), then empty torch's cache of bf16 weight copies: a
+    caller's own autocast context held around the training loop would otherwise run the next
+    step's forward on the copies of the weights from before this update."""
+    try:
+        return step(*args, **kwargs)
+    finally:
+        torch.clear_autocast_cache()
+
+
 def not_a_tpu_run(cfg) -> None:
     """fairseq's option parsing reads --bf16 as a TPU run and writes tpu=True into both the
     common and the distributed config (the latter then wraps the model for XLA, which fails
@@ -75,6 +85,44 @@ def not_a_tpu_run(cfg) -> None:
     distributed = getattr(cfg, "distributed_training", None)
     if distributed is not None and hasattr(distributed, "tpu"):
         distributed.tpu = False
+
+
+def check_command_precision(cfg) -> None:
+    """What every fairseq command does first (fairseq_patches, call_main): refuse bad precision
+    flags before anything is written, and read --bf16 on the CPU as autocast, not a TPU run."""
+    check_precision(cfg)
+    if cpu_autocast_dtype(cfg) is not None:
+        not_a_tpu_run(cfg)
+
+
+def autocast_inference(model, cfg) -> None:
+    """For --bf16 on the CPU, run every forward of the model's decoder (which the model's
+    forward and generation's forward_decoder both call) under its own bf16 autocast context;
+    fairseq's prepare_for_inference_ does nothing for it. Idempotent: wraps at most once."""
+    dtype = cpu_autocast_dtype(cfg)
+    target = getattr(model, "decoder", model)
+    if dtype is not None and not getattr(target, "_smlp_autocast", False):
+        target.forward = autocast_each_call(target.forward, dtype)
+        target._smlp_autocast = True
+
+
+def trainer_precision(cfg, criterion) -> Tuple[Any, Optional[torch.dtype]]:
+    """(the config fairseq's Trainer gets, the CPU autocast dtype or None). For --bf16 on the
+    CPU the criterion's forward (which runs the model) autocasts per call, so the backward
+    and the optimizer step run outside the context, and the Trainer sees an fp32 config."""
+    check_precision(cfg)
+    dtype = cpu_autocast_dtype(cfg)
+    if dtype is None:
+        return cfg, None
+    criterion.forward = autocast_each_call(criterion.forward, dtype)
+    return fp32_trainer_config(cfg), dtype
+
+
+def record_trained_precision(state: dict, autocast_dtype: Optional[torch.dtype]) -> None:
+    """A checkpoint of a CPU --bf16 run says bf16 in its cfg: the Trainer itself ran with
+    --bf16 off (fp32_trainer_config), and a resume or an evaluation should read what the user asked."""
+    if autocast_dtype is not None:
+        state["cfg"]["common"]["bf16"] = True
 
 
 def fp32_trainer_config(cfg):

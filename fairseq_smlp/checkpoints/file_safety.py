@@ -3,7 +3,7 @@
 fairseq 0.12 writes the first checkpoint of a save atomically (a .tmp file, then a rename),
 but then COPIES it onto the other names (checkpoint_last.pt, checkpoint_best.pt) in place:
 a crash or `kill -9` during that copy leaves a truncated checkpoint_last.pt, the very file a
-restart loads. fairseq_patches.py routes that copy through `atomic_copy`; every checkpoint
+restart loads. fairseq_patches.py routes that copy through `copy_checkpoint`; every checkpoint
 load goes through `load_or_explain` (via safe_load.load_checkpoint_file), which finds a
 damaged file from its zip structure, never by unpickling it.
 
@@ -36,6 +36,31 @@ def atomic_copy(src: str, dst: str) -> None:
 
     with atomic_output(dst) as tmp:
         shutil.copyfile(src, tmp)
+
+
+def copy_checkpoint(src: str, dst: str, overwrite: bool, remote_copy) -> bool:
+    """fairseq's PathManager.copy for checkpoint files, atomic (`atomic_copy`): False when dst
+    exists and may not be overwritten. Remote (iopath) paths keep `remote_copy`, fairseq's own."""
+    if "://" in src or "://" in dst:
+        return remote_copy(src, dst, overwrite=overwrite)
+    if os.path.exists(dst) and not overwrite:
+        return False
+    atomic_copy(src, dst)
+    return True
+
+
+def save_creating_dir(save, filename: str, *args):
+    """Run `save(filename, *args)` (fairseq's Trainer.save_checkpoint) after creating the folder:
+    only rank 0 created --save-dir. A failed crash.pt save is logged and returns None: fairseq
+    saves it while handling the error that stopped training, which the save's own error replaced."""
+    try:
+        os.makedirs(os.path.dirname(filename) or ".", exist_ok=True)
+        return save(filename, *args)
+    except Exception as e:
+        if os.path.basename(filename) != "crash.pt":
+            raise
+        logger.error(f"could not save {filename} ({type(e).__name__}: {e}); the error that stopped training follows")
+        return None
 
 
 def remove_stale_temporaries(directory: str) -> list:
@@ -111,3 +136,10 @@ def verify_save_dir(save_dir: str) -> None:
     existing = next(p for p in (path, *path.parents) if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK):
         raise OSError(f"--save-dir {save_dir}: cannot write checkpoints there ({existing} is not a writable directory)")
+
+
+def ready_save_dir(save_dir: str) -> None:
+    """What fairseq's verify_checkpoint_directory does at start instead of creating --save-dir:
+    test it (`verify_save_dir`) and remove the temporaries earlier kills left there."""
+    verify_save_dir(save_dir)
+    remove_stale_temporaries(save_dir)

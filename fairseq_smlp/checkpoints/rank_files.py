@@ -56,8 +56,26 @@ def check_config(cfg) -> None:
         )
 
 
+def configure_trainer(cfg, model) -> bool:
+    """Whether `model` holds sharded experts; if so, `cfg` (the Trainer's) is checked and every
+    rank loads its own checkpoint file at resume (it holds that rank's experts)."""
+    if not has_sharded_experts(model):
+        return False
+    check_config(cfg)
+    cfg.checkpoint.load_checkpoint_on_all_dp_ranks = True
+    return True
+
+
 def rank_suffix(suffix: str, rank: int) -> str:
     return f"{suffix}-rank-{rank}"
+
+
+def checkpoint_suffix(base: str, rank: int, sharded: bool) -> str:
+    """The suffix of this rank's checkpoint names: fairseq's own `base`, plus -rank-R with
+    sharded experts (unless fairseq already added it: it does for Base layers, in distributed_init)."""
+    if not sharded or base.endswith(rank_suffix("", rank)):
+        return base
+    return rank_suffix(base, rank)
 
 
 def metadata(model, world_size: int, rank: int) -> dict:
@@ -75,7 +93,7 @@ def metadata(model, world_size: int, rank: int) -> dict:
 # After a kill the ranks' newest files can hold different updates (rank 0 had copied update 20
 # onto its checkpoint_last, rank 1 not yet); ranks resuming from different updates wait on each
 # other forever. At load the ranks therefore agree on the newest update that EVERY rank saved
-# (fairseq_patches.py gathers each rank's `saved_updates` and calls `agree_on_update`).
+# (checkpoints/resume.py gathers each rank's `saved_updates` and calls `agree_on_update`).
 RANK_FILE = re.compile(r"-rank-(\d+)\.pt$")
 INTERVAL_FILE = re.compile(r"^checkpoint_\d+_(\d+)\.pt$")  # checkpoint_<epoch>_<updates>.pt (suffix removed)
 EPOCH_FILE = re.compile(r"^checkpoint\d+\.pt$")  # checkpoint<epoch>.pt

@@ -35,6 +35,12 @@ PER_LAYER_PREFIX = "moe/"  # per-layer routing figures: JSON log and TensorBoard
 CHANGED, COMPARED = "changed", "compared"  # token counts; logged as the share changed / compared
 
 
+def without_per_layer(stats: dict) -> dict:
+    """The stats of the plain log line (simple, tqdm): the routing summary without the per-layer
+    figures, which are a hundred fields at 9b (the JSON log and TensorBoard keep them)."""
+    return {k: v for k, v in stats.items() if not k.startswith(PER_LAYER_PREFIX)}
+
+
 @dataclass
 class MoECrossEntropyConfig(FairseqDataclass):
     moe_aux_loss_weight: float = field(

@@ -182,3 +182,16 @@ def experts_finite_on_every_rank(expert_params) -> bool:
         group = distributed_utils.get_data_parallel_group()
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN, group=group)
     return bool(flag.item() == 1)
+
+
+def clip_grad_norm_counting_experts(clip_grad_norm, params, max_norm, aggregate_norm_fn=None):
+    """fairseq's `clip_grad_norm(params, ...)`, or inf when an expert gradient overflowed on any
+    rank. fairseq's norm leaves expert gradients out (they differ per rank), so the fp16 loss
+    scaler never saw an inf there and applied it to the expert's weights; as an inf norm every
+    rank skips the step together. A collective when experts are present."""
+    params = [params] if torch.is_tensor(params) else list(params)
+    total_norm = clip_grad_norm(params, max_norm, aggregate_norm_fn)
+    experts = [p for p in params if hasattr(p, "expert")]  # fairseq's own test of the mark
+    if experts and not experts_finite_on_every_rank(experts):
+        return torch.full_like(torch.as_tensor(total_norm, dtype=torch.float32), float("inf"))
+    return total_norm

@@ -6,7 +6,7 @@ every checkpoint carries a fingerprint of its dictionary (the hash of its symbol
 symbols, to name the first entries that differ), and loading a checkpoint into a model
 built on another dictionary is an error. fairseq_patches.py wires it in:
 
-    Trainer.state_dict          state["dictionary"] = fingerprint(task dictionary)
+    Trainer.state_dict          record(state, task): state["dictionary"] = fingerprint(task dictionary)
     load_checkpoint_to_cpu      state["model"] becomes a ModelState carrying that record
     FairseqLanguageModel.load_state_dict   check_vocabulary(model, state_dict) first
 
@@ -23,6 +23,13 @@ def fingerprint(dictionary) -> dict:
     symbols = list(dictionary.symbols)
     digest = hashlib.sha256("\n".join(symbols).encode("utf-8")).hexdigest()
     return {"size": len(symbols), "sha256": digest, "symbols": symbols}
+
+
+def record(state: dict, task) -> None:
+    """Store the fingerprint of the task's dictionary in a checkpoint's state (Trainer.state_dict)."""
+    dictionary = getattr(task, "target_dictionary", None)
+    if dictionary is not None:
+        state["dictionary"] = fingerprint(dictionary)
 
 
 class ModelState(dict):

@@ -18,3 +18,18 @@ class CpuFusedAdamW(torch.optim.AdamW):
         super().load_state_dict(state_dict)
         for group in self.param_groups:  # the state of fairseq's Adam (an older checkpoint) says nothing of it
             group["fused"] = True
+
+
+def replace_cpu_adam(optimizer, cfg, optimizer_config: dict):
+    """The torch optimizer fairseq's FairseqAdam should hold: a CpuFusedAdamW over the same
+    parameter groups in place of fairseq's own Adam when every parameter is fp32 on the CPU,
+    else `optimizer` itself (--use-old-adam, a TPU, fp16 weights or a GPU: fairseq's choice)."""
+    from fairseq.optim.adam import Adam
+
+    groups = optimizer.param_groups
+    tensors = [p for g in groups for p in g["params"]]
+    plain_adam = type(optimizer) is Adam and not getattr(cfg, "use_old_adam", False)
+    if (plain_adam and not getattr(cfg, "tpu", False)
+            and all(p.device.type == "cpu" and p.dtype == torch.float32 for p in tensors)):
+        return CpuFusedAdamW([{"params": g["params"]} for g in groups], **optimizer_config)
+    return optimizer

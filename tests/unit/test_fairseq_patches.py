@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import fairseq_smlp  # noqa: F401  (installs the patches)
-from fairseq_smlp import fairseq_patches
 from fairseq_smlp.checkpoints import resume
+from fairseq_smlp.errors import own_cause
 from fairseq_smlp.moe.fairseq_base_layer import base_layer_as_only_worker
 from fairseq_smlp.optim.cpu_adamw import CpuFusedAdamW
 from fairseq_smlp.checkpoints import file_safety
@@ -302,14 +302,14 @@ def test_fairseq_generic_load_error_gives_way_to_the_plugin_cause():
             raise Exception("Cannot load model parameters from checkpoint x.pt; please ensure that the architectures match.")
     except Exception as e:
         generic = e
-    assert str(fairseq_patches.own_cause(generic)) == "dictionary mismatch: ..."
+    assert str(own_cause(generic)) == "dictionary mismatch: ..."
     try:
         try:
             raise RuntimeError("size mismatch")
         except RuntimeError:
             raise Exception("Cannot load model parameters from checkpoint x.pt")
     except Exception as e:
-        assert fairseq_patches.own_cause(e) is None  # torch's own errors keep fairseq's wording and context
+        assert own_cause(e) is None  # torch's own errors keep fairseq's wording and context
 
 
 def test_base_layer_runs_as_the_only_worker_without_changing_fairseq_outside():
