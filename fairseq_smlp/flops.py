@@ -1,6 +1,7 @@
 """Forward FLOPs per token and parameter counts of any registered arch.
 
     python -m fairseq_smlp.flops --arch smlp_lm_base [fairseq model args] [--seq-len N] [--vocab N] [--json]
+    python -m fairseq_smlp.flops --table | --breakdown SIZE    (docs/baselines.md's tables)
 
 The model is built exactly as fairseq-train builds it (same argument parsing, arch
 defaults and build_model), on the meta device: no memory, so even smlp_lm_9b counts
@@ -165,30 +166,45 @@ FAMILIES = ["smlp_lm", "gmlp_lm", "transformer_lm", "switch_lm", "gshard_lm", "h
 BASE_WORKERS = {"tiny": 4, "base": 16, "large": 32, "9b": 64}
 
 
-def markdown_table(vocab: int = DEFAULT_VOCAB) -> str:
-    """The FLOPs / parameter table of docs/baselines.md, every family at every size."""
+def family_reports(size: str, vocab: int = DEFAULT_VOCAB):
+    """(row label, report) of every family at `size`, smlp_lm first: the rows of docs/baselines.md's tables."""
     import fairseq_smlp  # noqa: F401  (registers the plugin's archs)
     from fairseq.models import ARCH_MODEL_REGISTRY
 
+    for family in FAMILIES:
+        if f"{family}_{size}" not in ARCH_MODEL_REGISTRY:  # no gmlp_lm_9b: the paper scaled the MoEs only
+            continue
+        workers = BASE_WORKERS[size] if family == "base_lm" else 1
+        r = report(f"{family}_{size}", vocab=vocab, base_workers=workers)
+        yield f"{r['arch']}{f' (W={workers})' if workers > 1 else ''}", r
+
+
+def markdown_table(vocab: int = DEFAULT_VOCAB) -> str:
+    """The FLOPs / parameter table of docs/baselines.md, every family at every size."""
     lines = [
         "| arch | seq len | FLOPs/token | vs smlp_lm | w/o output | vs smlp_lm | params total | params active |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for size in ("tiny", "base", "large", "9b"):
+    for size in BASE_WORKERS:
         reference = None
-        for family in FAMILIES:
-            if f"{family}_{size}" not in ARCH_MODEL_REGISTRY:  # no gmlp_lm_9b: the paper scaled the MoEs only
-                continue
-            workers = BASE_WORKERS[size] if family == "base_lm" else 1
-            r = report(f"{family}_{size}", vocab=vocab, base_workers=workers)
+        for label, r in family_reports(size, vocab):
             f, p = r["flops_per_token"], r["params"]
             reference = reference or f
             lines.append(
-                f"| {r['arch']}{f' (W={workers})' if workers > 1 else ''} | {r['seq_len']} | {_human(f['total'])} | "
+                f"| {label} | {r['seq_len']} | {_human(f['total'])} | "
                 f"{100 * (f['total'] / reference['total'] - 1):+.1f}% | {_human(f['non_output'])} | "
                 f"{100 * (f['non_output'] / reference['non_output'] - 1):+.1f}% | {_human(p['total'])} | "
                 f"{_human(p['active'])} |"
             )
+    return "\n".join(lines)
+
+
+def breakdown_table(size: str = "base", vocab: int = DEFAULT_VOCAB) -> str:
+    """The FLOPs per token of every family at `size` by category (docs/baselines.md)."""
+    columns = ["mixing", "projections", "experts", "routing", "output", "total"]
+    lines = ["| arch | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    for label, r in family_reports(size, vocab):
+        lines.append(f"| {label} | " + " | ".join(_human(r["flops_per_token"][c]) for c in columns) + " |")
     return "\n".join(lines)
 
 
@@ -201,6 +217,9 @@ def cli_main(argv=None) -> None:
         "--table", action="store_true", help="print the markdown table of every family and size (docs/baselines.md)"
     )
     parser.add_argument(
+        "--breakdown", choices=list(BASE_WORKERS), help="print the markdown table of every family's FLOPs by category"
+    )
+    parser.add_argument(
         "--seq-len", type=int, default=None, help="tokens per sequence (default: 128 for *_tiny, else 1024)"
     )
     parser.add_argument("--vocab", type=int, default=DEFAULT_VOCAB, help=f"vocabulary size (default {DEFAULT_VOCAB})")
@@ -209,11 +228,11 @@ def cli_main(argv=None) -> None:
     )
     parser.add_argument("--json", action="store_true", help="print JSON")
     args, model_args = parser.parse_known_args(argv)
-    if args.table:
-        print(markdown_table(args.vocab))
+    if args.table or args.breakdown:
+        print(markdown_table(args.vocab) if args.table else breakdown_table(args.breakdown, args.vocab))
         return
     if not args.arch:
-        parser.error("--arch is required (or --table)")
+        parser.error("--arch is required (or --table, --breakdown SIZE)")
     check_args(parser, args)
     try:
         r = report(args.arch, model_args, args.seq_len, args.vocab, args.base_workers)

@@ -261,3 +261,95 @@ def test_a_measurement_comes_with_its_results_file(page):
             continue
         found = MEASURED.search(_prose(block))
         assert not found, f"{page.relative_to(ROOT)}: '{found.group(0)}' without a results file:\n{block}"
+
+
+# ------------------------------------------------ tables a command prints
+# `<!-- computed: python -m MODULE ARGS -->` announces that the next table is what the command
+# prints (docs/baselines.md: the FLOPs / parameter tables of fairseq_smlp.flops, built on the
+# meta device): the command is rerun here and every cell compared as the doc writes it.
+COMPUTED_COMMAND = re.compile(r"<!-- computed: python -m ([\w.]+)((?: \S+)*) -->")
+
+
+def _cells(line):
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def _table_after(lines, start):
+    """The rows (as cells) of the markdown table that starts at lines[start], blank lines skipped."""
+    while start < len(lines) and not lines[start].strip():
+        start += 1
+    rows = []
+    while start < len(lines) and lines[start].startswith("|"):
+        rows.append(_cells(lines[start]))
+        start += 1
+    return rows
+
+
+def _computed_tables():
+    """(page, module, args, rows) of every table announced by a computed marker in docs/."""
+    found = []
+    for page in FIGURE_PAGES:
+        lines = page.read_text(encoding="utf-8").splitlines()
+        for i, line in enumerate(lines):
+            if COMPUTED_MARKER.search(line):
+                m = COMPUTED_COMMAND.search(line)
+                assert m, f"{page.relative_to(ROOT)}: a computed table's command must be `python -m MODULE ARGS`: {line}"
+                found.append((page, m.group(1), m.group(2).split(), _table_after(lines, i + 1)))
+    return found
+
+
+def _printed_rows(module, args, monkeypatch, capsys):
+    """The table rows `python -m module args` prints, run in this process (fairseq imported once)."""
+    import runpy
+    import sys
+    import warnings
+
+    monkeypatch.setattr(sys, "argv", [module, *args])
+    capsys.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the module is already imported: runpy says so
+        runpy.run_module(module, run_name="__main__")
+    return [_cells(line) for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
+
+
+COMPUTED = _computed_tables()
+
+
+def test_docs_have_computed_tables():
+    assert any(page.name == "baselines.md" and "--table" in args for page, _, args, _ in COMPUTED), COMPUTED
+
+
+@pytest.mark.parametrize("page,module,args,rows", [
+    pytest.param(*table, id=f"{table[0].name}: {' '.join(table[2])}") for table in COMPUTED])
+def test_computed_table_is_what_its_command_prints(page, module, args, rows, monkeypatch, capsys):
+    """Every row of the table, cell by cell, as the command formats it: a model or a count
+    that changed without the table being re-pasted fails here."""
+    printed = _printed_rows(module, args, monkeypatch, capsys)
+    where = f"{page.relative_to(ROOT)} (`python -m {module} {' '.join(args)}`)"
+    assert rows[:2] == printed[:2], f"{where}: header {rows[:2]} vs printed {printed[:2]}"
+    doc, fresh = {r[0]: r for r in rows[2:]}, {r[0]: r for r in printed[2:]}
+    assert list(doc) == list(fresh), f"{where}: rows {list(doc)} vs printed {list(fresh)}"
+    for key, cells in fresh.items():
+        wrong = [f"{h}: {d} (doc) vs {c}" for h, d, c in zip(printed[0], doc[key], cells) if d != c]
+        assert not wrong and len(doc[key]) == len(cells), f"{where}: {key}: {wrong}"
+
+
+def _params_totals(page):
+    """The `params total` cells of the page's computed tables, as numbers."""
+    totals = []
+    for table_page, _, _, rows in COMPUTED:
+        if table_page == page and "params total" in rows[0]:
+            column = rows[0].index("params total")
+            totals += [_value(row[column])[0] for row in rows[2:]]
+    return totals
+
+
+def test_parameter_counts_in_prose_come_from_a_computed_table():
+    """A parameter count written in prose beside a computed table (`8.85B`) is the `params
+    total` of one of that page's rows, rounded to the figure's decimals."""
+    for page in {page for page, *_ in COMPUTED}:
+        totals = _params_totals(page)
+        text = re.sub(r"```.*?```", "", page.read_text(encoding="utf-8"), flags=re.S)
+        for figure, decimals in re.findall(r"(?<![\w.])(\d+\.(\d+))B\b", _prose(text)):
+            assert any(round(t / 1e9, len(decimals)) == float(figure) for t in totals), (
+                f"{page.relative_to(ROOT)}: {figure}B is no params total of its computed tables")
