@@ -197,21 +197,28 @@ def switch_aux_loss(probs: torch.Tensor, top1: torch.Tensor, counts: Optional[to
 
 
 class UpdateWatch:
-    """Notices optimizer updates from inside a forward: a router's weight differs from the
-    one it had at the previous training forward. An fp16 step skipped for overflow changes
-    nothing, so it is no update; nor is a step with learning rate 0 (fairseq's first
-    warm-up update), which then counts with the next."""
+    """Notices optimizer updates from inside a forward. Under fairseq the update count does:
+    fairseq's task hands it to every module's `set_num_updates` before each training forward,
+    and a step skipped for fp16 overflow does not advance it. Without fairseq (a plain torch
+    loop) a change of the router's weight since the previous training forward does; that
+    alone would miss updates once the gate stops moving (a saturated sigmoid gate gets zero
+    gradient), and a step with learning rate 0 (fairseq's first warm-up update) counts with
+    the next."""
 
     def __init__(self):
         self.seen = None
+        self.num_updates = None  # set by fairseq through the router's set_num_updates
+        self.seen_updates = None
 
     def new_update(self, weight: torch.Tensor) -> bool:
-        """Call at every training forward: True when the weight changed since the last call."""
+        """Call at every training forward: True when an update happened since the last call."""
         weight = weight.detach()
         seen, self.seen = self.seen, weight.clone()
         kind = (weight.shape, weight.device, weight.dtype)
-        comparable = seen is not None and (seen.shape, seen.device, seen.dtype) == kind
-        return comparable and not torch.equal(seen, weight)
+        moved = seen is not None and (seen.shape, seen.device, seen.dtype) == kind and not torch.equal(seen, weight)
+        counted = self.seen_updates is not None and self.num_updates != self.seen_updates
+        self.seen_updates = self.num_updates
+        return moved or counted
 
 
 # ------------------------------------------------------------------- Base Layers (tMoE)
@@ -305,6 +312,10 @@ class LearnedGateRouter(Router):
         # small init: near-uniform probabilities at the start (Switch, section 2.4)
         self.gate = nn.Linear(embed_dim, num_experts, bias=False)
         nn.init.normal_(self.gate.weight, std=0.1 * embed_dim ** -0.5)
+
+    def set_num_updates(self, num_updates: int) -> None:
+        """fairseq hands every module the update count before each training forward."""
+        self.update_watch.num_updates = num_updates
 
     def capacity(self, num_tokens: int) -> int:
         factor = self.train_capacity_factor if self.training else self.eval_capacity_factor
@@ -474,6 +485,10 @@ class Top1BiasedRouter(Router):
         self.register_buffer("expert_bias", torch.zeros(num_experts))  # persistent: saved in checkpoints
         self._pending = None  # (E,) fp32 loads counted since the last bias update (not saved)
         self.update_watch = UpdateWatch()
+
+    def set_num_updates(self, num_updates: int) -> None:
+        """fairseq hands every module the update count before each training forward."""
+        self.update_watch.num_updates = num_updates
 
     def route(self, x: torch.Tensor):
         """x: (N, H) -> expert_index (N, 1), weight (N, 1) fp32, RoutingStats."""

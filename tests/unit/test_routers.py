@@ -379,6 +379,32 @@ def test_biased_router_counts_the_whole_update():
     assert router.expert_bias.tolist() == [-0.5, 0.5, 0.5, 0.5]
 
 
+def test_biased_router_counts_updates_when_its_gate_stops_moving():
+    """A saturated sigmoid gate gets zero gradient and stops moving; the bias must still step
+    after each update. Under fairseq the update count does it: the model hands it to every
+    module (BaseFairseqModel.set_num_updates) before each training forward."""
+    model = _smlp("top1_biased").train()
+    routers = [m for m in model.modules() if isinstance(m, Top1BiasedRouter)]
+    for router in routers:
+        router.bias_update_rate = 0.5
+    expected, steps = [torch.zeros(4) for _ in routers], 0
+    for update in range(1, 4):
+        loads = [r._pending.clone() if r._pending is not None else None for r in routers]
+        model.set_num_updates(update)  # what fairseq's task.train_step does; no weight changes
+        with torch.no_grad():
+            model(_tokens(seed=update))
+        for i, load in enumerate(loads):
+            if load is not None:  # the loads of the previous update, applied at this update's first forward
+                expected[i] += 0.5 * torch.sign(load.mean() - load)
+                steps += 1
+            assert torch.equal(routers[i].expert_bias, expected[i])
+    assert steps == 2 * len(routers)  # updates 2 and 3 each applied the previous update's loads
+    model.set_num_updates(3)  # another micro-batch of the same update: no step
+    with torch.no_grad():
+        model(_tokens())
+    assert all(torch.equal(e, r.expert_bias) for e, r in zip(expected, routers))
+
+
 def test_biased_router_routes_alike_in_training_and_evaluation():
     torch.manual_seed(0)
     router = Top1BiasedRouter(8, 4)
