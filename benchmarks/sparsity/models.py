@@ -8,6 +8,7 @@ ROUTERS = {
     "top1": ["--tmoe-router", "top1"],
     "top1_global": ["--tmoe-router", "top1", "--tmoe-balance-scope", "global-batch"],
     "top1_biased": ["--tmoe-router", "top1_biased"],
+    "top1_biased_r01": ["--tmoe-router", "top1_biased", "--tmoe-bias-update-rate", "0.01"],  # 10x the default step
     "sinkhorn": ["--tmoe-router", "sinkhorn"],
     "causal_balanced": ["--tmoe-router", "causal_balanced"],
 }
