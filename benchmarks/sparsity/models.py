@@ -26,6 +26,11 @@ def sparse_models():
             for router, flags in ROUTERS.items():
                 models[f"smlp_{router}_e{e}"] = ("smlp_lm_tiny", ["--smoe-experts", str(e), "--tmoe-experts", str(e), *flags], "gmlp", f"smlp_{router}", e)
             models[f"switch_e{e}"] = ("switch_lm_tiny", ["--moe-experts", str(e)], "transformer", "switch", e)
+            # the same routers in Switch's place in the Transformer MoE (switch_top1 is Switch itself)
+            for router, flags in ROUTERS.items():
+                if router != "top1":
+                    flags = [f.replace("--tmoe-", "--moe-") for f in flags]
+                    models[f"switch_{router}_e{e}"] = ("switch_lm_tiny", ["--moe-experts", str(e), *flags], "transformer", f"switch_{router}", e)
             models[f"gshard_e{e}"] = ("gshard_lm_tiny", ["--moe-experts", str(e)], "transformer", "gshard", e)
             models[f"hash_e{e}"] = ("hash_lm_tiny", ["--moe-experts", str(e)], "transformer", "hash", e)
         models[f"base_e{e}"] = ("base_lm_tiny", ["--base-experts", str(e)], "transformer", "base", e)
@@ -38,7 +43,8 @@ def sparse_models():
 
 
 MODELS = {**{k: (*v, None, k, 0) for k, v in DENSE.items()}, **sparse_models()}
-DEFAULT_MODELS = [m for m, spec in MODELS.items() if spec[4] in (0, 1, 4, 16) and not m.endswith("_xd") and spec[3] not in {f"smlp_{r}" for r in ROUTERS}]
+ROUTED_FAMILIES = {f"{family}_{router}" for router in ROUTERS for family in ("smlp", "switch")}  # the router study
+DEFAULT_MODELS = [m for m, spec in MODELS.items() if spec[4] in (0, 1, 4, 16) and not m.endswith("_xd") and spec[3] not in ROUTED_FAMILIES]
 
 REGIMES = {
     "single-pass": dict(corpus="wikitext-2+books-mix", epochs=1, dropout=0.0),

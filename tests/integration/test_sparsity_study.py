@@ -38,6 +38,24 @@ def test_every_sparse_model_names_its_dense_counterpart():
             assert str(experts) in extra
 
 
+@pytest.mark.parametrize("name", [n for n, spec in study_models.MODELS.items() if spec[3] in study_models.ROUTED_FAMILIES and spec[4] == 4])
+def test_router_study_models_build_with_their_router(name):
+    """Each router of the study, in sMLP's tMoE and in Switch's place, parses and is built
+    with that router (meta device: shapes only)."""
+    from fairseq_smlp.models.factory import build_model
+    from fairseq_smlp.moe.router import Router
+
+    arch, extra, dense, family, experts = study_models.MODELS[name]
+    model, _ = build_model(arch, extra)
+    routers = {type(m).__name__ for m in model.modules() if isinstance(m, Router)}
+    expected = {"top1": "Top1Router", "top1_global": "Top1Router", "top1_biased": "Top1BiasedRouter",
+                "top1_biased_r01": "Top1BiasedRouter", "sinkhorn": "SinkhornRouter",
+                "causal_balanced": "CausalBalancedRouter"}[family.split("_", 1)[1]]
+    assert expected in routers, (name, routers)
+    rates = {m.bias_update_rate for m in model.modules() if hasattr(m, "bias_update_rate")}
+    assert rates == ({0.01} if family.endswith("_r01") else {0.001} if "biased" in family else set()), (name, rates)
+
+
 class FakeRouter(torch.nn.Module):
     """Routes token i to expert choice[i]; named as the decoder names its routers."""
 
