@@ -159,6 +159,7 @@ FLAGS: Dict[str, Range] = {
     "--spatial-init-eps": NON_NEGATIVE,
     "--expert-dropout": PROBABILITY,  # also the baselines'
     "--tmoe-bias-update-rate": Range(0, note="0: the bias never moves"),
+    "--tmoe-router-z-loss": NON_NEGATIVE,
     # ---- Transformer-MoE baselines (MoETransformerLanguageModelConfig)
     "--moe-freq": count(0, note="0: no MoE layer"),
     "--moe-experts": count(),

@@ -23,7 +23,8 @@ Models (`list`): the dense counterparts gmlp (gmlp_lm_tiny) and transformer
 switch_eE, gshard_eE, hash_eE, base_eE; NAME_xd: the same with --expert-dropout 0.4; not in the
 default set, sMLP with its tMoE routed otherwise (models.ROUTERS, docs/routers.md): smlp_top1_eE
 (like Switch, --tmoe-router top1), smlp_top1_global_eE (the same, --tmoe-balance-scope
-global-batch), smlp_top1_biased_eE (smlp_top1_biased_r01_eE: bias step 0.01 instead of 0.001),
+global-batch), smlp_top1_biased_eE (smlp_top1_biased_r01_eE: bias step 0.01 instead of 0.001;
+smlp_top1_biased_z_eE: with the router z-loss),
 smlp_sinkhorn_eE, smlp_causal_balanced_eE; the same routers in Switch's place, switch_ROUTER_eE.
 All *_tiny, FLOP-matched (docs/baselines.md): E changes the parameters, not the FLOPs per token. Every model sees the same batches in the same order
 (same data, seed, tokens per update), so curves are paired batch by batch.

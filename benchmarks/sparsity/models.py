@@ -9,6 +9,8 @@ ROUTERS = {
     "top1_global": ["--tmoe-router", "top1", "--tmoe-balance-scope", "global-batch"],
     "top1_biased": ["--tmoe-router", "top1_biased"],
     "top1_biased_r01": ["--tmoe-router", "top1_biased", "--tmoe-bias-update-rate", "0.01"],  # 10x the default step
+    # with ST-MoE's router z-loss (0.1 x --moe-aux-loss-weight 0.01 = 1e-3): keeps the sigmoid unsaturated
+    "top1_biased_z": ["--tmoe-router", "top1_biased", "--tmoe-router-z-loss", "0.1"],
     "sinkhorn": ["--tmoe-router", "sinkhorn"],
     "causal_balanced": ["--tmoe-router", "causal_balanced"],
 }

@@ -121,8 +121,8 @@ class MoETransformerLanguageModelConfig(TransformerLanguageModelConfig):
     moe_router_z_loss: float = field(
         default=0.0,
         metadata={
-            "help": "top1/top2: router z-loss weight relative to the balance loss "
-            "(added to the layer's aux loss; 0: off)"
+            "help": "top1/top2/top1_biased: router z-loss weight relative to the balance loss "
+            "(added to the layer's aux loss, itself weighted by --moe-aux-loss-weight; 0: off)"
         },
     )
     hash_type: ChoiceEnum(["balanced", "random"]) = field(

@@ -91,6 +91,13 @@ class SmlpConfig(FairseqDataclass):
         default=0.001,
         metadata={"help": "--tmoe-router top1_biased: bias += rate * sign(mean load - load) after each update"},
     )
+    tmoe_router_z_loss: float = field(
+        default=0.0,
+        metadata={
+            "help": "--tmoe-router top1 / top1_biased: router z-loss (ST-MoE), added to the layer's aux loss, "
+            "itself weighted by --moe-aux-loss-weight; 0: off"
+        },
+    )
     tmoe_ffn_embed_dim: int = field(default=2048, metadata={"help": "hidden width of each tMoE expert FFN"})
     expert_init: ChoiceEnum(["dense", "zero_output"]) = field(
         default="dense",
@@ -290,6 +297,7 @@ def build_sparse_block(cfg) -> SparseBlock:
         expert_dropout=cfg.expert_dropout,
         bias_update_rate=getattr(cfg, "tmoe_bias_update_rate", 0.001),
         balance_scope=str(getattr(cfg, "tmoe_balance_scope", "micro-batch")),
+        z_loss_weight=getattr(cfg, "tmoe_router_z_loss", 0.0),
     )
     # base: the paper's routing, bit-for-bit (its training assignment sees the whole batch anyway)
     feature_moe = FeedForwardMoE(tmoe) if router == "base" else PositionMajorMoE(tmoe)

@@ -31,7 +31,7 @@ class MoEArgs:
     solver: str = "torch"  # base: balanced-assignment solver
     train_capacity_factor: float = 1.25  # top1/top2: slots per expert, see router.expert_capacity
     eval_capacity_factor: float = 0.0  # <= 0: no limit
-    z_loss_weight: float = 0.0  # top1/top2: router z-loss
+    z_loss_weight: float = 0.0  # top1/top2/top1_biased: router z-loss
     second_expert_policy: str = "sampling"  # top2, training
     second_expert_queue: str = "causal"  # top2: causal (token order) or gshard (all first choices first: leaks)
     hash_table: Optional[torch.Tensor] = None  # hash: (V,) expert of every token id
@@ -77,7 +77,8 @@ def build_router(args: MoEArgs):
     if args.router == "hash":
         return HashRouter(args.hash_table, args.num_experts)
     if args.router == "top1_biased":
-        return Top1BiasedRouter(args.embed_dim, args.num_experts, args.bias_update_rate)
+        return Top1BiasedRouter(args.embed_dim, args.num_experts, args.bias_update_rate,
+                                z_loss_weight=args.z_loss_weight)
     if args.router == "sinkhorn":
         return SinkhornRouter(args.embed_dim, args.num_experts)
     if args.router == "causal_balanced":

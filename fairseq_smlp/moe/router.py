@@ -196,6 +196,12 @@ def switch_aux_loss(probs: torch.Tensor, top1: torch.Tensor, counts: Optional[to
     return num_experts * torch.sum(fraction * probs.float().mean(0))
 
 
+def router_z_loss(logits_t: torch.Tensor) -> torch.Tensor:
+    """ST-MoE's router z-loss, mean_n logsumexp_e(logits)^2 over (E, N) expert-major logits:
+    keeps gate logits small, so that scores neither saturate nor overflow."""
+    return torch.logsumexp(logits_t, dim=0).pow(2).mean()
+
+
 class UpdateWatch:
     """Notices optimizer updates from inside a forward. Under fairseq the update count does:
     fairseq's task hands it to every module's `set_num_updates` before each training forward,
@@ -325,7 +331,7 @@ class LearnedGateRouter(Router):
         """logits_t, probs_t: (E, N) expert-major; first: (N,) first choices."""
         loss = switch_aux_loss(probs_t.t(), first, self.balance_counts(first))
         if self.z_loss_weight > 0:
-            loss = loss + self.z_loss_weight * torch.logsumexp(logits_t, dim=0).pow(2).mean()
+            loss = loss + self.z_loss_weight * router_z_loss(logits_t)
         return loss
 
     @torch.no_grad()
@@ -464,8 +470,10 @@ class Top1BiasedRouter(Router):
     statistic, identical on every worker). The update is applied at the first training
     forward after the gate's weights changed (an optimizer step happened; a skipped fp16
     step changes nothing, so it leaves the bias alone), or by calling `update_bias()`.
-    Same routing in training and evaluation, no capacity, nothing dropped, no auxiliary
-    loss: every token's expert depends on that token alone (causal, incremental decoding
+    Same routing in training and evaluation, no capacity, nothing dropped, no balance loss
+    (z_loss_weight > 0 adds ST-MoE's router z-loss, which only keeps the logits small: at a
+    high learning rate they grow until the sigmoid saturates, its scores tie at 1.0 and the
+    gate's gradient vanishes): every token's expert depends on that token alone (causal, incremental decoding
     equals the full forward).
     """
 
@@ -473,13 +481,15 @@ class Top1BiasedRouter(Router):
     score_functions = ("sigmoid", "softmax")
 
     def __init__(
-        self, embed_dim: int, num_experts: int, bias_update_rate: float = 1e-3, score_function: str = "sigmoid"
+        self, embed_dim: int, num_experts: int, bias_update_rate: float = 1e-3, score_function: str = "sigmoid",
+        z_loss_weight: float = 0.0,
     ):
         check_expert_count(num_experts, "--moe-experts")
         super().__init__(num_experts)
         if score_function not in self.score_functions:
             raise ValueError(f"score function must be one of {self.score_functions}, got {score_function!r}")
         self.bias_update_rate, self.score_function = bias_update_rate, score_function
+        self.z_loss_weight = z_loss_weight
         self.gate = nn.Linear(embed_dim, num_experts, bias=False)
         nn.init.normal_(self.gate.weight, std=0.1 * embed_dim ** -0.5)
         self.register_buffer("expert_bias", torch.zeros(num_experts))  # persistent: saved in checkpoints
@@ -503,8 +513,10 @@ class Top1BiasedRouter(Router):
         if self.training:
             self._pending = counts.clone() if self._pending is None else self._pending.to(counts.device) + counts
         bias = self.expert_bias.float()
+        z_loss = self.z_loss_weight * router_z_loss(logits_t) if self.training and self.z_loss_weight > 0 else None
         stats = RoutingStats(
-            layer=self.name, expert_counts=counts, dropped=torch.zeros((), dtype=torch.long, device=x.device),
+            layer=self.name, expert_counts=counts, aux_loss=z_loss,
+            dropped=torch.zeros((), dtype=torch.long, device=x.device),
             total=torch.tensor(x.size(0), device=x.device), bias_range=(bias.max() - bias.min()).detach(),
         )
         return expert.unsqueeze(1), weight, stats

@@ -405,6 +405,34 @@ def test_biased_router_counts_updates_when_its_gate_stops_moving():
     assert all(torch.equal(e, r.expert_bias) for e, r in zip(expected, routers))
 
 
+def test_biased_router_z_loss_keeps_routing_and_penalises_large_logits():
+    """--tmoe-router-z-loss: the biased router's aux loss is w * mean logsumexp(logits)^2 in
+    training (no balance term); routing and gate values are those of the router without it."""
+    from fairseq_smlp.moe.router import router_z_loss
+
+    torch.manual_seed(0)
+    plain, with_z = Top1BiasedRouter(8, 4), Top1BiasedRouter(8, 4, z_loss_weight=0.1)
+    with_z.load_state_dict(plain.state_dict())
+    x = torch.randn(64, 8) * 3
+    index, weight, stats = with_z.train()(x)
+    ref_index, ref_weight, ref_stats = plain.train()(x)
+    assert torch.equal(index, ref_index) and torch.equal(weight, ref_weight) and ref_stats.aux_loss is None
+    logits = x @ with_z.gate.weight.t()
+    assert stats.aux_loss.item() == pytest.approx(0.1 * torch.logsumexp(logits, 1).pow(2).mean().item(), rel=1e-5)
+    stats.aux_loss.backward()
+    assert with_z.gate.weight.grad.abs().sum() > 0  # pulls the logits toward zero
+    assert router_z_loss(torch.zeros(4, 3)).item() == pytest.approx(torch.log(torch.tensor(4.0)).item() ** 2)
+    with torch.no_grad():
+        assert with_z.eval()(x)[2].aux_loss is None  # evaluation: no loss
+
+
+def test_z_loss_flags_reach_the_biased_router():
+    smlp = _smlp("top1_biased", "--tmoe-router-z-loss", "0.1")
+    switch = _switch("--moe-router", "top1_biased", "--moe-router-z-loss", "0.2")
+    assert {m.z_loss_weight for m in smlp.modules() if isinstance(m, Top1BiasedRouter)} == {0.1}
+    assert {m.z_loss_weight for m in switch.modules() if isinstance(m, Top1BiasedRouter)} == {0.2}
+
+
 def test_biased_router_routes_alike_in_training_and_evaluation():
     torch.manual_seed(0)
     router = Top1BiasedRouter(8, 4)
