@@ -104,8 +104,9 @@ def baseline_train(data_bin, save_dir, *extra):
 @pytest.fixture(scope="module")
 def bad_flag_runs(data_bin, tmp_path_factory):
     """{(kind, case): (finished process, its empty folder)}: every bad-flag command, each with its
-    --save-dir inside its own empty folder, run side by side (independent; most of each is start-up)."""
-    from conftest import run_side_by_side
+    --save-dir inside its own empty folder, each its own process forked from one that imported
+    fairseq once (most of a failing command is start-up)."""
+    from conftest import run_forked
 
     root = tmp_path_factory.mktemp("bad_flags")
     commands, folders = {}, {}
@@ -114,7 +115,7 @@ def bad_flag_runs(data_bin, tmp_path_factory):
             folders[kind, case] = root / f"{kind}{number}"
             folders[kind, case].mkdir()
             commands[kind, case] = command(data_bin, folders[kind, case] / "save", *extra)
-    finished = run_side_by_side(commands, cwd=REPO, env=ENV)
+    finished = run_forked(commands, cwd=REPO, env=ENV)
     return {key: (finished[key], folders[key]) for key in commands}
 
 
