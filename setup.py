@@ -22,7 +22,8 @@ setup(
         # tests draw the compare plots, read the TensorBoard scalars of the training log, export to
         # transformers and run lm-evaluation-harness; pytest-xdist runs test files on every core
         "test": [
-            "pytest>=7", "pytest-xdist>=3.5", "ruff>=0.6", "matplotlib>=3.5", "tensorboard>=2.10", "transformers>=5.24", "safetensors>=0.4",
+            "pytest>=7", "pytest-xdist>=3.5", "ruff>=0.6", "matplotlib>=3.5", "tensorboard>=2.10",
+            "transformers>=5.24", "safetensors>=0.4",
             "lm-eval==0.4.13",
         ],
         "bench": ["matplotlib>=3.5"],
