@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.compare import autocast
 from benchmarks.sparsity.models import MODELS
 
 REPO = Path(__file__).resolve().parents[2]
@@ -98,10 +99,6 @@ class RouterProbe:
 
 
 # --------------------------------------------------------------------------- one model
-def autocast(precision: str):
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
-
-
 def valid_indices(num_blocks: int, wanted: int):
     """`wanted` block indices spread evenly over the validation set (all when wanted <= 0)."""
     if wanted <= 0 or wanted >= num_blocks:
