@@ -17,7 +17,8 @@ os.environ["SMLP_SHARED_DATA"] = os.environ["SMLP_ZEROSHOT_DIR"] = str(REPO / "t
 # Under pytest-xdist (`-n N`) N test processes share the machine: each takes its share of the
 # CPUs, for its own threads, for the commands it starts and for what it runs side by side.
 XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-CPUS = max(1, (os.cpu_count() or 1) // XDIST_WORKERS)
+AVAILABLE = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+CPUS = max(1, AVAILABLE // XDIST_WORKERS)  # the CPUs this process may use (as xdist counts them)
 if XDIST_WORKERS > 1:
     torch.set_num_threads(CPUS)
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(CPUS)
