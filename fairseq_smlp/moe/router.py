@@ -468,8 +468,8 @@ class Top1BiasedRouter(Router):
     update, bias_e += rate * sign(mean load - load_e), the load counted over every training
     forward of that update and summed over the data-parallel workers (a global-batch
     statistic, identical on every worker). The update is applied at the first training
-    forward after the gate's weights changed (an optimizer step happened; a skipped fp16
-    step changes nothing, so it leaves the bias alone), or by calling `update_bias()`.
+    forward of the next update (UpdateWatch: fairseq's update count, or the gate's weights
+    having changed; a skipped fp16 step advances neither), or by calling `update_bias()`.
     Same routing in training and evaluation, no capacity, nothing dropped, no balance loss
     (z_loss_weight > 0 adds ST-MoE's router z-loss, which only keeps the logits small: at a
     high learning rate they grow until the sigmoid saturates, its scores tie at 1.0 and the
