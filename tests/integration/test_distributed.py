@@ -610,3 +610,31 @@ def _global_batch_worker(rank, port):
 
 def test_global_batch_balance_counts_every_worker():
     spawn(_global_batch_worker, timeout=90)
+
+
+# ------------------------------------------------------------------ auxiliary-loss-free bias
+def _biased_bias_worker(rank, port):
+    """top1_biased: the bias step after an update counts the loads of every micro-batch of that
+    update on both workers, so both workers hold the same bias, the one a single process that
+    saw all the tokens would compute."""
+    from fairseq_smlp.moe.router import Top1BiasedRouter
+
+    init(rank, port)
+    torch.manual_seed(0)
+    rate = 0.25
+    router = Top1BiasedRouter(H, E, bias_update_rate=rate).train()
+    router.set_num_updates(0)  # as fairseq's task does before every training forward
+    for micro_batch in range(2):
+        router(_global_batch_data(rank, micro_batch))
+    router.set_num_updates(1)  # fairseq: the next update's first forward steps the bias
+    router(_global_batch_data(rank, 2))
+    with torch.no_grad():  # every worker's choices during update 0, before any bias
+        seen = [torch.sigmoid(_global_batch_data(r, m) @ router.gate.weight.t()).argmax(1) for r in range(2) for m in range(2)]
+    load = torch.bincount(torch.cat(seen), minlength=E).float()
+    expected = rate * torch.sign(load.mean() - load)
+    assert load.min() != load.max(), "the data must load experts unevenly for the test to bite"
+    assert torch.equal(router.expert_bias, expected), (rank, router.expert_bias, expected)
+
+
+def test_biased_router_steps_its_bias_from_every_worker():
+    spawn(_biased_bias_worker, timeout=90)
