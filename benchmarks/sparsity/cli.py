@@ -1,4 +1,4 @@
-"""The sparsity study's command line (python -m benchmarks.sparsity train|render|list; what it
+"""The sparsity study's command line (python -m benchmarks.sparsity train|render|summary|list; what it
 measures: benchmarks/sparsity/__init__.py)."""
 import argparse
 import json
@@ -12,13 +12,14 @@ from benchmarks.sparsity import __doc__ as STUDY
 from benchmarks.sparsity.models import DEFAULT_MODELS, MODELS, REGIMES
 from benchmarks.sparsity.records import drop_unfinished, finished_models, read_records, records_file
 from benchmarks.sparsity.report import render
+from benchmarks.sparsity.router_summary import write_summary
 from benchmarks.sparsity.train import CODE_COMMIT, REPO, prepare_data, train_model
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.sparsity", description=STUDY.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("action", choices=["train", "render", "list"])
+    p.add_argument("action", choices=["train", "render", "summary", "list"])
     p.add_argument("--regime", choices=list(REGIMES), default="single-pass")
     p.add_argument("--models", nargs="+", default=None, help=f"default: {' '.join(DEFAULT_MODELS)}")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast around forward and backward (fp32 weights, fp32 routing)")
@@ -38,6 +39,8 @@ def parse_args(argv=None):
     p.add_argument("--note", default="", help="a line for the report")
     p.add_argument("--partial", action="store_true", help="render: also the models that did not finish, compared at the tokens they reached")
     p.add_argument("--out", default=None, help="PREFIX of the outputs (default benchmarks/results/sparsity_<regime>)")
+    p.add_argument("--inputs", nargs="+", default=[], metavar="PREFIX",
+                   help="summary: the router study's result prefixes (seeds, expert counts) summarised into --out")
     p.add_argument("--until-tokens", type=int, default=0,
                    help="render: every model cut at this many training tokens (runs of different lengths compared at equal tokens)")
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -63,6 +66,10 @@ def main(argv=None):
         return
     if args.action == "render":
         return render(args.out, args.partial, args.until_tokens)
+    if args.action == "summary":
+        if not args.inputs:
+            raise SystemExit("summary: --inputs PREFIX [PREFIX ...] names the result files to summarise")
+        return write_summary(args.out, args.inputs)
     torch.set_num_threads(args.threads)
     import logging
 

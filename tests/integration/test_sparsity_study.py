@@ -170,3 +170,50 @@ def test_short_run_writes_records_table_and_plots_and_resumes(data_bin, tmp_path
     study(argv)  # rerun: both done, nothing trained again
     again = raw.read_records(tmp_path / "raw" / "study_lr0.002.jsonl")
     assert sum(r["kind"] == "start" for r in again) == 3
+
+
+def _study_records(seed, runs):
+    """Raw records of one study file: runs = {model: (family, E, dense, valid NLLs per evaluation, dropped)};
+    router health: entropy 0.95 / 0.8 (two layers), changed 0.3 then 0.05 (second half)."""
+    records = [{"kind": "meta", "seed": seed, "command": "x"}]
+    for model, (family, experts, dense, nlls, dropped) in runs.items():
+        records.append({"kind": "start", "model": model, "family": family, "experts": experts, "dense": dense})
+        for i, v in enumerate(nlls):
+            records.append({"kind": "train", "model": model, "tokens": 1000 * (i + 1), "nll": v,
+                            "moe": {"moe/L1_x_dropped": dropped, "moe/L3_x_dropped": dropped / 2, "moe_dropped": 9.0}})
+            router = {} if not experts else {"l1": {"entropy": 0.95, "unused": 0, "changed": 0.3 if i < 2 else 0.05},
+                                             "l3": {"entropy": 0.8, "unused": 1, "changed": 0.02}}
+            records.append({"kind": "eval", "model": model, "tokens": 1000 * (i + 1), "valid_nll": v, "router": router})
+        records.append({"kind": "done", "model": model, "tokens": 1000 * len(nlls)})
+    return records
+
+
+def test_router_summary_pairs_seeds_and_reports_each_target(tmp_path):
+    """summary: seeds averaged as exp(mean NLL) and paired with gMLP's run of the same seed; the
+    expert counts of seed 1; each target judged from the measured values."""
+    from benchmarks.sparsity.router_summary import write_summary
+
+    seed1 = {"gmlp": ("gmlp", 0, None, [5.0, 4.5, 4.2, 4.0], 0.0),
+             "smlp_top1_e4": ("smlp_top1", 4, "gmlp", [5.0, 4.4, 4.1, 3.95], 0.0),
+             "smlp_top1_e16": ("smlp_top1", 16, "gmlp", [5.0, 4.4, 4.1, 3.9], 0.04),
+             "smlp_top1_e64": ("smlp_top1", 64, "gmlp", [5.0, 4.4, 4.1, 3.92], 0.0)}
+    seed2 = {"gmlp": ("gmlp", 0, None, [5.0, 4.5, 4.2, 4.1], 0.0),
+             "smlp_top1_e16": ("smlp_top1", 16, "gmlp", [5.0, 4.4, 4.1, 3.94], 0.02)}
+    for name, runs, seed in (("s1", seed1, 1), ("s2", seed2, 2)):
+        path = raw.records_file(tmp_path / name)
+        path.parent.mkdir(exist_ok=True)
+        path.write_text("".join(json.dumps(r) + "\n" for r in _study_records(seed, runs)))
+
+    rows = write_summary(tmp_path / "summary", [tmp_path / "s1", tmp_path / "s2"])
+    top1 = rows["smlp_top1_e16"]
+    assert top1["valid_ppl"] == pytest.approx(math.exp((3.9 + 3.94) / 2))
+    assert top1["vs_dense_by_seed_pct"] == pytest.approx({"1": 100 * (math.exp(3.9 - 4.0) - 1), "2": 100 * (math.exp(3.94 - 4.1) - 1)})
+    assert top1["seeds"]["1"]["entropy_min"] == 0.8 and top1["seeds"]["1"]["unused"] == 1
+    assert top1["seeds"]["1"]["changed_late_max"] == 0.05  # evaluations past half the pass only
+    assert top1["seeds"]["1"]["train_dropped_max"] == 0.04  # per layer, not the summary over layers
+    md = (tmp_path / "summary.md").read_text()
+    targets = md.split("## Targets")[1]
+    assert "-9.5%, -14.8% (2 seeds) | yes |" in targets  # below gMLP by more than 6% in each seed
+    assert "(steps -4.9%, +2.0%) | no |" in targets  # E = 16 -> 64 got worse
+    assert "entropy 0.800 (worst layer and seed), changed 0.050 (largest, last half) | no |" in targets
+    assert "| training and evaluation route identically | only where nothing is dropped" in targets
