@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from benchmarks._results import run_metadata, write_results
+from benchmarks.layer_microbench import CLOCKS
 from fairseq_smlp.flops import count_flops, count_params
 from fairseq_smlp.models.factory import build_model, offline_task
 from fairseq_smlp.atomic_write import atomic_write_text
@@ -43,7 +44,7 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def matmul_peak_gflops(n: int = 1024, repeats: int = 10, device: str = "cpu", dtype: str = "fp32") -> float:
+def matmul_peak_gflops(n: int = 1024, repeats: int = 10, device: str = "cpu", dtype: str = "fp32", clock=time.perf_counter) -> float:
     """Matmul GFLOP/s of this device and dtype now (best of `repeats`)."""
     n = 8192 if device == "cuda" else n  # a GPU needs a large product to reach its peak
     a = torch.randn(n, n, device=device, dtype=DTYPES[dtype])
@@ -52,10 +53,10 @@ def matmul_peak_gflops(n: int = 1024, repeats: int = 10, device: str = "cpu", dt
     best = float("inf")
     for _ in range(repeats):
         synchronize(device)
-        start = time.perf_counter()
+        start = clock()
         a @ b
         synchronize(device)
-        best = min(best, time.perf_counter() - start)
+        best = min(best, clock() - start)
     return 2 * n ** 3 / best / 1e9
 
 
@@ -88,11 +89,12 @@ def measure(arch: str, args, model_args=()) -> dict:
     for _ in range(args.warmup):
         step()
     synchronize(args.device)
-    start = time.perf_counter()
+    clock = CLOCKS[args.clock]
+    start = clock()
     for _ in range(args.steps):
         step()
     synchronize(args.device)
-    elapsed = time.perf_counter() - start
+    elapsed = clock() - start
     tokens_per_s = batch * seq_len * args.steps / elapsed
     flops = count_flops(model, seq_len)
     params = count_params(model)
@@ -117,7 +119,8 @@ def write_markdown(path: Path, result: dict) -> None:
         f"{result['dtype']} matmul peak measured in the same run: {result['matmul_peak_gflops']:,.0f} GFLOP/s. "
         f"Random tokens, vocabulary {result['vocab']}, {result['tokens_per_sample']} tokens per sample, "
         f"{result['runs'][0]['tokens_per_update']} tokens per update, Adam, moe_cross_entropy; "
-        f"{result['warmup']} warm-up + {result['steps']} timed updates"
+        f"{result['warmup']} warm-up + {result['steps']} timed updates, timed on "
+        + ("the thread's CPU clock" if result.get("clock") == "cpu" else "wall-clock")
         + (f"; every row measured {result['rounds']} times, interleaved, median shown." if result.get("rounds", 1) > 1 else "."),
         "",
         "| arch | tokens/s | s/update | fwd FLOPs/token | params (total / active) | MFU |",
@@ -153,14 +156,18 @@ def main(argv=None):
     parser.add_argument("--models", nargs="+", default=None, help="models of benchmarks/compare.py instead of --archs")
     parser.add_argument("--experts", type=int, default=0, help="with --models: experts in every MoE layer (0: the arch's own)")
     parser.add_argument("--moe-compile-rows", action="store_true", help="also measure each MoE arch with --moe-compile")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="cpu: the thread's CPU time, which a busy machine disturbs far less (CPU, --threads 1 only)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "throughput_baselines"))
     args = parser.parse_args(argv)
+    if args.clock == "cpu" and (args.device != "cpu" or args.threads != 1):
+        parser.error("--clock cpu times the calling thread: it needs --device cpu and --threads 1")
     if args.threads:
         torch.set_num_threads(args.threads)
 
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible to torch")
-    peak = matmul_peak_gflops(device=args.device, dtype=args.dtype)
+    peak = matmul_peak_gflops(device=args.device, dtype=args.dtype, clock=CLOCKS[args.clock])
     if args.models:
         from benchmarks.compare import MODELS, model_spec
 
@@ -190,6 +197,7 @@ def main(argv=None):
         **run_metadata("throughput_baselines.py", argv, args.device),
         "device": args.device,
         "dtype": args.dtype,
+        "clock": args.clock,
         "matmul_peak_gflops": round(peak, 1),
         "vocab": args.vocab,
         "tokens_per_sample": args.tokens_per_sample,
