@@ -5,7 +5,7 @@ within 15%, and not beat it by more than 15% either (a model that suddenly score
 than it did is as suspicious as one that scores worse: a causality leak lowers perplexity).
 
 Refresh the reference after a deliberate change of a model or of the training recipe:
-    python tests/integration/test_quality.py --write              (every family; the file records the machine)
+    python tests/integration/test_quality.py --write [FAMILY ...] (every family, or those named; the file records the machine)
     python tests/integration/test_quality.py --write-quickstart   (test_quickstart.py's fixed-update quickstart)
 """
 import json
@@ -25,6 +25,10 @@ pytestmark = pytest.mark.slow
 FAMILIES = {
     "smlp": ["--arch", "smlp_lm_tiny"],  # the paper's: Base-routed tMoE
     "smlp_top1": ["--arch", "smlp_lm_tiny", "--tmoe-router", "top1"],
+    # the other tMoE routers (docs/routers.md)
+    "smlp_top1_biased": ["--arch", "smlp_lm_tiny", "--tmoe-router", "top1_biased"],
+    "smlp_sinkhorn": ["--arch", "smlp_lm_tiny", "--tmoe-router", "sinkhorn"],
+    "smlp_causal_balanced": ["--arch", "smlp_lm_tiny", "--tmoe-router", "causal_balanced"],
     "gmlp": ["--arch", "gmlp_lm_tiny"],
     "transformer": ["--arch", "transformer_lm_tiny"],
     "switch": ["--arch", "switch_lm_tiny"],
@@ -105,20 +109,31 @@ def test_smlp_keeps_up_with_gmlp(measured, precision):
         assert measured[smlp, precision] <= 1.05 * measured["gmlp", precision], (smlp, precision, measured)
 
 
-def write_reference() -> None:
-    """Measure every family in both precisions and record the figures (run by hand)."""
+def write_reference(families=()) -> None:
+    """Measure every family (or those named) in both precisions and record the figures (run by hand)."""
     import tempfile
 
     from conftest import make_ptb_data_bin
 
-    table = {}
+    unknown = sorted(set(families) - set(FAMILIES))
+    if unknown:
+        raise SystemExit(f"--write: unknown families {unknown}; one of {', '.join(FAMILIES)}")
+    table = reference() if families and REFERENCE.exists() else {}
     with tempfile.TemporaryDirectory() as root:
         data_bin = make_ptb_data_bin(Path(root))
-        runs = [(f, p) for f in FAMILIES for p in PRECISIONS]
+        runs = [(f, p) for f in (families or FAMILIES) for p in PRECISIONS]
         for (family, precision), ppl in zip(runs, in_parallel(train_and_validate, [(data_bin, f, p) for f, p in runs])):
             table.setdefault(family, {})[precision] = round(ppl, 2)
         print(json.dumps(table, indent=1), flush=True)
-    update_reference({"valid_ppl": table, "updates": UPDATES, "command": "python tests/integration/test_quality.py --write"})
+    command = " ".join(["python tests/integration/test_quality.py --write", *families])
+    if not families:
+        return update_reference({"valid_ppl": table, "updates": UPDATES, "command": command})
+    # families added to an existing reference: their own command and provenance, the file's kept
+    from fairseq_smlp.quickstart import provenance
+
+    stamp = {k: v for k, v in provenance().items() if k in ("commit", "machine", "torch")}
+    added = json.loads(REFERENCE.read_text()).get("added", []) + [{"families": list(families), "command": command, **stamp}]
+    update_reference({"valid_ppl": table, "added": added}, stamp=False)
 
 
 def write_quickstart_reference() -> None:
@@ -139,17 +154,20 @@ def write_quickstart_reference() -> None:
                       "quickstart_command": "python tests/integration/test_quality.py --write-quickstart"})
 
 
-def update_reference(entries: dict) -> None:
-    """Merge entries into the reference file, with where and from which code they came."""
+def update_reference(entries: dict, stamp: bool = True) -> None:
+    """Merge entries into the reference file, with where and from which code they came (stamp)."""
 
     from fairseq_smlp.atomic_write import atomic_write_text
     from fairseq_smlp.quickstart import provenance
 
     current = json.loads(REFERENCE.read_text()) if REFERENCE.exists() else {}
     current.update(entries)
-    current.update({k: v for k, v in provenance().items() if k in ("commit", "machine", "torch")})
+    if stamp:
+        current.update({k: v for k, v in provenance().items() if k in ("commit", "machine", "torch")})
     atomic_write_text(REFERENCE, json.dumps(current, indent=2) + "\n")
 
 
-if __name__ == "__main__" and sys.argv[1:] in (["--write"], ["--write-quickstart"]):
-    write_reference() if sys.argv[1] == "--write" else write_quickstart_reference()
+if __name__ == "__main__" and sys.argv[1:2] == ["--write"]:
+    write_reference(tuple(sys.argv[2:]))
+elif __name__ == "__main__" and sys.argv[1:] == ["--write-quickstart"]:
+    write_quickstart_reference()
