@@ -109,6 +109,7 @@ class Router(nn.Module):
     unit_weight = False  # True: every combine weight is 1 (dispatch then skips the product)
     remembers_choices = True  # token routers: count the tokens that changed expert between evaluations
     uses_layout = False  # True: routes position by position, reads the BatchLayout the decoder hands over
+    update_watch = None  # routers with per-update state (a bias, global-batch counts) own an UpdateWatch
 
     def __init__(self, num_experts: int):
         super().__init__()
@@ -116,6 +117,11 @@ class Router(nn.Module):
         self.name = type(self).__name__
         self.memory = ChoiceMemory()
         self.layout = None
+
+    def set_num_updates(self, num_updates: int) -> None:
+        """fairseq hands every module the update count before each training forward."""
+        if self.update_watch is not None:
+            self.update_watch.num_updates = num_updates
 
     def forward(self, x: torch.Tensor):
         with torch.autocast(device_type=x.device.type, enabled=False):
@@ -319,10 +325,6 @@ class LearnedGateRouter(Router):
         self.gate = nn.Linear(embed_dim, num_experts, bias=False)
         nn.init.normal_(self.gate.weight, std=0.1 * embed_dim ** -0.5)
 
-    def set_num_updates(self, num_updates: int) -> None:
-        """fairseq hands every module the update count before each training forward."""
-        self.update_watch.num_updates = num_updates
-
     def capacity(self, num_tokens: int) -> int:
         factor = self.train_capacity_factor if self.training else self.eval_capacity_factor
         return expert_capacity(num_tokens, self.num_experts, factor)
@@ -495,10 +497,6 @@ class Top1BiasedRouter(Router):
         self.register_buffer("expert_bias", torch.zeros(num_experts))  # persistent: saved in checkpoints
         self._pending = None  # (E,) fp32 loads counted since the last bias update (not saved)
         self.update_watch = UpdateWatch()
-
-    def set_num_updates(self, num_updates: int) -> None:
-        """fairseq hands every module the update count before each training forward."""
-        self.update_watch.num_updates = num_updates
 
     def route(self, x: torch.Tensor):
         """x: (N, H) -> expert_index (N, 1), weight (N, 1) fp32, RoutingStats."""
