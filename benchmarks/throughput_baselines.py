@@ -109,6 +109,15 @@ def measure(arch: str, args, model_args=()) -> dict:
     }
 
 
+def round_ratios(dense: dict, row: dict) -> str:
+    """' (rounds: a, b, ...; median m)': dense over row in each interleaved round, where there were several."""
+    pairs = list(zip(dense.get("tokens_per_s_rounds", []), row.get("tokens_per_s_rounds", [])))
+    if len(pairs) < 2:
+        return ""
+    ratios = sorted(d / r for d, r in pairs)
+    return f" (rounds: {', '.join(f'{d / r:.2f}' for d, r in pairs)}; median {ratios[len(ratios) // 2]:.2f})"
+
+
 def write_markdown(path: Path, result: dict) -> None:
     lines = [
         f"# Training throughput of the baselines ({result['device']}, {result['dtype']})",
@@ -135,8 +144,10 @@ def write_markdown(path: Path, result: dict) -> None:
     dense = next((r for r in result["runs"] if r["arch"].startswith("gmlp_lm")), None)
     if dense:
         lines += ["", "Dense gMLP's tokens/s over each row's (1.00 = as fast as gMLP per token):", ""]
-        lines += [f"- {r['arch']}: {dense['tokens_per_s'] / r['tokens_per_s']:.2f}" for r in result["runs"] if r is not dense]
-    lines += ["", f"MFU = 3 x forward FLOPs/token x tokens/s / {result['dtype']} matmul peak. Wall-clock figures drift with machine load.", ""]
+        lines += [f"- {r['arch']}: {dense['tokens_per_s'] / r['tokens_per_s']:.2f}{round_ratios(dense, r)}" for r in result["runs"] if r is not dense]
+    drift = "CPU-clock figures drift less with machine load than wall-clock ones, but a busy sibling core still slows them." \
+        if result.get("clock") == "cpu" else "Wall-clock figures drift with machine load."
+    lines += ["", f"MFU = 3 x forward FLOPs/token x tokens/s / {result['dtype']} matmul peak. {drift}", ""]
     atomic_write_text(path, "\n".join(lines))
 
 
