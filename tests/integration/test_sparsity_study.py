@@ -196,7 +196,8 @@ def test_router_summary_pairs_seeds_and_reports_each_target(tmp_path):
     seed1 = {"gmlp": ("gmlp", 0, None, [5.0, 4.5, 4.2, 4.0], 0.0),
              "smlp_top1_e4": ("smlp_top1", 4, "gmlp", [5.0, 4.4, 4.1, 3.95], 0.0),
              "smlp_top1_e16": ("smlp_top1", 16, "gmlp", [5.0, 4.4, 4.1, 3.9], 0.04),
-             "smlp_top1_e64": ("smlp_top1", 64, "gmlp", [5.0, 4.4, 4.1, 3.92], 0.0)}
+             "smlp_top1_e64": ("smlp_top1", 64, "gmlp", [5.0, 4.4, 4.1, 3.92], 0.0),
+             "smlp_sinkhorn_e16": ("smlp_sinkhorn", 16, "gmlp", [5.0, 4.4, 4.1, 3.98], 0.0)}
     seed2 = {"gmlp": ("gmlp", 0, None, [5.0, 4.5, 4.2, 4.1], 0.0),
              "smlp_top1_e16": ("smlp_top1", 16, "gmlp", [5.0, 4.4, 4.1, 3.94], 0.02)}
     for name, runs, seed in (("s1", seed1, 1), ("s2", seed2, 2)):
@@ -208,6 +209,9 @@ def test_router_summary_pairs_seeds_and_reports_each_target(tmp_path):
     top1 = rows["smlp_top1_e16"]
     assert top1["valid_ppl"] == pytest.approx(math.exp((3.9 + 3.94) / 2))
     assert top1["vs_dense_by_seed_pct"] == pytest.approx({"1": 100 * (math.exp(3.9 - 4.0) - 1), "2": 100 * (math.exp(3.94 - 4.1) - 1)})
+    assert top1["vs_dense_pct"] == pytest.approx(100 * (math.exp((3.9 - 4.0 + 3.94 - 4.1) / 2) - 1))  # geometric mean of the ratios
+    # a router run in one seed is set against gMLP's run of that seed, not gMLP's mean over seeds
+    assert rows["smlp_sinkhorn_e16"]["vs_dense_pct"] == pytest.approx(100 * (math.exp(3.98 - 4.0) - 1))
     assert top1["seeds"]["1"]["entropy_min"] == 0.8 and top1["seeds"]["1"]["unused"] == 1
     assert top1["seeds"]["1"]["changed_late_max"] == 0.05  # evaluations past half the pass only
     assert top1["seeds"]["1"]["train_dropped_max"] == 0.04  # per layer, not the summary over layers
