@@ -160,6 +160,7 @@ FLAGS: Dict[str, Range] = {
     "--expert-dropout": PROBABILITY,  # also the baselines'
     "--tmoe-bias-update-rate": Range(0, note="0: the bias never moves"),
     "--tmoe-router-z-loss": NON_NEGATIVE,
+    "--tmoe-train-capacity-factor": Range(note="<= 0: no limit"),
     # ---- Transformer-MoE baselines (MoETransformerLanguageModelConfig)
     "--moe-freq": count(0, note="0: no MoE layer"),
     "--moe-experts": count(),

@@ -7,6 +7,7 @@ DENSE = {"gmlp": ("gmlp_lm_tiny", []), "transformer": ("transformer_lm_tiny", []
 ROUTERS = {
     "top1": ["--tmoe-router", "top1"],
     "top1_global": ["--tmoe-router", "top1", "--tmoe-balance-scope", "global-batch"],
+    "top1_dropless": ["--tmoe-router", "top1", "--tmoe-train-capacity-factor", "0"],  # nothing dropped in training
     "top1_biased": ["--tmoe-router", "top1_biased"],
     "top1_biased_r01": ["--tmoe-router", "top1_biased", "--tmoe-bias-update-rate", "0.01"],  # 10x the default step
     # with ST-MoE's router z-loss (0.1 x --moe-aux-loss-weight 0.01 = 1e-3): keeps the sigmoid unsaturated

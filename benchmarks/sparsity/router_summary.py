@@ -19,6 +19,7 @@ from fairseq_smlp.atomic_write import atomic_write_text
 SAME_ROUTING = {
     "smlp": "no: balanced assignment in training, greedy in evaluation",
     "smlp_top1": "only where nothing is dropped: training drops beyond capacity 1.25",
+    "smlp_top1_dropless": "yes (tested)",
     "smlp_sinkhorn": "no: Sinkhorn-balanced in training, greedy in evaluation",
     "smlp_top1_biased": "yes (tested)",
     "smlp_top1_biased_z": "yes (tested)",

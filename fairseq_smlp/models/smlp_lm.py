@@ -72,7 +72,7 @@ class SmlpConfig(FairseqDataclass):
         metadata={
             "help": "tMoE routing: base (the paper's: Base Layers' balanced assignment in training, "
             "greedy at evaluation, output mixed by sigmoid(x . c_e)), top1 (Switch: softmax gate, "
-            "capacity factor 1.25 in training filled position by position, none at evaluation, "
+            "capacity factor --tmoe-train-capacity-factor in training filled position by position, none at evaluation, "
             "auxiliary loss weighted by --moe-aux-loss-weight) or top1_biased (auxiliary-loss-free "
             "balancing: top-1 of sigmoid score + a per-expert bias nudged after each update, same "
             "routing in training and evaluation, nothing dropped), sinkhorn (S-BASE: causal Sinkhorn "
@@ -85,6 +85,13 @@ class SmlpConfig(FairseqDataclass):
         metadata={
             "help": "--tmoe-router top1: the load share f_e of the balance loss counted over this micro-batch, or over "
             "every micro-batch of the update so far summed over the data-parallel workers (global-batch)"
+        },
+    )
+    tmoe_train_capacity_factor: float = field(
+        default=1.25,
+        metadata={
+            "help": "--tmoe-router top1: training capacity per expert, ceil(factor * ceil(tokens / experts)); "
+            "<= 0: no limit (nothing dropped: training routes as evaluation does)"
         },
     )
     tmoe_bias_update_rate: float = field(
@@ -298,6 +305,7 @@ def build_sparse_block(cfg) -> SparseBlock:
         bias_update_rate=getattr(cfg, "tmoe_bias_update_rate", 0.001),
         balance_scope=str(getattr(cfg, "tmoe_balance_scope", "micro-batch")),
         z_loss_weight=getattr(cfg, "tmoe_router_z_loss", 0.0),
+        train_capacity_factor=getattr(cfg, "tmoe_train_capacity_factor", 1.25),
     )
     # base: the paper's routing, bit-for-bit (its training assignment sees the whole batch anyway)
     feature_moe = FeedForwardMoE(tmoe) if router == "base" else PositionMajorMoE(tmoe)

@@ -48,7 +48,7 @@ def test_router_study_models_build_with_their_router(name):
     arch, extra, dense, family, experts = study_models.MODELS[name]
     model, _ = build_model(arch, extra)
     routers = {type(m).__name__ for m in model.modules() if isinstance(m, Router)}
-    expected = {"top1": "Top1Router", "top1_global": "Top1Router", "top1_biased": "Top1BiasedRouter",
+    expected = {"top1": "Top1Router", "top1_global": "Top1Router", "top1_dropless": "Top1Router", "top1_biased": "Top1BiasedRouter",
                 "top1_biased_r01": "Top1BiasedRouter", "top1_biased_z": "Top1BiasedRouter", "sinkhorn": "SinkhornRouter",
                 "causal_balanced": "CausalBalancedRouter"}[family.split("_", 1)[1]]
     assert expected in routers, (name, routers)
@@ -56,6 +56,8 @@ def test_router_study_models_build_with_their_router(name):
     assert rates == ({0.01} if family.endswith("_r01") else {0.001} if "biased" in family else set()), (name, rates)
     z_loss = {m.z_loss_weight for m in model.modules() if isinstance(m, Router) and hasattr(m, "z_loss_weight")}
     assert (z_loss == {0.1}) == family.endswith("_z"), (name, z_loss)
+    capacity = {m.train_capacity_factor for m in model.modules() if hasattr(m, "train_capacity_factor")}
+    assert capacity == ({0.0} if family.endswith("_dropless") else {1.25} if "top1" in family and "biased" not in family else set()), (name, capacity)
 
 
 class FakeRouter(torch.nn.Module):

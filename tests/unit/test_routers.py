@@ -57,19 +57,21 @@ def _switch(*extra):
 FAMILIES = {
     "smlp_top1": lambda: _smlp("top1"),
     "smlp_top1_global": lambda: _smlp("top1", "--tmoe-balance-scope", "global-batch"),
+    "smlp_top1_dropless": lambda: _smlp("top1", "--tmoe-train-capacity-factor", "0"),
     "smlp_top1_biased": lambda: _smlp("top1_biased"),
     "smlp_sinkhorn": lambda: _smlp("sinkhorn"),
     "smlp_causal_balanced": lambda: _smlp("causal_balanced"),
     "smlp_base": lambda: _smlp("base"),  # evaluation only
     "switch": lambda: _switch(),
     "switch_global": lambda: _switch("--moe-balance-scope", "global-batch"),
+    "switch_dropless": lambda: _switch("--moe-train-capacity-factor", "0"),
     "gshard": lambda: _baseline("gshard_lm_tiny", "--moe-experts", "4", "--moe-second-expert-policy", "all"),
     "hash": lambda: _baseline("hash_lm_tiny", "--moe-experts", "4"),
     "switch_biased": lambda: _switch("--moe-router", "top1_biased"),
     "switch_sinkhorn": lambda: _switch("--moe-router", "sinkhorn"),
     "switch_causal_balanced": lambda: _switch("--moe-router", "causal_balanced"),
 }
-SAME_ROUTING = ["smlp_top1_biased", "smlp_causal_balanced", "switch_biased", "switch_causal_balanced"]
+SAME_ROUTING = ["smlp_top1_dropless", "smlp_top1_biased", "smlp_causal_balanced", "switch_dropless", "switch_biased", "switch_causal_balanced"]
 
 
 def _tight_capacity(model, factor=0.5):
