@@ -40,7 +40,8 @@ def parse_args(argv=None):
     p.add_argument("--partial", action="store_true", help="render: also the models that did not finish, compared at the tokens they reached")
     p.add_argument("--out", default=None, help="PREFIX of the outputs (default benchmarks/results/sparsity_<regime>)")
     p.add_argument("--inputs", nargs="+", default=[], metavar="PREFIX",
-                   help="summary: the router study's result prefixes (seeds, expert counts) summarised into --out")
+                   help="summary: the router study's result prefixes (seeds, expert counts) summarised into --out; "
+                        "PREFIX:MODEL,MODEL takes only those models of PREFIX")
     p.add_argument("--until-tokens", type=int, default=0,
                    help="render: every model cut at this many training tokens (runs of different lengths compared at equal tokens)")
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -29,16 +29,32 @@ SAME_ROUTING = {
 TARGET_GAIN_PCT, TARGET_STEP_PCT, TARGET_ENTROPY, TARGET_CHANGED = -6.0, -1.0, 0.9, 0.10
 
 
+def split_input(spec: str):
+    """'PREFIX' (every finished model) or 'PREFIX:MODEL,MODEL' (only those) -> (Path, set or None)."""
+    prefix, _, names = spec.partition(":")
+    return Path(prefix), set(names.split(",")) if names else None
+
+
 def load_runs(inputs):
     """[(seed, model, {"start", "train", "eval", "done"})] over every input's finished models."""
-    runs = []
-    for prefix in inputs:
-        records = read_records(records_file(Path(prefix)))
+    runs, seen = [], set()
+    for spec in inputs:
+        prefix, wanted = split_input(spec)
+        records = read_records(records_file(prefix))
         metas = [r for r in records if r["kind"] == "meta"]
         if not metas:
-            raise SystemExit(f"{records_file(Path(prefix))}: no records (--inputs)")
+            raise SystemExit(f"{records_file(prefix)}: no records (--inputs {spec})")
         seed = metas[-1]["seed"]
-        runs += [(seed, name, m) for name, m in by_model(records).items()]
+        models = by_model(records)
+        missing = sorted((wanted or set()) - set(models))
+        if missing:
+            raise SystemExit(f"--inputs {spec}: no finished run of {', '.join(missing)} in {records_file(prefix)}")
+        for name, m in models.items():
+            if wanted is None or name in wanted:
+                if (seed, name) in seen:
+                    raise SystemExit(f"--inputs: {name} seed {seed} is in two inputs; name the models to take with PREFIX:MODEL,...")
+                seen.add((seed, name))
+                runs.append((seed, name, m))
     return runs
 
 
@@ -139,7 +155,8 @@ def transformer_table(rows) -> list:
         lines.append(f"| transformer | {len(rows['transformer']['seeds'])} | {rows['transformer']['valid_ppl']:.2f} | - |")
     for n in names:
         r = rows[n]
-        lines.append(f"| {n} | {len(r['seeds'])} | {r['valid_ppl']:.2f} | {_f(r.get('vs_dense_pct'), '+.1f')}% |")
+        label = f"{n} (`top1`: Switch's own router)" if r["family"] == "switch" else n
+        lines.append(f"| {label} | {len(r['seeds'])} | {r['valid_ppl']:.2f} | {_f(r.get('vs_dense_pct'), '+.1f')}% |")
     return lines
 
 
@@ -178,7 +195,8 @@ def write_summary(out: Path, inputs) -> dict:
     lines = [
         "# The router study: summary", "",
         f"Command: `{command}`", "",
-        "Inputs: " + ", ".join(f"[{Path(p).name}.md]({Path(p).name}.md)" for p in inputs)
+        "Inputs: " + ", ".join(f"[{p.name}.md]({p.name}.md)" + (f" ({', '.join(sorted(names))})" if names else "")
+                               for p, names in map(split_input, inputs))
         + " (each with its commands, settings and commits). Valid ppl: the last validation of the single pass; "
         "the mean over seeds is exp(mean NLL). vs gMLP by seed: against gMLP's run of the same seed; "
         "vs gMLP (mean): the geometric mean of those ratios. Rows sorted by it.", "",

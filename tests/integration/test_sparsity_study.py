@@ -207,7 +207,11 @@ def test_router_summary_pairs_seeds_and_reports_each_target(tmp_path):
         path.parent.mkdir(exist_ok=True)
         path.write_text("".join(json.dumps(r) + "\n" for r in _study_records(seed, runs)))
 
-    rows = write_summary(tmp_path / "summary", [tmp_path / "s1", tmp_path / "s2"])
+    with pytest.raises(SystemExit, match="gmlp seed 1 is in two inputs"):
+        write_summary(tmp_path / "summary", [str(tmp_path / "s1"), f"{tmp_path / 's1'}:gmlp"])
+    with pytest.raises(SystemExit, match="no finished run of transformer"):
+        write_summary(tmp_path / "summary", [f"{tmp_path / 's1'}:transformer"])
+    rows = write_summary(tmp_path / "summary", [str(tmp_path / "s1"), f"{tmp_path / 's2'}:gmlp,smlp_top1_e16"])
     top1 = rows["smlp_top1_e16"]
     assert top1["valid_ppl"] == pytest.approx(math.exp((3.9 + 3.94) / 2))
     assert top1["vs_dense_by_seed_pct"] == pytest.approx({"1": 100 * (math.exp(3.9 - 4.0) - 1), "2": 100 * (math.exp(3.94 - 4.1) - 1)})
