@@ -161,11 +161,13 @@ def transformer_table(rows) -> list:
 
 
 def targets(rows, counts) -> list:
-    """The study's four targets against the best router (lowest mean valid ppl, sMLP, E = 16)."""
+    """The study's four targets against the best router (largest mean gain over gMLP among those run
+    in the most seeds, sMLP, E = 16)."""
     routed = {n: r for n, r in rows.items() if r["dense"] == "gmlp" and r["experts"] == 16 and "vs_dense_pct" in r and r["family"] in SAME_ROUTING}
     if not routed:
         return []
-    best = min(routed, key=lambda n: routed[n]["vs_dense_pct"])
+    most_seeds = max(len(r["seeds"]) for r in routed.values())  # a lucky single seed does not win
+    best = min((n for n in routed if len(routed[n]["seeds"]) == most_seeds), key=lambda n: routed[n]["vs_dense_pct"])
     r = routed[best]
     worst_seed = max(r["vs_dense_by_seed_pct"].values())
     entropy = min(s["entropy_min"] for s in r["seeds"].values())
@@ -174,7 +176,7 @@ def targets(rows, counts) -> list:
     steps = [100 * (b / a - 1) for a, b in zip(family_counts.values(), list(family_counts.values())[1:])]
     same = SAME_ROUTING[r["family"]]
     return [
-        f"Best router (largest mean gain over gMLP, sMLP, 16 experts): `{best}`.", "",
+        f"Best router (largest mean gain over gMLP among the routers run in the most seeds, sMLP, 16 experts): `{best}`.", "",
         "| target | measured | met |", "|---|---|---|",
         f"| at least 6% below gMLP in every seed | {', '.join(f'{v:+.1f}%' for _, v in sorted(r['vs_dense_by_seed_pct'].items()))} "
         f"({len(r['seeds'])} seeds) | {'yes' if worst_seed <= TARGET_GAIN_PCT else 'no'} |",

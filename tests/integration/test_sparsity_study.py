@@ -199,7 +199,8 @@ def test_router_summary_pairs_seeds_and_reports_each_target(tmp_path):
              "smlp_top1_e4": ("smlp_top1", 4, "gmlp", [5.0, 4.4, 4.1, 3.95], 0.0),
              "smlp_top1_e16": ("smlp_top1", 16, "gmlp", [5.0, 4.4, 4.1, 3.9], 0.04),
              "smlp_top1_e64": ("smlp_top1", 64, "gmlp", [5.0, 4.4, 4.1, 3.92], 0.0),
-             "smlp_sinkhorn_e16": ("smlp_sinkhorn", 16, "gmlp", [5.0, 4.4, 4.1, 3.98], 0.0)}
+             "smlp_sinkhorn_e16": ("smlp_sinkhorn", 16, "gmlp", [5.0, 4.4, 4.1, 3.98], 0.0),
+             "smlp_top1_biased_e16": ("smlp_top1_biased", 16, "gmlp", [5.0, 4.4, 4.1, 3.5], 0.0)}  # one lucky seed
     seed2 = {"gmlp": ("gmlp", 0, None, [5.0, 4.5, 4.2, 4.1], 0.0),
              "smlp_top1_e16": ("smlp_top1", 16, "gmlp", [5.0, 4.4, 4.1, 3.94], 0.02)}
     for name, runs, seed in (("s1", seed1, 1), ("s2", seed2, 2)):
@@ -223,6 +224,7 @@ def test_router_summary_pairs_seeds_and_reports_each_target(tmp_path):
     assert top1["seeds"]["1"]["train_dropped_max"] == 0.04  # per layer, not the summary over layers
     md = (tmp_path / "summary.md").read_text()
     targets = md.split("## Targets")[1]
+    assert "in the most seeds, sMLP, 16 experts): `smlp_top1_e16`" in targets  # not the single-seed router
     assert "-9.5%, -14.8% (2 seeds) | yes |" in targets  # below gMLP by more than 6% in each seed
     assert "(steps -4.9%, +2.0%) | no |" in targets  # E = 16 -> 64 got worse
     assert "entropy 0.800 (worst layer and seed), changed 0.050 (largest, last half) | no |" in targets
