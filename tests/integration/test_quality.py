@@ -29,6 +29,7 @@ FAMILIES = {
     "smlp_top1_biased": ["--arch", "smlp_lm_tiny", "--tmoe-router", "top1_biased"],
     "smlp_sinkhorn": ["--arch", "smlp_lm_tiny", "--tmoe-router", "sinkhorn"],
     "smlp_causal_balanced": ["--arch", "smlp_lm_tiny", "--tmoe-router", "causal_balanced"],
+    "smlp_top1_dropless": ["--arch", "smlp_lm_tiny", "--tmoe-router", "top1", "--tmoe-train-capacity-factor", "0"],
     "gmlp": ["--arch", "gmlp_lm_tiny"],
     "transformer": ["--arch", "transformer_lm_tiny"],
     "switch": ["--arch", "switch_lm_tiny"],
