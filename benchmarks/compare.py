@@ -52,6 +52,8 @@ MODELS = {
     "smlp_partial": ("smlp_lm_tiny", ["--smoe-routing", "partial"]),
     # the tMoE routed like Switch: the fix the sparsity study found (benchmarks/results/sparsity.md)
     "smlp_top1": ("smlp_lm_tiny", ["--tmoe-router", "top1"]),
+    # the router study's recommendation (docs/routers.md): top-1 with no training capacity
+    "smlp_top1_dropless": ("smlp_lm_tiny", ["--tmoe-router", "top1", "--tmoe-train-capacity-factor", "0"]),
     "gmlp": ("gmlp_lm_tiny", []),
     "transformer": ("transformer_lm_tiny", []),
     "switch": ("switch_lm_tiny", []),
@@ -59,7 +61,7 @@ MODELS = {
     "base": ("base_lm_tiny", []),
     "hash": ("hash_lm_tiny", []),
 }
-SMLP = ("smlp", "smlp_partial", "smlp_top1")
+SMLP = ("smlp", "smlp_partial", "smlp_top1", "smlp_top1_dropless")
 TRAIN_ARGS = [  # shared by every model; Adam and schedule as in the quickstart, shorter warmup
     "--task", "smlp_language_modeling", "--criterion", "moe_cross_entropy",
     "--tokens-per-sample", "128", "--sample-break-mode", "none", "--max-tokens", "2048",
@@ -72,7 +74,7 @@ TRAIN_ARGS = [  # shared by every model; Adam and schedule as in the quickstart,
 
 EXPERT_FLAGS = {  # --experts E: the flags that set E for each family
     "smlp": ["--smoe-experts", "--tmoe-experts"], "smlp_partial": ["--smoe-experts", "--tmoe-experts"],
-    "smlp_top1": ["--smoe-experts", "--tmoe-experts"],
+    "smlp_top1": ["--smoe-experts", "--tmoe-experts"], "smlp_top1_dropless": ["--smoe-experts", "--tmoe-experts"],
     "switch": ["--moe-experts"], "gshard": ["--moe-experts"], "hash": ["--moe-experts"], "base": ["--base-experts"],
 }
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The small-scale comparison on a CPU machine: sMLP (both spatial routings, and the tMoE routed like
-# Switch: smlp_top1) and every baseline family at
+# The small-scale comparison on a CPU machine: sMLP (both spatial routings, the tMoE routed like
+# Switch: smlp_top1, and without its training capacity: smlp_top1_dropless) and every baseline family at
 # the tiny, FLOP-matched size, trained for the same wall-clock each, round-robin in one process;
 # writes the table, JSON and plots (benchmarks/compare.py).
 # Default: the unrepeated regime of the sparsity study (benchmarks/sparsity) — WikiText-2 + books-mix (one 8k
@@ -21,7 +21,7 @@ USER_PRECISION=${PRECISION:-}
 CORPUS=${CORPUS:-wikitext-2+books-mix} PRECISION=${PRECISION:-bf16} EXPERTS=${EXPERTS:-16} MAX_EPOCHS=${MAX_EPOCHS:-1}
 LR=${LR:-0.008} DROPOUT=${DROPOUT:-0} VALID_BLOCKS=${VALID_BLOCKS:-768} VALID_SPREAD=${VALID_SPREAD:-1}
 OUT=${OUT:-$REPO/benchmarks/results/compare_unrepeated}
-read -r -a MODEL_LIST <<< "${MODELS:-smlp smlp_top1 smlp_partial gmlp transformer switch gshard base hash}"
+read -r -a MODEL_LIST <<< "${MODELS:-smlp smlp_top1 smlp_top1_dropless smlp_partial gmlp transformer switch gshard base hash}"
 if [ "${DRY_RUN:-0}" = 1 ]; then
   MINUTES=0.05 POINTS=2 VALID_BLOCKS=16
   PRECISION=${USER_PRECISION:-fp32}  # bf16's first steps set up its kernels: longer than a dry run's budget

@@ -78,49 +78,111 @@ def _price_assignment(scores: torch.Tensor, capacity: torch.Tensor, max_sweeps: 
     """Balanced assignment through expert prices (the LP dual of the assignment).
 
     Every item takes its best expert under price-adjusted scores s[i, e] - p[e]; if
-    each expert then holds exactly capacity[e] items, the assignment is optimal (LP
-    duality: each item has its best adjusted score and every slot is used). Prices come
-    from coordinate descent on the dual: in turn, each expert's price is set so that
-    exactly its capacity of items prefers it. Whatever is left unbalanced after
-    max_sweeps (ties, slow convergence) is settled by _fill_by_preference.
-    Deterministic: no randomness, stable sorts. scores (..., N, E): leading dimensions are
-    independent problems solved together; a solved one is a fixed point of the sweeps, so
-    each result equals its unbatched solution.
+    each expert then holds exactly capacity[e] items, with no item tied, the assignment is
+    the unique optimum (LP duality: each item has its best adjusted score and every slot is
+    used). Prices come from coordinate descent on the dual (_sweep_prices); with many items
+    per expert they start from the smoothed dual's minimum (_smoothed_prices), which needs
+    far fewer sweeps at large E. Either start reaches the same certified optimum, so the
+    warm start changes no decision: a problem it leaves unsolved is solved again from zero
+    prices, exactly as without it. scores (..., N, E): leading dimensions are independent
+    problems solved together, each with its unbatched solution.
     """
     *batch, num_items, num_experts = scores.shape
     if num_experts == 1:
         return scores.new_zeros(scores.shape[:-1], dtype=torch.long)
+    flat = scores.reshape(-1, num_items, num_experts)
+    if num_experts >= WARM_START_EXPERTS and num_items >= WARM_START_ITEMS:
+        prices = _smoothed_prices(flat, capacity)
+        expert, solved = _sweep_prices(flat, capacity, prices, max_sweeps)
+        if not bool(solved.all()):  # unsolved (ties, slow convergence): as from zero prices
+            rest = ~solved
+            expert[rest] = _sweep_prices(flat[rest], capacity, None, max_sweeps)[0]
+        return expert.view(*batch, num_items)
+    return _sweep_prices(flat, capacity, None, max_sweeps)[0].view(*batch, num_items)
+
+
+# The warm start pays from here (benchmarks/results/balanced_assignment.md): below, the sweeps
+# from zero prices converge in a few sweeps and the Newton steps cost more than they save.
+WARM_START_EXPERTS = 16
+WARM_START_ITEMS = 2048
+
+
+def _sweep_prices(scores: torch.Tensor, capacity: torch.Tensor, prices, max_sweeps: int):
+    """scores (P, N, E), capacity (E,), prices (P, E) or None (zero) -> expert (P, N), solved (P,).
+
+    Gauss-Seidel coordinate descent on the dual: in turn, each expert's price is set so that
+    exactly its capacity of items prefers it. A problem balanced with no ties is solved (its
+    first choices are the unique optimum); whatever is left after max_sweeps is settled by
+    _fill_by_preference (solved False). Deterministic: no randomness, stable sorts.
+    """
+    num_problems, num_items, num_experts = scores.shape
     slots = capacity.tolist()
-    # expert-major (P, E, N), P problems: a max over experts is then an elementwise max of
-    # contiguous rows (amax: no indices), ~10x faster on CPU than reducing the short last dimension of (N, E)
-    scores_t = scores.reshape(-1, num_items, num_experts).transpose(-1, -2).contiguous()
-    adjusted = scores_t.clone()  # s - p, updated one expert at a time (prices start at 0)
-    num_problems = scores_t.size(0)
+    # expert-major (P, E, N): a max over experts is then an elementwise max of contiguous rows
+    # (amax: no indices), ~10x faster on CPU than reducing the short last dimension of (N, E)
+    scores_t = scores.transpose(-1, -2).contiguous()
+    adjusted = scores_t.clone() if prices is None else scores_t - prices.unsqueeze(-1)  # s - p
     expert = torch.empty(num_problems, num_items, dtype=torch.long, device=scores.device)
+    solved = torch.zeros(num_problems, dtype=torch.bool, device=scores.device)
     problems = torch.arange(num_problems, device=scores.device)  # the problems still swept
-    for _ in range(max_sweeps):
+    for sweep in range(max_sweeps + 1):
+        if sweep or prices is not None:  # (warm prices may already be the optimum's)
+            # balanced? (an item tied between experts counts for each, so ties never pass)
+            balanced = ((adjusted == adjusted.amax(-2, keepdim=True)).sum(-1) == capacity).all(-1)  # (P',)
+            # a balanced problem's answer is its first choices (argmax over a contiguous last
+            # dimension: several times faster than over dim -2)
+            if problems.numel() == num_problems and bool(balanced.all()):
+                return adjusted.transpose(-1, -2).contiguous().argmax(-1), balanced
+            if bool(balanced.any()):
+                # a balanced problem is a fixed point of the sweeps: its answer is final, and the
+                # others go on without it (fewer problems per sweep, same answers)
+                expert[problems[balanced]] = adjusted[balanced].transpose(-1, -2).contiguous().argmax(-1)
+                solved[problems[balanced]] = True
+                rest = ~balanced
+                if not bool(rest.any()):
+                    return expert, solved
+                problems, scores_t, adjusted = problems[rest], scores_t[rest], adjusted[rest]
+        if sweep == max_sweeps:
+            break
         # one row view per expert, written in place (out=): the sweep is latency-bound, so
         # every op saved per expert counts
         for e, (score_row, adjusted_row) in enumerate(zip(scores_t.unbind(1), adjusted.unbind(1))):
             adjusted_row.fill_(float("-inf"))  # hide e: the max is then the best alternative
             gain = score_row - adjusted.amax(-2)  # highest price at which item i still prefers e
             torch.sub(score_row, _clearing_price(gain, slots[e]), out=adjusted_row)
-        # balanced? (an item tied between experts counts for each, so ties never pass)
-        balanced = ((adjusted == adjusted.amax(-2, keepdim=True)).sum(-1) == capacity).all(-1)  # (P',)
-        # a balanced problem's answer is what the fill below would return: every item gets its
-        # first choice (argmax over a contiguous last dimension: several times faster than over dim -2)
-        if problems.numel() == num_problems and bool(balanced.all()):
-            return adjusted.transpose(-1, -2).contiguous().argmax(-1).view(*batch, num_items)
-        if bool(balanced.any()):
-            # a balanced problem is a fixed point of the sweeps: its answer is final, and the
-            # others go on without it (fewer problems per sweep, same answers)
-            expert[problems[balanced]] = adjusted[balanced].transpose(-1, -2).contiguous().argmax(-1)
-            rest = ~balanced
-            if not bool(rest.any()):
-                return expert.view(*batch, num_items)
-            problems, scores_t, adjusted = problems[rest], scores_t[rest], adjusted[rest]
     expert[problems] = torch.stack([_fill_by_preference(a.t(), capacity) for a in adjusted])
-    return expert.view(*batch, num_items)
+    return expert, solved
+
+
+def _smoothed_prices(
+    scores: torch.Tensor, capacity: torch.Tensor, temperatures=(1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5),
+    steps_per_temperature: int = 2,
+) -> torch.Tensor:
+    """scores (P, N, E), capacity (E,) -> prices (P, E) near the assignment's dual optimum.
+
+    The dual, min_p sum_i max_e (s[i, e] - p[e]) + sum_e capacity[e] p[e], is convex in only E
+    variables but piecewise linear; with the max smoothed to t * logsumexp(. / t) it is smooth,
+    with gradient capacity - sum_i softmax_i and Hessian (diag(sum_i P_i) - P^T P) / t, so a few
+    Newton steps (E x E solves) minimise it. Lowering t (relative to the scores' spread) brings
+    the prices to the piecewise-linear minimum; the sweeps then certify (or finish) them.
+    """
+    num_problems, num_items, num_experts = scores.shape
+    spread = scores.std().clamp_min(1e-12)
+    prices = scores.new_zeros(num_problems, num_experts)
+    eye = torch.eye(num_experts, dtype=scores.dtype, device=scores.device)
+    for relative in temperatures:
+        t = relative * spread
+        for _ in range(steps_per_temperature):
+            probs = torch.softmax((scores - prices.unsqueeze(1)) / t, dim=-1)  # (P, N, E)
+            load = probs.sum(1)  # (P, E)
+            # (the Hessian is singular along equal prices: a small ridge, and the step centred)
+            hessian = (torch.diag_embed(load) - probs.transpose(1, 2) @ probs) / t + eye * (1e-6 * num_items / t)
+            step = torch.linalg.solve(hessian, (capacity - load).unsqueeze(-1)).squeeze(-1)
+            # damped: no overshoot far from the minimum
+            step = (step - step.mean(-1, keepdim=True)).clamp(-4 * t, 4 * t)
+            prices = prices - step
+    if not bool(torch.isfinite(prices).all()):
+        return torch.zeros_like(prices)
+    return prices
 
 
 def _clearing_price(gain: torch.Tensor, slots: int) -> torch.Tensor:

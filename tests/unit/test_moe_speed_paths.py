@@ -182,6 +182,39 @@ def test_price_assignment_with_ties_falls_back_like_reference():
     assert torch.equal(_price_assignment(scores, capacity, max_sweeps=5), reference.price_assignment(scores, capacity, max_sweeps=5))
 
 
+@pytest.mark.parametrize("shape,scale", [((2048, 16), 1.0), ((2048, 32), 3.0), ((4096, 64), 0.3), ((2, 2048, 16), 1.0)])
+def test_warm_started_prices_reach_the_reference_assignment(shape, scale):
+    """Many items and experts: the sweeps start from the smoothed dual's prices, and must end on
+    the very assignment the sweeps from zero prices reach (the certified optimum is unique)."""
+    from fairseq_smlp.moe import balanced_assignment as solver
+
+    assert shape[-2] >= solver.WARM_START_ITEMS and shape[-1] >= solver.WARM_START_EXPERTS  # the warm path runs
+    torch.manual_seed(0)
+    scores = torch.randn(*shape[:-1], 32) @ (torch.randn(32, shape[-1]) * scale)  # a linear router's scores
+    capacity = solver._capacities(shape[-2], shape[-1], "cpu")
+    flat = scores.reshape(-1, *shape[-2:])
+    prices = solver._smoothed_prices(flat, capacity)
+    assert not torch.equal(prices, torch.zeros_like(prices))
+    expected = reference.price_assignment(scores, capacity)
+    assert torch.equal(solver._price_assignment(scores, capacity), expected)
+
+
+def test_warm_start_that_cannot_certify_falls_back_to_zero_prices():
+    """Identical items straddle every clearing price: no prices certify them, so those problems
+    are solved again from zero prices and filled exactly as the reference fills them."""
+    from fairseq_smlp.moe import balanced_assignment as solver
+
+    torch.manual_seed(0)
+    scores = torch.randn(3, 2048, 16)
+    scores[1] = torch.randn(16).repeat(2048, 1)  # every item identical
+    capacity = solver._capacities(2048, 16, "cpu")
+    _, solved = solver._sweep_prices(scores, capacity, solver._smoothed_prices(scores, capacity), max_sweeps=50)
+    assert solved.tolist() == [True, False, True]
+    got = solver._price_assignment(scores, capacity)
+    assert torch.equal(got, reference.price_assignment(scores, capacity))
+    assert (torch.stack([torch.bincount(g, minlength=16) for g in got]) == 128).all()
+
+
 @pytest.mark.parametrize("pre_norm", [True, False])
 @pytest.mark.parametrize("kind", ["balanced", "uneven", "top2"])
 def test_dispatch_under_bf16_autocast_matches_reference(pre_norm, kind):
