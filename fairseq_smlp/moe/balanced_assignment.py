@@ -33,9 +33,9 @@ def balanced_assignment(scores: torch.Tensor, solver: str = "torch") -> torch.Te
     problems (the torch solver runs them together). Expert loads differ by at most one
     (experts 0.. take the smaller share when E does not divide N).
     solver "torch" (default): dual price search + capacity fill below, vectorised over
-    the items, on the scores' device; "libbase": fairseq's compiled auction (Base Layers),
-    on the CPU. With it the tMoE layer takes 0.83-0.99x its time with libbase
-    (benchmarks/layer_microbench.py), and its total score is >= libbase's (tested).
+    the items, on the scores' device; its total score is >= libbase's (tested). "libbase":
+    fairseq's compiled auction (Base Layers), on the CPU. Their times, by E and N:
+    benchmarks/results/balanced_assignment.md.
     """
     num_items, num_experts = scores.shape[-2:]
     scores = scores.detach().float()
@@ -93,7 +93,7 @@ def _price_assignment(scores: torch.Tensor, capacity: torch.Tensor, max_sweeps: 
     flat = scores.reshape(-1, num_items, num_experts)
     if num_experts >= WARM_START_EXPERTS and num_items >= WARM_START_ITEMS:
         prices = _smoothed_prices(flat, capacity)
-        expert, solved = _sweep_prices(flat, capacity, prices, max_sweeps)
+        expert, solved = _sweep_prices(flat, capacity, prices, min(WARM_SWEEPS, max_sweeps), fill=False)
         if not bool(solved.all()):  # unsolved (ties, slow convergence): as from zero prices
             rest = ~solved
             expert[rest] = _sweep_prices(flat[rest], capacity, None, max_sweeps)[0]
@@ -105,15 +105,17 @@ def _price_assignment(scores: torch.Tensor, capacity: torch.Tensor, max_sweeps: 
 # from zero prices converge in a few sweeps and the Newton steps cost more than they save.
 WARM_START_EXPERTS = 16
 WARM_START_ITEMS = 2048
+WARM_SWEEPS = 15  # good warm prices certify in a few sweeps (11 at most measured); else start over
 
 
-def _sweep_prices(scores: torch.Tensor, capacity: torch.Tensor, prices, max_sweeps: int):
+def _sweep_prices(scores: torch.Tensor, capacity: torch.Tensor, prices, max_sweeps: int, fill: bool = True):
     """scores (P, N, E), capacity (E,), prices (P, E) or None (zero) -> expert (P, N), solved (P,).
 
     Gauss-Seidel coordinate descent on the dual: in turn, each expert's price is set so that
     exactly its capacity of items prefers it. A problem balanced with no ties is solved (its
     first choices are the unique optimum); whatever is left after max_sweeps is settled by
-    _fill_by_preference (solved False). Deterministic: no randomness, stable sorts.
+    _fill_by_preference (solved False; with fill=False their experts are left undefined).
+    Deterministic: no randomness, stable sorts.
     """
     num_problems, num_items, num_experts = scores.shape
     slots = capacity.tolist()
@@ -149,7 +151,8 @@ def _sweep_prices(scores: torch.Tensor, capacity: torch.Tensor, prices, max_swee
             adjusted_row.fill_(float("-inf"))  # hide e: the max is then the best alternative
             gain = score_row - adjusted.amax(-2)  # highest price at which item i still prefers e
             torch.sub(score_row, _clearing_price(gain, slots[e]), out=adjusted_row)
-    expert[problems] = torch.stack([_fill_by_preference(a.t(), capacity) for a in adjusted])
+    if fill:
+        expert[problems] = torch.stack([_fill_by_preference(a.t(), capacity) for a in adjusted])
     return expert, solved
 
 
@@ -163,7 +166,8 @@ def _smoothed_prices(
     variables but piecewise linear; with the max smoothed to t * logsumexp(. / t) it is smooth,
     with gradient capacity - sum_i softmax_i and Hessian (diag(sum_i P_i) - P^T P) / t, so a few
     Newton steps (E x E solves) minimise it. Lowering t (relative to the scores' spread) brings
-    the prices to the piecewise-linear minimum; the sweeps then certify (or finish) them.
+    the prices to the piecewise-linear minimum; the sweeps then certify (or finish) them. From
+    t = 1e-3 on, the steps stop once every problem is certified (_certified).
     """
     num_problems, num_items, num_experts = scores.shape
     spread = scores.std().clamp_min(1e-12)
@@ -180,9 +184,19 @@ def _smoothed_prices(
             # damped: no overshoot far from the minimum
             step = (step - step.mean(-1, keepdim=True)).clamp(-4 * t, 4 * t)
             prices = prices - step
+        if relative <= 1e-3 and bool(_certified(scores, prices, capacity).all()):
+            break
     if not bool(torch.isfinite(prices).all()):
         return torch.zeros_like(prices)
     return prices
+
+
+def _certified(scores: torch.Tensor, prices: torch.Tensor, capacity: torch.Tensor) -> torch.Tensor:
+    """scores (P, N, E), prices (P, E) -> (P,): every expert is the first choice of exactly its
+    capacity of items under s - p, with no item tied (a tie counts for each expert it ties)."""
+    adjusted = scores - prices.unsqueeze(1)
+    first = adjusted == adjusted.amax(-1, keepdim=True)  # (P, N, E)
+    return (first.sum(1) == capacity).all(-1)
 
 
 def _clearing_price(gain: torch.Tensor, slots: int) -> torch.Tensor:
