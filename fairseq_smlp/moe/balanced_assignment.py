@@ -82,9 +82,11 @@ def _price_assignment(scores: torch.Tensor, capacity: torch.Tensor, max_sweeps: 
     the unique optimum (LP duality: each item has its best adjusted score and every slot is
     used). Prices come from coordinate descent on the dual (_sweep_prices); with many items
     per expert they start from the smoothed dual's minimum (_smoothed_prices), which needs
-    far fewer sweeps at large E. Either start reaches the same certified optimum, so the
-    warm start changes no decision: a problem it leaves unsolved is solved again from zero
-    prices, exactly as without it. scores (..., N, E): leading dimensions are independent
+    far fewer sweeps at large E. A certified optimum is unique, so wherever the sweeps from
+    zero prices certify one the warm start returns the same assignment, and a problem it
+    cannot certify is solved again from zero prices, exactly as without it. (Where the sweeps
+    from zero prices never certify and end in the fill, the warm start may certify the
+    optimum: a higher total score.) scores (..., N, E): leading dimensions are independent
     problems solved together, each with its unbatched solution.
     """
     *batch, num_items, num_experts = scores.shape

@@ -199,6 +199,29 @@ def test_warm_started_prices_reach_the_reference_assignment(shape, scale):
     assert torch.equal(solver._price_assignment(scores, capacity), expected)
 
 
+def test_warm_start_certifies_where_the_sweeps_from_zero_prices_end_in_the_fill():
+    """2,048 tokens over 128 experts: 50 sweeps from zero prices never balance (the greedy fill
+    ends them); the smoothed dual's prices certify the optimum, a strictly higher total score."""
+    from fairseq_smlp.moe import balanced_assignment as solver
+
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(2048, 64, generator=g) @ (torch.randn(64, 128, generator=g) * 0.3)
+    capacity = solver._capacities(2048, 128, "cpu")
+    flat = scores.unsqueeze(0)
+    cold, solved = solver._sweep_prices(flat, capacity, None, 50)
+    assert not bool(solved.any())
+    prices = solver._smoothed_prices(flat, capacity)
+    assert bool(solver._certified(flat, prices, capacity).all())
+    warm = solver.balanced_assignment(scores)
+    assert torch.equal(warm, (scores - prices).argmax(-1))  # the certified first choices
+    assert torch.equal(torch.bincount(warm, minlength=128), capacity)
+
+    def total(expert):
+        return scores.gather(1, expert.view(-1, 1)).sum().item()
+
+    assert total(warm) > total(cold[0])
+
+
 def test_warm_start_that_cannot_certify_falls_back_to_zero_prices():
     """Identical items straddle every clearing price: no prices certify them, so those problems
     are solved again from zero prices and filled exactly as the reference fills them."""
