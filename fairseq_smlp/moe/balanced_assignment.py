@@ -172,13 +172,17 @@ def _smoothed_prices(
     The dual, min_p sum_i max_e (s[i, e] - p[e]) + sum_e capacity[e] p[e], is convex in only E
     variables but piecewise linear; with the max smoothed to t * logsumexp(. / t) it is smooth,
     with gradient capacity - sum_i softmax_i and Hessian (diag(sum_i P_i) - P^T P) / t, so a few
-    Newton steps (E x E solves) minimise it. Lowering t (relative to the scores' spread) brings
-    the prices to the piecewise-linear minimum; the sweeps then certify (or finish) them. From
-    t = 1e-3 on, the steps stop once every problem is certified (_certified).
+    Newton steps (E x E solves) minimise it, from prices at each expert's mean score. Lowering t
+    (relative to the scores' spread) brings the prices to the piecewise-linear minimum; the
+    sweeps then certify (or finish) them. From t = 1e-3 on, the steps stop once every problem
+    is certified (_certified).
     """
     num_problems, num_items, num_experts = scores.shape
     spread = scores.std().clamp_min(1e-12)
-    prices = scores.new_zeros(num_problems, num_experts)
+    # start from each expert's mean score: a router that prefers some experts for every token
+    # (common early in training) needs prices beyond what the damped steps below can travel
+    prices = scores.mean(1)
+    prices = prices - prices.mean(-1, keepdim=True)  # (P, E)
     eye = torch.eye(num_experts, dtype=scores.dtype, device=scores.device)
     for relative in temperatures:
         t = relative * spread

@@ -222,6 +222,20 @@ def test_warm_start_certifies_where_the_sweeps_from_zero_prices_end_in_the_fill(
     assert total(warm) > total(cold[0])
 
 
+def test_warm_start_certifies_a_router_that_prefers_some_experts_for_every_token():
+    """Early in training a router's scores differ more between experts than between tokens:
+    starting from each expert's mean score, the smoothed dual's prices still certify the
+    optimum (a start at zero prices leaves them short), and the assignment is the reference's."""
+    from fairseq_smlp.moe import balanced_assignment as solver
+
+    g = torch.Generator().manual_seed(0)
+    scores = 0.03 * torch.randn(2048, 16, generator=g) + torch.linspace(0, 0.3, 16)  # expert biases >> spread
+    capacity = solver._capacities(2048, 16, "cpu")
+    flat = scores.unsqueeze(0)
+    assert bool(solver._certified(flat, solver._smoothed_prices(flat, capacity), capacity).all())
+    assert torch.equal(solver.balanced_assignment(scores), reference.price_assignment(scores, capacity))
+
+
 def test_warm_start_that_cannot_certify_falls_back_to_zero_prices():
     """Identical items straddle every clearing price: no prices certify them, so those problems
     are solved again from zero prices and filled exactly as the reference fills them."""
