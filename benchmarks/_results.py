@@ -33,3 +33,13 @@ def write_results(out, result: dict, write_markdown) -> None:
     atomic_write_text(out.with_suffix(".json"), json.dumps(result, indent=2) + "\n")
     write_markdown(out.with_suffix(".md"), result)
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+
+
+def markdown_header(title: str, meta: dict, details: str) -> list:
+    """The lines every results page opens with: title, command, machine (then `details`)."""
+    return [
+        f"# {title}", "",
+        f"Command: `{meta['command']}`", "",
+        f"Machine: {meta['machine']}, torch {meta['torch']}, {meta['threads']} thread(s), load average "
+        f"{meta['load_average']} at the start. {details}", "",
+    ]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks._results import run_metadata, write_results
+from benchmarks._results import markdown_header, run_metadata, write_results
 from fairseq_smlp.moe import balanced_assignment as solver
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,14 +59,13 @@ def measure(shape, repeats: int) -> dict:
 
 def write_markdown(path: Path, result: dict) -> None:
     meta = result["meta"]
-    lines = [
-        "# Balanced assignment: solver time (CPU)", "",
-        f"Command: `{meta['command']}`", "",
-        f"Machine: {meta['machine']}, torch {meta['torch']}, {meta['threads']} thread(s), load average "
-        f"{meta['load_average']} at the start. Median of {result['repeats']} runs on the thread's CPU clock. "
+    lines = markdown_header(
+        "Balanced assignment: solver time (CPU)", meta,
+        f"Median of {result['repeats']} runs on the thread's CPU clock. "
         f"Scores: a linear router's on random inputs (see the script). The torch solver warm-starts its "
         f"price sweeps from the smoothed dual where E >= {result['warm_start_experts']} and N >= "
-        f"{result['warm_start_items']}; 'same' = it returned exactly the assignment of the sweeps from zero prices.", "",
+        f"{result['warm_start_items']}; 'same' = it returned exactly the assignment of the sweeps from zero prices.",
+    ) + [
         "| problems x N items, E experts | warm start | torch solver (ms) | sweeps from zero prices (ms) | speed-up | same | libbase (ms) |",
         "|---|---|---:|---:|---:|---|---:|",
     ]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks._results import run_metadata, write_results
+from benchmarks._results import markdown_header, run_metadata, write_results
 from fairseq_smlp.models.factory import build_model
 from fairseq_smlp.atomic_write import atomic_write_text
 
@@ -67,11 +67,10 @@ def measure(arch, model_args, steps: int, rounds: int) -> dict:
 
 def write_markdown(path: Path, result: dict) -> None:
     meta = result["meta"]
-    lines = [
-        "# One Adam step on the CPU: fairseq's Adam against torch's fused AdamW", "",
-        f"Command: `{meta['command']}`", "",
-        f"Machine: {meta['machine']}, torch {meta['torch']}, {meta['threads']} thread(s), load average {meta['load_average']} "
-        f"at the start. Median of {meta['rounds']} alternating rounds of {meta['steps']} steps each.", "",
+    lines = markdown_header(
+        "One Adam step on the CPU: fairseq's Adam against torch's fused AdamW", meta,
+        f"Median of {meta['rounds']} alternating rounds of {meta['steps']} steps each.",
+    ) + [
         "| model | parameters | fairseq Adam (ms/step) | fused AdamW (ms/step) | speed-up |",
         "|---|---:|---:|---:|---:|",
     ]
