@@ -1,7 +1,8 @@
 """The same short training through every way users launch fairseq-train, in fp32 and bf16:
 the console script, `python -m fairseq_cli.train`, `fairseq_cli.train.cli_main()` called from
-the user's own Python, and the CPU launcher's workers. For each: fairseq-eval-lm on the saved
-checkpoint equals training's last validation, and bf16 is within 2% of fp32.
+the user's own Python, and the CPU launcher's workers; and through `python -m` with the router
+README recommends (`--tmoe-router top1 --tmoe-train-capacity-factor 0`). For each: fairseq-eval-lm
+on the saved checkpoint equals training's last validation, and bf16 is within 2% of fp32.
 
 A bf16 run whose autocast outlived its optimizer steps (torch's cache of bf16 weight copies
 then keeps the first step's weights) fails both: its validation scores stale weights and its
@@ -33,7 +34,9 @@ LAUNCHERS = {
     "module": [sys.executable, "-m", "fairseq_cli.train"],
     "in_process": [sys.executable, "-c", IN_PROCESS],
     "launcher": [sys.executable, "-m", "fairseq_smlp.distributed.launch_cpu", "--nprocs", "2", "--", "fairseq-train"],
+    "module_top1_dropless": [sys.executable, "-m", "fairseq_cli.train"],
 }
+ROUTER_FLAGS = {"module_top1_dropless": ["--tmoe-router", "top1", "--tmoe-train-capacity-factor", "0"]}
 PRECISIONS = {"fp32": [], "bf16": ["--bf16"]}
 
 
@@ -67,13 +70,15 @@ def runs(data_bin, tmp_path_factory):
     started = {}
     for launcher, precision in CASES:
         save = root / f"{launcher}_{precision}"
-        started[launcher, precision] = start_quietly([*LAUNCHERS[launcher], data_bin, *TRAIN, "--save-dir", save, *PRECISIONS[precision]], cwd=REPO), save
+        command = [*LAUNCHERS[launcher], data_bin, *TRAIN, *ROUTER_FLAGS.get(launcher, []), "--save-dir", save, *PRECISIONS[precision]]
+        started[launcher, precision] = start_quietly(command, cwd=REPO), save
     return {case: (finish(process), save) for case, (process, save) in started.items()}
 
 
 def last_valid_loss(log: str) -> float:
-    """Training's last validation loss (bits per token)."""
-    return float(json_records(log, "valid")[-1]["valid_loss"])
+    """Training's last validation NLL (bits per token), what its ppl is computed from (valid_loss
+    adds the routers' weighted load-balancing losses, which fairseq-eval-lm does not score)."""
+    return float(json_records(log, "valid")[-1]["valid_nll_loss"])
 
 
 def eval_lm_command(data_bin, checkpoint, *flags) -> list:
