@@ -80,8 +80,8 @@ def _price_assignment(scores: torch.Tensor, capacity: torch.Tensor, max_sweeps: 
     Every item takes its best expert under price-adjusted scores s[i, e] - p[e]; if
     each expert then holds exactly capacity[e] items, with no item tied, the assignment is
     the unique optimum (LP duality: each item has its best adjusted score and every slot is
-    used). Prices come from coordinate descent on the dual (_sweep_prices); with many items
-    per expert they start from the smoothed dual's minimum (_smoothed_prices), which needs
+    used). Prices come from coordinate descent on the dual (_sweep_prices); with many experts
+    and items they start from the smoothed dual's minimum (_smoothed_prices), which needs
     far fewer sweeps at large E. A certified optimum is unique, so wherever the sweeps from
     zero prices certify one the warm start returns the same assignment, and a problem it
     cannot certify is solved again from zero prices, exactly as without it. (Where the sweeps
@@ -107,7 +107,7 @@ def _price_assignment(scores: torch.Tensor, capacity: torch.Tensor, max_sweeps: 
 # from zero prices converge in a few sweeps and the Newton steps cost more than they save.
 WARM_START_EXPERTS = 16
 WARM_START_ITEMS = 2048
-WARM_SWEEPS = 15  # good warm prices certify in a few sweeps (11 at most measured); else start over
+WARM_SWEEPS = 15  # good warm prices certify at once or in a few sweeps; else start over from zero
 
 
 def _sweep_prices(scores: torch.Tensor, capacity: torch.Tensor, prices, max_sweeps: int, fill: bool = True):
@@ -130,8 +130,7 @@ def _sweep_prices(scores: torch.Tensor, capacity: torch.Tensor, prices, max_swee
     problems = torch.arange(num_problems, device=scores.device)  # the problems still swept
     for sweep in range(max_sweeps + 1):
         if sweep or prices is not None:  # (warm prices may already be the optimum's)
-            # balanced? (an item tied between experts counts for each, so ties never pass)
-            balanced = ((adjusted == adjusted.amax(-2, keepdim=True)).sum(-1) == capacity).all(-1)  # (P',)
+            balanced = _balanced(adjusted, capacity, expert_dim=-2)  # (P',)
             # a balanced problem's answer is its first choices (argmax over a contiguous last
             # dimension: several times faster than over dim -2)
             if problems.numel() == num_problems and bool(balanced.all()):
@@ -164,9 +163,7 @@ def _sweep_prices(scores: torch.Tensor, capacity: torch.Tensor, prices, max_swee
 TEMPERATURES = tuple(10 ** (-k / 4) for k in range(4, 25))
 
 
-def _smoothed_prices(
-    scores: torch.Tensor, capacity: torch.Tensor, temperatures=TEMPERATURES, steps_per_temperature: int = 1,
-) -> torch.Tensor:
+def _smoothed_prices(scores: torch.Tensor, capacity: torch.Tensor, temperatures=TEMPERATURES) -> torch.Tensor:
     """scores (P, N, E), capacity (E,) -> prices (P, E) near the assignment's dual optimum.
 
     The dual, min_p sum_i max_e (s[i, e] - p[e]) + sum_e capacity[e] p[e], is convex in only E
@@ -186,15 +183,14 @@ def _smoothed_prices(
     eye = torch.eye(num_experts, dtype=scores.dtype, device=scores.device)
     for relative in temperatures:
         t = relative * spread
-        for _ in range(steps_per_temperature):
-            probs = torch.softmax((scores - prices.unsqueeze(1)) / t, dim=-1)  # (P, N, E)
-            load = probs.sum(1)  # (P, E)
-            # (the Hessian is singular along equal prices: a small ridge, and the step centred)
-            hessian = (torch.diag_embed(load) - probs.transpose(1, 2) @ probs) / t + eye * (1e-6 * num_items / t)
-            step = torch.linalg.solve(hessian, (capacity - load).unsqueeze(-1)).squeeze(-1)
-            # damped: no overshoot far from the minimum
-            step = (step - step.mean(-1, keepdim=True)).clamp(-4 * t, 4 * t)
-            prices = prices - step
+        probs = torch.softmax((scores - prices.unsqueeze(1)) / t, dim=-1)  # (P, N, E)
+        load = probs.sum(1)  # (P, E)
+        # (the Hessian is singular along equal prices: a small ridge, and the step centred)
+        hessian = (torch.diag_embed(load) - probs.transpose(1, 2) @ probs) / t + eye * (1e-6 * num_items / t)
+        step = torch.linalg.solve(hessian, (capacity - load).unsqueeze(-1)).squeeze(-1)
+        # damped: no overshoot far from the minimum
+        step = (step - step.mean(-1, keepdim=True)).clamp(-4 * t, 4 * t)
+        prices = prices - step
         if relative <= 1e-3 and bool(_certified(scores, prices, capacity).all()):
             break
     if not bool(torch.isfinite(prices).all()):
@@ -205,9 +201,16 @@ def _smoothed_prices(
 def _certified(scores: torch.Tensor, prices: torch.Tensor, capacity: torch.Tensor) -> torch.Tensor:
     """scores (P, N, E), prices (P, E) -> (P,): every expert is the first choice of exactly its
     capacity of items under s - p, with no item tied (a tie counts for each expert it ties)."""
-    adjusted = scores - prices.unsqueeze(1)
-    first = adjusted == adjusted.amax(-1, keepdim=True)  # (P, N, E)
-    return (first.sum(1) == capacity).all(-1)
+    return _balanced(scores - prices.unsqueeze(1), capacity, expert_dim=-1)
+
+
+def _balanced(adjusted: torch.Tensor, capacity: torch.Tensor, expert_dim: int) -> torch.Tensor:
+    """adjusted scores s - p of P problems, experts along expert_dim (-1: (P, N, E); -2: (P, E, N))
+    -> (P,): each expert is the first choice of exactly capacity[e] items. An item tied between
+    experts counts for each, so a problem with a tie at the top never passes."""
+    first = adjusted == adjusted.amax(expert_dim, keepdim=True)
+    item_dim = -2 if expert_dim == -1 else -1
+    return (first.sum(item_dim) == capacity).all(-1)
 
 
 def _clearing_price(gain: torch.Tensor, slots: int) -> torch.Tensor:
